@@ -1,0 +1,3 @@
+from hps_exp.app import main
+
+main()

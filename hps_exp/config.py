@@ -1,0 +1,178 @@
+"""Structured config: the types and allowed keys of every group, checked by Hydra before any work.
+
+Groups whose knobs depend on the chosen option (loss, sampler, dataset) are free-form here; their
+keys are checked against the constructor named by `_target_` when they are built (`build`).
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    name_or_path: Optional[str] = None
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 256
+    vocab_size: int = 1024
+    max_prompt_length: int = 64
+    max_length: int = 128
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    targets: str = "all"
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 32
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    epochs: int = 2
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    resample: str = "epoch"
+    log_every: int = 10
+    save_every: int = 0
+    resume: bool = True
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    max_prompts: int = 100
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 32
+    reward_model: Any = None
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"
+    project: str = "hps-exp"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    loss: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_name: Optional[str] = None
+    sweep: Optional[str] = None
+    cache_dir: str = "outputs/cache"
+
+
+CHOICES = {
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.schedule": ("cosine", "linear", "constant"),
+    "trainer.resample": ("epoch", "step"),
+    "sft.targets": ("all", "best"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+POSITIVE = ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "sft.batch_size", "sft.lr",
+            "eval.max_new_tokens", "eval.batch_size", "model.max_length")
+
+# Keys in a group's yaml that label the run rather than configure the object.
+LABEL_KEYS = ("name", "preference_model", "default_sampler")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="hps_exp_schema", node=Config)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if not value > 0:
+            raise ConfigError(f"{key}={value!r} must be > 0")
+    if cfg.model.max_prompt_length >= cfg.model.max_length:
+        raise ConfigError("model.max_prompt_length must be smaller than model.max_length")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        return isinstance(value, (list, tuple))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def build(node: DictConfig, key: str, drop: tuple[str, ...] = (), **extra: Any) -> Any:
+    """Instantiate `node._target_` with the node's keys, naming `key.<param>` in any error."""
+    if "_target_" not in node:
+        raise ConfigError(f"{key}: missing _target_")
+    try:
+        target = get_object(node._target_)
+    except Exception as e:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {e}") from None
+    missing = [k for k in node if OmegaConf.is_missing(node, k)]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]} is required (set it on the command line: {key}.{missing[0]}=...)")
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+              if k != "_target_" and k not in LABEL_KEYS and k not in drop}
+    kwargs.update(extra)
+    params = inspect.signature(target).parameters
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for name, value in kwargs.items():
+        if name not in params:
+            if takes_kwargs:
+                continue
+            allowed = [p for p in params if p not in ("self", "args", "kwargs")]
+            raise ConfigError(f"{key}.{name} is not a setting of {node._target_}; allowed: {', '.join(allowed)}")
+        annotation = hints.get(name, params[name].annotation)
+        if not _matches(value, annotation):
+            raise ConfigError(f"{key}.{name}={value!r} has the wrong type; expected {getattr(annotation, '__name__', annotation)}")
+    try:
+        return target(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {e}") from None

@@ -1,0 +1,278 @@
+"""Preference losses: a preference model (which responses are compared) x a framework (the pairwise objective).
+
+All losses are pure functions of summed log-prob tensors; there is no model in here. The policy's implicit
+reward of a response is r_i = beta * (policy_logps_i - ref_logps_i). Slot 0 holds the best response; slots
+1.. the dispreferred ones in decreasing annotation score (slot 1 = hardest by score).
+
+Frameworks l(r_pos, r_neg), with h = r_pos - r_neg and eps = label_smoothing (as TRL's ``loss_type``):
+
+| framework | l(r_pos, r_neg)                                                                              |
+|-----------|----------------------------------------------------------------------------------------------|
+| dpo       | -(1-eps) log s(h) - eps log s(-h)                        (TRL "sigmoid"; cDPO when eps > 0)  |
+| ipo       | (h/beta - 1/(2 beta))^2                                                       (TRL "ipo")    |
+| exo       | s(h)(log s(h) - log(1-e)) + s(-h)(log s(-h) - log e),  e = eps or 1e-3 if eps=0 (TRL "exo_pair") |
+| sppo      | (r_pos/beta - 1/(2 beta))^2 + (r_neg/beta + 1/(2 beta))^2                     (TRL "sppo_hard") |
+| nca       | -log s(r_pos) - 1/2 log s(-r_pos) - 1/2 log s(-r_neg)                         (TRL "nca_pair") |
+
+Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softmax(gamma * score) over negatives):
+
+| class / setting            | per-prompt loss                              | with dpo, eps = 0                                  |
+|----------------------------|----------------------------------------------|----------------------------------------------------|
+| PairwiseLoss pairs="first" | l(r_0, r_1)                                  | -log s(r_0 - r_1)                    (DPO, BT)     |
+| PairwiseLoss pairs="all"   | mean over real i<j of l(r_i, r_j)            |                                                    |
+| PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)            | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)      |
+| HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i))        | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i}))    |
+| HPSLoss estimator="single" | l(r_0, r_k + log N), k ~ w drawn by sampler  | -log s(r_0 - r_k - log N)                          |
+
+For frameworks other than dpo, PL applies l to (r_k, LSE of the rest) and HPS to (r_0, the soft hard
+negative log N + LSE_i(r_i + log w_i)). That generalisation is our choice: no published definition exists.
+`log_n=False` drops the log N term. Masked (padding) slots never change losses or gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["FRAMEWORKS", "LossOutput", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss", "masked_logsumexp"]
+
+
+@dataclass
+class LossOutput:
+    losses: Tensor  # [B], one loss per prompt; the trainer averages
+    metrics: dict[str, Tensor]  # scalar, detached
+
+
+def _dpo(r_pos: Tensor, r_neg: Tensor, beta: float, eps: float) -> Tensor:
+    h = r_pos - r_neg
+    return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+
+
+def _ipo(r_pos: Tensor, r_neg: Tensor, beta: float, eps: float) -> Tensor:
+    return ((r_pos - r_neg) / beta - 1 / (2 * beta)) ** 2
+
+
+def _exo(r_pos: Tensor, r_neg: Tensor, beta: float, eps: float) -> Tensor:
+    e = eps if eps > 0 else 1e-3  # TRL's default when no smoothing is given
+    h = r_pos - r_neg
+    return torch.sigmoid(h) * (F.logsigmoid(h) - math.log(1 - e)) + torch.sigmoid(-h) * (
+        F.logsigmoid(-h) - math.log(e)
+    )
+
+
+def _sppo(r_pos: Tensor, r_neg: Tensor, beta: float, eps: float) -> Tensor:
+    return (r_pos / beta - 1 / (2 * beta)) ** 2 + (r_neg / beta + 1 / (2 * beta)) ** 2
+
+
+def _nca(r_pos: Tensor, r_neg: Tensor, beta: float, eps: float) -> Tensor:
+    return -F.logsigmoid(r_pos) - 0.5 * F.logsigmoid(-r_pos) - 0.5 * F.logsigmoid(-r_neg)
+
+
+# l(r_pos, r_neg, beta, eps) -> elementwise loss; rewards are already beta-scaled.
+FRAMEWORKS: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
+    "dpo": _dpo, "ipo": _ipo, "exo": _exo, "sppo": _sppo, "nca": _nca,
+}
+
+
+def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """logsumexp of x over `dim` using only entries where mask is True; 0 where a row has none.
+
+    masked_fill (not torch.where on a computed value) sends exactly zero gradient to masked entries,
+    even for a row with no entry, whose -inf result is replaced by 0.
+    """
+    out = torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=dim)
+    return out.masked_fill(~mask.any(dim=dim), 0.0)
+
+
+def _check_knobs(beta: float, label_smoothing: float, framework: str) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; allowed: {', '.join(FRAMEWORKS)}")
+
+
+def _validate(policy_logps, ref_logps, mask, scores, num_negatives, *, input_kind, needs_scores) -> None:
+    for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [B, M], got {getattr(t, 'shape', type(t))}")
+    if ref_logps.shape != policy_logps.shape or mask.shape != policy_logps.shape:
+        raise ValueError(f"shape mismatch: policy_logps {tuple(policy_logps.shape)}, "
+                         f"ref_logps {tuple(ref_logps.shape)}, mask {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    B, M = policy_logps.shape
+    if M < 2 or (input_kind == "pair" and M != 2):
+        raise ValueError(f"input_kind {input_kind!r} needs {'exactly' if input_kind == 'pair' else 'at least'} "
+                         f"2 slots, got M={M}")
+    if not bool(mask[:, :2].all()):
+        raise ValueError("slots 0 (best) and 1 (a dispreferred response) must be real in every row")
+    if not bool(torch.isfinite(policy_logps[mask]).all() and torch.isfinite(ref_logps[mask]).all()):
+        raise ValueError("policy_logps / ref_logps must be finite on real slots")
+    if needs_scores:
+        if scores is None or scores.shape != policy_logps.shape:
+            raise ValueError(f"scores must be a [B, M] = {(B, M)} tensor, got {getattr(scores, 'shape', None)}")
+        if not bool(torch.isfinite(scores[mask]).all()):
+            raise ValueError("scores must be finite on real slots (this loss needs annotation scores)")
+    if num_negatives is not None and tuple(num_negatives.shape) != (B,):
+        raise ValueError(f"num_negatives must have shape [B] = ({B},), got {tuple(num_negatives.shape)}")
+
+
+def _metrics(r: Tensor, policy_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """TRL-style reward metrics; 'rejected' averages each prompt's real slots 1.. first, then the batch."""
+    r, lp = r.detach(), policy_logps.detach()
+    neg = mask.clone()
+    neg[:, 0] = False
+    n_neg = neg.sum(1).to(r.dtype)
+    chosen = r[:, 0]
+    rejected = torch.where(neg, r, 0.0).sum(1) / n_neg
+    acc = (neg & (chosen[:, None] > r)).sum(1).to(r.dtype) / n_neg
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": acc.mean(),
+        "rewards/margin_hardest": (chosen - r[:, 1]).mean(),
+        "logps/chosen": lp[:, 0].mean(),
+        "logps/rejected": (torch.where(neg, lp, 0.0).sum(1) / n_neg).mean(),
+    }
+
+
+class _Loss:
+    input_kind: str = "pair"
+    needs_scores: bool = False
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo"):
+        _check_knobs(beta, label_smoothing, framework)
+        self.beta, self.label_smoothing, self.framework = float(beta), float(label_smoothing), framework
+        self._ell = FRAMEWORKS[framework]
+
+    def ell(self, r_pos: Tensor, r_neg: Tensor) -> Tensor:
+        return self._ell(r_pos, r_neg, self.beta, self.label_smoothing)
+
+    def __call__(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor,
+                 scores: Tensor | None = None, num_negatives: Tensor | None = None) -> LossOutput:
+        _validate(policy_logps, ref_logps, mask, scores, num_negatives,
+                  input_kind=self.input_kind, needs_scores=self.needs_scores)
+        # Zero the padding rewards with where (not multiply) so garbage there cannot leak in as inf/NaN.
+        r = torch.where(mask, self.beta * (policy_logps - ref_logps), 0.0)
+        losses, extra = self._losses(r, mask, scores, num_negatives)
+        metrics = _metrics(r, policy_logps, mask)
+        metrics.update({k: v.detach() for k, v in extra.items()})
+        return LossOutput(losses=losses, metrics=metrics)
+
+    def _losses(self, r, mask, scores, num_negatives) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({knobs})"
+
+
+class PairwiseLoss(_Loss):
+    """Bradley–Terry / DPO: l(r_0, r_1) per prompt (pairs="first"), or the mean of l(r_i, r_j) over all
+    real slot pairs i < j (pairs="all", a ranking input).
+
+    Call: (policy_logps [B, M], ref_logps [B, M], mask bool [B, M], scores [B, M] (unused), num_negatives [B]
+    (unused)) -> LossOutput(losses [B], metrics). pairs="first" takes M == 2 (input_kind "pair").
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
+                 pairs: str = "first"):
+        super().__init__(beta, label_smoothing, framework)
+        if pairs not in ("first", "all"):
+            raise ValueError(f"pairs must be 'first' or 'all', got {pairs!r}")
+        self.pairs = pairs
+        self.input_kind = "pair" if pairs == "first" else "ranking"
+
+    def _losses(self, r, mask, scores, num_negatives):
+        if self.pairs == "first":
+            return self.ell(r[:, 0], r[:, 1]), {}
+        M = r.shape[1]
+        upper = torch.ones(M, M, dtype=torch.bool, device=r.device).triu(1)
+        pair_mask = upper & mask[:, :, None] & mask[:, None, :]  # [B, i, j]
+        ell = torch.where(pair_mask, self.ell(r[:, :, None], r[:, None, :]), 0.0)
+        return ell.sum((1, 2)) / pair_mask.sum((1, 2)), {}
+
+
+class PlackettLuceLoss(_Loss):
+    """Plackett–Luce over the ranked slots: sum_{k=0}^{m-2} l(r_k, LSE_{j>k, real} r_j), m = real slots.
+
+    With framework "dpo" and eps = 0 this is the PL negative log-likelihood of the observed ranking.
+    Call: (policy_logps [B, M], ref_logps [B, M], mask bool [B, M], scores (unused), num_negatives (unused))
+    -> LossOutput(losses [B], metrics). Padding slots are skipped, so a short prompt in a padded batch gets
+    exactly the loss it would get alone. Cost is O(M^2) per prompt.
+    """
+
+    input_kind = "ranking"
+
+    def _losses(self, r, mask, scores, num_negatives):
+        M = r.shape[1]
+        later = torch.ones(M, M, dtype=torch.bool, device=r.device).triu(1)  # later[k, j] = j > k
+        rest = later & mask[:, None, :]  # [B, k, j]: the real slots still in the race after slot k
+        lse_rest = masked_logsumexp(r[:, None, :].expand(-1, M, -1), rest, dim=-1)  # [B, M]
+        step = mask & rest.any(-1)  # slot k is placed by a real choice only if someone is left behind it
+        return torch.where(step, self.ell(r, lse_rest), 0.0).sum(1), {}
+
+
+class HPSLoss(_Loss):
+    """Hard Preference Sampling: the best response against a hardness-weighted soft negative.
+
+    estimator="full" (input_kind "ranking", needs_scores): negatives are the real slots i >= 1 whose score is
+    strictly below slot 0's (ties with the best are not negatives); w = softmax(gamma * score) over them, with
+    no gradient (scores are fixed annotations); loss = l(r_0, [log N] + LSE_i (r_i + log w_i)).
+    estimator="single" (input_kind "pair"): slot 1 is one negative the sampler drew from w;
+    loss = l(r_0, r_1 + [log N]). log_n=False drops [log N].
+
+    Call: (policy_logps [B, M], ref_logps [B, M], mask bool [B, M], scores [B, M] (full only),
+    num_negatives long [B] = N, the prompt's negatives in total, >= 1 (needed when log_n))
+    -> LossOutput(losses [B], metrics); "full" adds hps/weight_entropy and hps/negatives_present
+    (negative slots present per prompt, batch mean; N itself may be larger).
+    """
+
+    input_kind = "ranking"
+    needs_scores = True
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
+                 estimator: str = "full", gamma: float = 1.0, log_n: bool = True):
+        super().__init__(beta, label_smoothing, framework)
+        if estimator not in ("full", "single"):
+            raise ValueError(f"estimator must be 'full' or 'single', got {estimator!r}")
+        if not math.isfinite(gamma):
+            raise ValueError(f"gamma must be finite, got {gamma}")
+        self.estimator, self.gamma, self.log_n = estimator, float(gamma), bool(log_n)
+        self.input_kind = "ranking" if estimator == "full" else "pair"
+        self.needs_scores = estimator == "full"
+
+    def _log_n(self, num_negatives: Tensor | None, like: Tensor) -> Tensor:
+        if not self.log_n:
+            return torch.zeros_like(like)
+        if num_negatives is None:
+            raise ValueError("HPSLoss with log_n=True needs num_negatives [B]")
+        if not bool((num_negatives >= 1).all()):
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives.tolist()}")
+        return num_negatives.to(like.dtype).log()
+
+    def _losses(self, r, mask, scores, num_negatives):
+        if self.estimator == "single":
+            return self.ell(r[:, 0], r[:, 1] + self._log_n(num_negatives, r[:, 0])), {}
+        s = torch.where(mask, scores.detach(), 0.0)  # detached: the weights are data, not parameters
+        neg = mask & (s < s[:, :1])
+        neg[:, 0] = False
+        if not bool(neg.any(1).all()):
+            bad = (~neg.any(1)).nonzero().flatten().tolist()
+            raise ValueError(f"rows {bad} have no negative: every real slot ties with the best score")
+        logits = self.gamma * s
+        log_w = torch.where(neg, logits - masked_logsumexp(logits, neg)[:, None], 0.0)
+        r_neg = self._log_n(num_negatives, r[:, 0]) + masked_logsumexp(r + log_w, neg)
+        w = torch.where(neg, log_w.exp(), 0.0)
+        entropy = -(w * log_w).sum(1)
+        return self.ell(r[:, 0], r_neg), {
+            "hps/weight_entropy": entropy.mean(),
+            "hps/negatives_present": neg.sum(1).to(r.dtype).mean(),
+        }

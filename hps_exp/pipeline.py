@@ -1,0 +1,274 @@
+"""The stages of one run: data -> SFT -> reference log-probs -> preference training -> evaluation.
+
+Each expensive stage is cached by its inputs (hps_exp/cache.py), so a sweep over losses trains one
+SFT model per seed and computes the reference log-probs once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hps_exp import batching, evaluate, models
+from hps_exp.batching import Encoded, SequenceBatch
+from hps_exp.cache import cached_stage, content_key
+from hps_exp.config import ConfigError, build
+from hps_exp.data.schema import Example, Splits, atomic_write_text
+from hps_exp.samplers import Selection, check_compatible
+from hps_exp.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class Run:
+    """What the stages share within one job."""
+    cfg: DictConfig
+    run_dir: Path
+    cache_dir: Path
+    device: torch.device
+    autocast: torch.dtype | None
+    logger: Any
+    splits: Splits
+    loss_fn: Any
+    sampler: Any
+    reward_model: Any
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def resolve_auto_sampler(cfg: DictConfig) -> None:
+    """sampler=auto -> the loss's natural sampler, written into cfg so the run records what it used."""
+    if cfg.sampler.get("name") != "auto":
+        return
+    choice = "hard" if cfg.loss.get("estimator") == "single" else cfg.loss.get("default_sampler", "pair")
+    with open_dict(cfg):
+        cfg.sampler = OmegaConf.load(CONF / "sampler" / f"{choice}.yaml")
+
+
+def setup(cfg: DictConfig) -> tuple[Splits, Any, Any, Any]:
+    """Everything that can fail on bad config or data, done before any training."""
+    resolve_auto_sampler(cfg)
+    loss_fn = build(cfg.loss, "loss")
+    sampler = build(cfg.sampler, "sampler")
+    splits: Splits = build(cfg.dataset, "dataset", drop=("reward_model",))
+    if not splits.train or not splits.test:
+        raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
+    rm_node = cfg.eval.get("reward_model")
+    reward_model = build(rm_node, "eval.reward_model") if rm_node else None
+    has_scores = all(e.scores is not None for e in splits.train)
+    try:
+        check_compatible(loss_fn.input_kind, loss_fn.needs_scores, cfg.loss.name, sampler, cfg.sampler.name,
+                         max(e.n for e in splits.train), has_scores)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return splits, loss_fn, sampler, reward_model
+
+
+# ---------------------------------------------------------------- SFT (cached)
+
+def sft_inputs(cfg: DictConfig) -> dict:
+    return {"dataset": plain(cfg.dataset), "model": plain(cfg.model), "sft": plain(cfg.sft), "seed": cfg.seed,
+            "trainer": {k: cfg.trainer[k] for k in ("grad_accum", "warmup_ratio", "schedule", "max_grad_norm")}}
+
+
+def sft_stage(run: Run) -> Path:
+    cfg = run.cfg
+
+    def build_sft(out: Path) -> None:
+        if cfg.model.name_or_path:
+            tok, model = models.load_pretrained(cfg.model.name_or_path)
+        else:
+            texts = [e.prompt + r for e in run.splits.train for r in e.responses]
+            tok = models.train_tokenizer(texts, cfg.model.vocab_size)
+            model = models.build_tiny(cfg.model, len(tok), cfg.seed)
+        if cfg.sft.enabled:
+            torch.manual_seed(cfg.seed)
+            train_sft(run, model, tok)
+        models.save(model, tok, out)
+
+    started = time.perf_counter()
+    path, _ = cached_stage(run.cache_dir, "sft", sft_inputs(cfg), build_sft)
+    run.timing["sft_s"] = time.perf_counter() - started
+    return path
+
+
+def train_sft(run: Run, model, tok) -> None:
+    cfg = run.cfg
+    encoded = batching.encode_examples(tok, run.splits.train, cfg.model.max_prompt_length, cfg.model.max_length)
+    if cfg.sft.targets == "best":
+        pairs = [(enc.prompt, enc.responses[ex.best]) for ex, enc in zip(run.splits.train, encoded)]
+    else:
+        pairs = [(enc.prompt, r) for enc in encoded for r in enc.responses]
+    bs = cfg.sft.batch_size
+
+    def make_epoch(epoch: int, progress):
+        order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(len(pairs))
+        for start in range(0, len(order), bs):
+            yield batching.collate([pairs[i] for i in order[start:start + bs]], tok.pad_token_id)
+
+    def step(model, batch: SequenceBatch):
+        return batching.sequence_nll(model, batch.to(run.device)), {}
+
+    tcfg = train_config(cfg, lr=cfg.sft.lr, epochs=cfg.sft.epochs, max_steps=None)
+    Trainer(model, tcfg, device=run.device, autocast=run.autocast, logger=run.logger, stage="sft",
+            checkpoint=None).fit(make_epoch, -(-len(pairs) // bs), step)
+    run.logger.next_stage()
+
+
+def train_config(cfg: DictConfig, **override) -> TrainConfig:
+    t = cfg.trainer
+    base = dict(lr=t.lr, epochs=t.epochs, grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio,
+                schedule=t.schedule, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                log_every=t.log_every, save_every=t.save_every, resume=t.resume, max_steps=t.max_steps)
+    return TrainConfig(**{**base, **override})
+
+
+# ---------------------------------------------------------------- reference log-probs + SFT eval (cached)
+
+def reference_stage(run: Run, sft_dir: Path) -> dict:
+    """Reference (= SFT policy) log-probs of every train/test response, and the SFT policy's eval."""
+    cfg = run.cfg
+    inputs = {"sft": sft_dir.name, "eval": plain(cfg.eval), "seed": cfg.seed}
+
+    def build_ref(out: Path) -> None:
+        tok, model = models.load_saved(sft_dir)
+        model.to(run.device)
+        enc = encode_splits(cfg, tok, run.splits)
+        ref = {name: batching.all_response_logps(model, e, tok.pad_token_id, cfg.eval.batch_size, run.device,
+                                                 run.autocast) for name, e in enc.items()}
+        torch.save(ref, out / "ref_logps.pt")
+        metrics, samples = evaluate_policy(run, model, tok, enc["test"], ref["test"])
+        atomic_write_text(out / "sft_eval.json", json.dumps(metrics, indent=2))
+        write_jsonl(out / "sft_samples.jsonl", samples)
+
+    started = time.perf_counter()
+    path, _ = cached_stage(run.cache_dir, "reference", inputs, build_ref)
+    run.timing["reference_s"] = time.perf_counter() - started
+    ref = torch.load(path / "ref_logps.pt")
+    return {"ref": ref, "sft_eval": json.loads((path / "sft_eval.json").read_text()),
+            "sft_samples": path / "sft_samples.jsonl"}
+
+
+def encode_splits(cfg: DictConfig, tok, splits: Splits) -> dict[str, list[Encoded]]:
+    m = cfg.model
+    return {"train": batching.encode_examples(tok, splits.train, m.max_prompt_length, m.max_length),
+            "test": batching.encode_examples(tok, splits.test, m.max_prompt_length, m.max_length)}
+
+
+# ---------------------------------------------------------------- preference training
+
+@dataclass
+class PreferenceBatch:
+    sequences: SequenceBatch
+    mask: torch.Tensor            # [B, M] real slots
+    ref_logps: torch.Tensor       # [B, M]
+    scores: torch.Tensor          # [B, M] (NaN without scores)
+    num_negatives: torch.Tensor   # [B]
+    stats: dict[str, float]
+
+
+def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
+                     selections: list[Selection], stats: list[dict], pad_id: int) -> PreferenceBatch:
+    B, M = len(selections), max(len(s.indices) for s in selections)
+    mask = torch.zeros(B, M, dtype=torch.bool)
+    ref_t = torch.zeros(B, M)
+    scores = torch.full((B, M), float("nan"))
+    pairs = []
+    for b, (ex, enc, r, sel) in enumerate(zip(examples, encoded, ref, selections)):
+        for m, i in enumerate(sel.indices):
+            mask[b, m] = True
+            ref_t[b, m] = r[i]
+            if ex.scores is not None:
+                scores[b, m] = ex.scores[i]
+            pairs.append((enc.prompt, enc.responses[i]))  # row-major order == mask order
+    keys = {k for s in stats for k in s}
+    mean_stats = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+    return PreferenceBatch(batching.collate(pairs, pad_id), mask, ref_t, scores,
+                           torch.tensor([s.num_negatives for s in selections]), mean_stats)
+
+
+def preference_stage(run: Run, sft_dir: Path, ref: dict) -> tuple[Any, Any, dict]:
+    cfg = run.cfg
+    tok, model = models.load_saved(sft_dir)
+    # Dropout would make the policy's log-probs noisy against the (dropout-free) reference ones.
+    models.disable_dropout(model)
+    torch.manual_seed(cfg.seed)  # same stream whether or not SFT ran in this process (cache hit)
+    train, enc = run.splits.train, encode_splits(cfg, tok, run.splits)["train"]
+    ref_train, bs = ref["ref"]["train"], cfg.trainer.batch_size
+
+    def make_epoch(epoch: int, progress):
+        rng = np.random.default_rng([cfg.seed, 2, epoch])  # fresh draws every epoch, reproducible
+        order = rng.permutation(len(train))
+        epoch_progress = progress()
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            p = progress() if cfg.trainer.resample == "step" else epoch_progress
+            sels = [run.sampler.select(train[i], rng, p) for i in idx]
+            stats = [run.sampler.stats(train[i], s) for i, s in zip(idx, sels)]
+            yield preference_batch([train[i] for i in idx], [enc[i] for i in idx], [ref_train[i] for i in idx],
+                                   sels, stats, tok.pad_token_id)
+
+    def step(model, batch: PreferenceBatch):
+        dev = run.device
+        flat = batching.sequence_logps(model, batch.sequences.to(dev)).float()
+        mask = batch.mask.to(dev)
+        policy = torch.zeros(mask.shape, device=dev).masked_scatter(mask, flat)
+        out = run.loss_fn(policy, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
+        metrics = {k: float(v) for k, v in out.metrics.items()}
+        return out.losses.mean(), {**metrics, **batch.stats}
+
+    trainer = Trainer(model, train_config(cfg), device=run.device, autocast=run.autocast, logger=run.logger,
+                      stage="train", checkpoint=run.run_dir / "checkpoints" / "preference.pt")
+    result = trainer.fit(make_epoch, -(-len(train) // bs), step)
+    run.timing["pref_s"] = result["seconds"]
+    run.timing["pref_step_s"] = result["seconds"] / max(1, result["steps"])
+    models.save(model, tok, run.run_dir / "policy")
+    return tok, model, result
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_policy(run: Run, model, tok, enc_test: list[Encoded], ref_test: list[torch.Tensor]):
+    cfg, e = run.cfg, run.cfg.eval
+    test = run.splits.test
+    subset = test[:e.max_prompts]
+    gens = evaluate.generate(model, tok, [x.prompt for x in subset], max_new_tokens=e.max_new_tokens,
+                             temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, device=run.device,
+                             max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed)
+    metrics, samples = evaluate.evaluate_generations(subset, gens, run.reward_model)
+    pol = batching.all_response_logps(model, enc_test, tok.pad_token_id, e.batch_size, run.device, run.autocast)
+    metrics.update(evaluate.reward_margins(test, pol, ref_test, beta_of(cfg)))
+    return metrics, samples
+
+
+def beta_of(cfg: DictConfig) -> float:
+    return float(cfg.loss.get("beta", 0.1))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_label(cfg: DictConfig, splits: Splits) -> dict:
+    """The run's coordinates in the paper's tables (metrics.json "run")."""
+    framework = str(cfg.loss.get("framework", "dpo"))
+    pm = str(cfg.loss.get("preference_model", cfg.loss.name))
+    method = framework.upper() if pm == "pair" else f"{framework.upper()}-{pm}"
+    gamma = cfg.loss.get("gamma") if cfg.loss.get("estimator") == "full" else cfg.sampler.get("gamma")
+    if cfg.sampler.get("schedule") not in (None, "constant") and cfg.loss.get("estimator") != "full":
+        gamma = f"{cfg.sampler.schedule}({cfg.sampler.gamma_start}->{cfg.sampler.gamma_end})"
+    return {"method": method, "loss": cfg.loss.name, "framework": framework, "preference_model": pm,
+            "sampler": cfg.sampler.name, "train_dataset": cfg.dataset.name, "seed": cfg.seed,
+            "n_responses": max(e.n for e in splits.train), "gamma": gamma, "beta": beta_of(cfg),
+            "sweep": cfg.sweep, "config_key": content_key(plain(cfg))}

@@ -1,0 +1,70 @@
+"""Sequence log-probs: masks by position, so pad == eos neither drops the real eos nor counts padding."""
+import torch
+from omegaconf import OmegaConf
+
+from hps_exp import batching, models
+from hps_exp.data.schema import Example
+
+TINY = OmegaConf.create({"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64})
+
+
+def tiny_model_and_tok():
+    texts = ["\n\nHuman: how do i bake bread?\n\nAssistant: mix flour and water, then bake it.",
+             "\n\nHuman: hi\n\nAssistant: hello there."] * 20
+    tok = models.train_tokenizer(texts, vocab_size=300)
+    return models.build_tiny(TINY, len(tok), seed=0).eval(), tok
+
+
+def manual_logp(model, prompt_ids, resp_ids):
+    """Unbatched, unpadded: sum of log p(resp token t | all before)."""
+    ids = torch.tensor([prompt_ids + resp_ids])
+    logp = model(input_ids=ids).logits[0].log_softmax(-1)
+    return sum(float(logp[len(prompt_ids) + t - 1, tok_id]) for t, tok_id in enumerate(resp_ids))
+
+
+def test_pad_equals_eos_and_padding_is_ignored():
+    model, tok = tiny_model_and_tok()
+    assert tok.pad_token_id == tok.eos_token_id
+    ex = Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " mix flour and water, then bake it."))
+    (enc,) = batching.encode_examples(tok, [ex], max_prompt_length=32, max_length=64)
+    assert all(r[-1] == tok.eos_token_id for r in enc.responses)  # eos appended and kept
+    batch = batching.collate([(enc.prompt, r) for r in enc.responses], tok.pad_token_id)
+    # The short sequence is padded with eos ids; only its real tokens are in the response mask.
+    short = len(enc.prompt) + len(enc.responses[0])
+    assert batch.response_mask[0].sum() == len(enc.responses[0])
+    assert not batch.response_mask[0, short:].any() and (batch.input_ids[0, short:] == tok.eos_token_id).all()
+    with torch.no_grad():
+        got = batching.sequence_logps(model, batch)
+        want = [manual_logp(model, enc.prompt, r) for r in enc.responses]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4)
+
+
+def test_value_based_mask_would_be_wrong():
+    """Guard the reason for position masks: the final eos has the pad id and must be scored."""
+    model, tok = tiny_model_and_tok()
+    ex = Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " hello."))
+    (enc,) = batching.encode_examples(tok, [ex], 32, 64)
+    batch = batching.collate([(enc.prompt, r) for r in enc.responses], tok.pad_token_id)
+    value_mask = (batch.input_ids != tok.pad_token_id) & batch.response_mask
+    assert (value_mask.sum(-1) < batch.response_mask.sum(-1)).all()
+
+
+def test_all_response_logps_matches_per_sequence_and_keeps_order():
+    model, tok = tiny_model_and_tok()
+    exs = [Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " hi", " mix flour and water.")),
+           Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:", responses=(" bake it.", " no."))]
+    enc = batching.encode_examples(tok, exs, 32, 64)
+    got = batching.all_response_logps(model, enc, tok.pad_token_id, batch_size=2, device=torch.device("cpu"))
+    assert [len(g) for g in got] == [3, 2]
+    with torch.no_grad():
+        for e, g in zip(enc, got):
+            want = torch.tensor([manual_logp(model, e.prompt, r) for r in e.responses])
+            assert torch.allclose(g, want, atol=1e-4)
+
+
+def test_prompt_truncation_keeps_the_end():
+    _, tok = tiny_model_and_tok()
+    ex = Example(prompt="\n\nHuman: " + "hello " * 40 + "\n\nAssistant:", responses=(" a b", " c"))
+    (enc,) = batching.encode_examples(tok, [ex], max_prompt_length=8, max_length=12)
+    assert len(enc.prompt) == 8 and tok.decode(enc.prompt).endswith("Assistant:")
+    assert all(len(enc.prompt) + len(r) <= 12 for r in enc.responses)

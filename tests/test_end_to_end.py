@@ -1,0 +1,64 @@
+"""The app as a user runs it: `python -m hps_exp ...` (a few subprocesses; each pays the imports once)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SMALL = ["dataset.n_train=60", "dataset.n_test=12", "dataset.n_responses=4", "sft.epochs=1",
+         "trainer.epochs=1", "trainer.batch_size=8", "eval.max_prompts=12", "eval.max_new_tokens=16",
+         "model.n_embd=64", "logger.mode=disabled"]
+
+
+def run_app(args, cwd, timeout=300):
+    env = {**os.environ, "HPS_EXP_NO_PROGRESS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "hps_exp", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_short_run_writes_results_and_reuses_the_cache(tmp_path):
+    args = SMALL + [f"hydra.run.dir={tmp_path}/run1", f"cache_dir={tmp_path}/cache"]
+    p = run_app(args, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run_dir = tmp_path / "run1"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["run"]["method"] == "DPO"
+    ev = metrics["eval"]["synthetic"]
+    for stage in ("sft", "aligned"):
+        for key in ("bleu", "reward", "reward_margin", "reward_margin_hardest", "harmful_rate"):
+            assert isinstance(ev[stage][key], float), (stage, key)
+    assert ev["sft"]["reward_margin"] == 0.0  # the SFT policy is the reference
+    assert "BLEU" in p.stdout and "aligned (DPO)" in p.stdout
+    assert (run_dir / "config_resolved.yaml").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and all("generation" in s for s in samples)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/rewards/margins" in row for row in logged) and any("sft/loss" in row for row in logged)
+
+    # Same inputs again: SFT and reference stages come from the cache; same seed, same numbers.
+    p2 = run_app(SMALL + [f"hydra.run.dir={tmp_path}/run2", f"cache_dir={tmp_path}/cache"], cwd=REPO)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "[cache] sft: hit" in p2.stdout and "[cache] reference: hit" in p2.stdout
+    again = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert again["eval"] == metrics["eval"]
+
+
+def test_multirun_gives_one_dir_per_job(tmp_path):
+    args = ["-m", "seed=0,1", "dataset.n_train=24", "dataset.n_test=6", "dataset.n_responses=2", "sft.epochs=1",
+            "trainer.epochs=1", "eval.max_prompts=4", "eval.max_new_tokens=8", "model.n_embd=32",
+            "logger.mode=disabled", f"hydra.sweep.dir={tmp_path}/sweep", f"cache_dir={tmp_path}/cache"]
+    p = run_app(args, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seeds = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["run"]["seed"] for i in (0, 1)]
+    assert seeds == [0, 1]
+
+
+def test_bad_input_fails_with_a_message_not_a_traceback(tmp_path):
+    p = run_app(["loss.beta=abc", f"hydra.run.dir={tmp_path}/bad"], cwd=REPO, timeout=120)
+    assert p.returncode != 0
+    assert "loss.beta='abc'" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "failed"
