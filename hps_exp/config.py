@@ -36,7 +36,7 @@ class ModelConfig:
 class SFTConfig:
     enabled: bool = True
     targets: str = "all"
-    epochs: int = 3
+    epochs: int = 8
     lr: float = 2e-3
     batch_size: int = 32
 
@@ -47,7 +47,7 @@ class TrainerConfig:
     precision: str = "auto"
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-4
     epochs: int = 2
     warmup_ratio: float = 0.1
     schedule: str = "cosine"

@@ -81,3 +81,12 @@ def test_loss_knob_type_and_name_checked_at_build(compose):
 def test_incompatible_loss_and_sampler_fail_at_setup(compose):
     with pytest.raises(ConfigError, match="sampler=all"):
         pipeline.setup(compose(["loss=pl", "sampler=pair", "dataset.n_train=20", "dataset.n_test=5"]))
+
+
+def test_authors_released_preset(compose):
+    cfg = compose(["+experiment=hps_released"])
+    pipeline.resolve_auto_sampler(cfg)
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.label_smoothing) == ("dpo", 0.25, 0.1)
+    sampler = build(cfg.sampler, "sampler")
+    assert [sampler.gamma_at(p) for p in (0.0, 0.2, 0.5, 0.7, 0.9)] == [-5.0, -2.5, 0.0, 2.5, 5.0]
+    assert build(cfg.loss, "loss").input_kind == "pair"

@@ -1,0 +1,371 @@
+"""Run a grid from `sweeps/NAME.yaml`: one Hydra multirun per method arm, all jobs under one sweep dir.
+
+    python -m hps_exp.sweep NAME [--dry-run] [--jobs-dir DIR] [--write-wandb] [key=value ...]
+
+NAME is a file in sweeps/ (without .yaml) or a path to a sweep yaml. A sweep file:
+
+    description: "..."
+    arms:                  # method arm -> overrides that go together (a loss and its sampler, ...);
+      DPO-BT:  [loss=bt]   # an arm may itself sweep a key (loss.gamma=0,1,2)
+      DPO-HPS: [loss=hps]
+    grid:                  # sweep axes applied to every arm (a comma string or a YAML list)
+      loss.framework: dpo,ipo
+      seed: [0, 1, 2]
+    fixed: [dataset.n_train=200]   # overrides for every job
+    requires: [dataset.path]       # optional: keys the command line must set (e.g. a local data file)
+
+Each arm runs as `python -m hps_exp -m <fixed> <grid> <arm> <extra> sweep=NAME hydra.sweep.dir=<jobs dir>
+hydra.sweep.subdir=<arm>/${hydra.job.num}`, so job k of arm A lands in `<jobs dir>/A/k/` (default jobs dir:
+outputs/sweeps/NAME; `python -m hps_exp.tables` finds the jobs there). When two overrides set the same key the
+more specific one wins: extra (command line) > arm > grid > fixed. Arms run one after another; a failed job or
+arm does not stop the others; the exit status is non-zero when any job failed.
+
+`--write-wandb` (re)writes the W&B sweep files of the grid under sweeps/wandb/ (one file per sweep, or one per
+arm when an arm couples several overrides, which a W&B grid cannot express).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS_DIR = REPO / "sweeps"
+WANDB_DIR = SWEEPS_DIR / "wandb"
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+TOP_KEYS = {"description", "arms", "grid", "fixed", "requires"}
+WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
+
+
+class SweepError(ValueError):
+    """A bad sweep file or command line; the message says what to fix."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    description: str
+    arms: dict[str, list[str]]
+    grid: dict[str, list[str]]          # key -> values (as Hydra override value strings)
+    fixed: list[str]
+    requires: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+def available() -> list[str]:
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+
+
+def locate(name: str) -> Path:
+    """A sweep name in sweeps/ or a path to a yaml file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = SWEEPS_DIR / f"{name}.yaml"
+    if "/" not in name and candidate.is_file():
+        return candidate
+    raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available()) or '(none)'} "
+                     f"(or give a path to a sweep .yaml file)")
+
+
+def _value_str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float, str)):
+        return str(v)
+    raise SweepError(f"grid value {v!r}: use a scalar (string or number)")
+
+
+def _values(key: str, raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        vals = [v.strip() for v in raw.split(",")]
+    elif isinstance(raw, list):
+        vals = [_value_str(v) for v in raw]
+    else:
+        vals = [_value_str(raw)]
+    if not vals or any(v == "" for v in vals):
+        raise SweepError(f"grid.{key}: empty value in {raw!r}")
+    return vals
+
+
+def _overrides(where: str, raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(o, str) and "=" in o for o in raw):
+        raise SweepError(f"{where}: expected a list of key=value overrides; got {raw!r}")
+    return list(raw)
+
+
+def load(name: str) -> Sweep:
+    import yaml
+
+    path = locate(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a mapping with arms/grid/fixed")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    arms_raw = data.get("arms")
+    if not isinstance(arms_raw, dict) or not arms_raw:
+        raise SweepError(f"{path}: 'arms' must map arm names to override lists")
+    arms = {}
+    for arm, ovs in arms_raw.items():
+        if not ARM_NAME.match(str(arm)):
+            raise SweepError(f"{path}: arm name {arm!r} must be a plain directory name ([A-Za-z0-9_.+-])")
+        arms[str(arm)] = _overrides(f"{path}: arms.{arm}", ovs)
+    grid_raw = data.get("grid") or {}
+    if not isinstance(grid_raw, dict):
+        raise SweepError(f"{path}: 'grid' must map keys to comma lists")
+    grid = {str(k): _values(str(k), v) for k, v in grid_raw.items()}
+    requires = data.get("requires") or []
+    if not isinstance(requires, list):
+        raise SweepError(f"{path}: 'requires' must be a list of keys")
+    stem = path.stem
+    return Sweep(stem, path, str(data.get("description", "")), arms, grid,
+                 _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires])
+
+
+# ---------------------------------------------------------------------------------------------- expand
+
+def key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge(*layers: list[str]) -> list[str]:
+    """Concatenate override lists; a later layer's key replaces an earlier one's (in the earlier position)."""
+    out: dict[str, str] = {}
+    for layer in layers:
+        for o in layer:
+            out[key_of(o)] = o
+    return list(out.values())
+
+
+def grid_overrides(sweep: Sweep) -> list[str]:
+    return [f"{k}={','.join(vs)}" for k, vs in sweep.grid.items()]
+
+
+def arm_overrides(sweep: Sweep, arm: str, extra: list[str] = ()) -> list[str]:
+    """The overrides of one arm's multirun (without the hydra.* / sweep keys)."""
+    return merge(sweep.fixed, grid_overrides(sweep), sweep.arms[arm], list(extra))
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of these overrides, in job-number order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise SweepError(f"bad override: {e}") from None
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def jobs(sweep: Sweep, extra: list[str] = ()) -> dict[str, list[list[str]]]:
+    """Arm -> the override list of each of its jobs (job k = element k)."""
+    return {arm: expand(arm_overrides(sweep, arm, extra)) for arm in sweep.arms}
+
+
+def missing_required(sweep: Sweep, extra: list[str]) -> list[str]:
+    given = {key_of(o) for o in extra}
+    return [k for k in sweep.requires if k not in given]
+
+
+def _hydra_str(value: str) -> str:
+    """A path as a Hydra override value: quoted unless it is plainly safe."""
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def command(sweep: Sweep, arm: str, jobs_dir: Path, extra: list[str] = (), python: str = sys.executable) -> list[str]:
+    return [python, "-m", "hps_exp", "-m", *arm_overrides(sweep, arm, extra), f"sweep={sweep.name}",
+            f"hydra.sweep.dir={_hydra_str(str(jobs_dir))}", f"hydra.sweep.subdir={arm}/${{hydra.job.num}}"]
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def job_status(job_dir: Path) -> str:
+    path = job_dir / "metrics.json"
+    if not path.is_file():
+        return "missing"
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("status", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
+def existing_jobs(jobs_dir: Path, arms: list[str]) -> list[Path]:
+    return [p for arm in arms if (jobs_dir / arm).is_dir() for p in (jobs_dir / arm).iterdir() if p.is_dir()]
+
+
+def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, out=sys.stdout) -> int:
+    all_jobs = jobs(sweep, extra)
+    total = sum(len(j) for j in all_jobs.values())
+    print(f"[sweep] {sweep.name}: {len(all_jobs)} arm(s), {total} job(s) -> {jobs_dir}", file=out)
+    if sweep.description:
+        print(f"[sweep] {sweep.description.strip()}", file=out)
+    missing = missing_required(sweep, extra)
+    if missing:
+        msg = f"sweep {sweep.name} needs {', '.join(f'{k}=...' for k in missing)} on the command line"
+        if not dry_run:
+            raise SweepError(msg)
+        print(f"[sweep] note: {msg}", file=out)
+    for arm, arm_jobs in all_jobs.items():
+        print(f"[sweep] arm {arm}: {len(arm_jobs)} job(s)", file=out)
+        print("  " + shlex.join(command(sweep, arm, jobs_dir, extra)), file=out)
+    if dry_run:
+        print(f"[sweep] dry run: {total} job(s) in {len(all_jobs)} arm(s); nothing launched", file=out)
+        return 0
+    old = existing_jobs(jobs_dir, list(all_jobs))
+    if old:
+        print(f"[sweep] warning: {jobs_dir} already holds {len(old)} job dir(s) of these arms; jobs with the same "
+              "number are overwritten and resume from their checkpoints (trainer.resume=true). Use --jobs-dir "
+              "or delete the dir for a fresh sweep.", file=out)
+    summary = []
+    started = time.perf_counter()
+    for arm, arm_jobs in all_jobs.items():
+        t0 = time.perf_counter()
+        print(f"[sweep] === arm {arm} ({len(arm_jobs)} job(s)) ===", file=out, flush=True)
+        out.flush()
+        rc = subprocess.call(command(sweep, arm, jobs_dir, extra), cwd=os.getcwd())
+        statuses = [job_status(jobs_dir / arm / str(k)) for k in range(len(arm_jobs))]
+        summary.append((arm, len(arm_jobs), statuses.count("completed"), rc, time.perf_counter() - t0, statuses))
+    wall = time.perf_counter() - started
+    print(f"\n[sweep] summary of {sweep.name} ({jobs_dir}):", file=out)
+    print(f"  {'arm':<24} {'jobs':>5} {'done':>5} {'failed':>6} {'exit':>5} {'wall':>9}", file=out)
+    any_failed = False
+    for arm, n, done, rc, secs, statuses in summary:
+        failed = n - done
+        any_failed |= failed > 0 or rc != 0
+        print(f"  {arm:<24} {n:>5} {done:>5} {failed:>6} {rc:>5} {secs:>8.0f}s", file=out)
+        for k, s in enumerate(statuses):
+            if s != "completed":
+                print(f"    job {arm}/{k}: {s}", file=out)
+    print(f"  total: {total} job(s), {sum(s[2] for s in summary)} completed, wall {wall:.0f}s", file=out)
+    print(f"[sweep] tables: python -m hps_exp.tables {jobs_dir}", file=out)
+    return 1 if any_failed else 0
+
+
+# ----------------------------------------------------------------------------------------- W&B sweeps
+
+def _yaml_value(v: str) -> Any:
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+    return parsed if isinstance(parsed, (int, float, str)) and not isinstance(parsed, bool) else v
+
+
+def _split_override(o: str) -> tuple[str, list[Any]]:
+    key, _, value = o.partition("=")
+    return key, [_yaml_value(v) for v in value.split(",")]
+
+
+def wandb_sweeps(sweep: Sweep) -> dict[str, dict]:
+    """W&B grid sweep configs driving `python -m hps_exp key=value ...` with the same jobs as the Hydra grid.
+
+    One config when every arm sets only one and the same key (e.g. loss=bt|pl|hps): that key becomes a grid
+    parameter. Otherwise one config per arm (file stem `<name>.<arm>`), since W&B cannot couple parameters."""
+    arm_keys = {arm: [key_of(o) for o in ovs] for arm, ovs in sweep.arms.items()}
+    single = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
+        and all("," not in o.partition("=")[2] for ovs in sweep.arms.values() for o in ovs)
+    groups = {sweep.name: list(sweep.arms)} if single else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
+    out = {}
+    for stem, arms in groups.items():
+        params: dict[str, dict] = {}
+        for o in merge(sweep.fixed, grid_overrides(sweep), sweep.arms[arms[0]]):
+            key, values = _split_override(o)
+            params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
+        if single:
+            key = arm_keys[arms[0]][0]
+            params[key] = {"values": [_yaml_value(sweep.arms[a][0].partition("=")[2]) for a in arms]}
+        params["sweep"] = {"value": sweep.name}
+        desc = sweep.description.strip() + ("" if single else f" (arm {arms[0]})")
+        out[stem] = {"program": "hps_exp", "name": stem, "description": desc, "method": "grid",
+                     "parameters": params, "command": list(WANDB_COMMAND)}
+    return out
+
+
+def wandb_jobs(config: dict) -> list[list[str]]:
+    """The key=value argument lists a W&B grid agent runs for this config (what ${args_no_hyphens} renders)."""
+    keys, choices = [], []
+    for key, spec in config["parameters"].items():
+        keys.append(key)
+        choices.append(spec["values"] if "values" in spec else [spec["value"]])
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*choices)]
+
+
+def render_wandb(config: dict) -> str:
+    import yaml
+
+    header = ("# Generated by `python -m hps_exp.sweep NAME --write-wandb` from sweeps/"
+              f"{config['name'].split('.')[0]}.yaml; do not edit by hand.\n"
+              f"# wandb sweep sweeps/wandb/{config['name']}.yaml  &&  wandb agent <entity/project/sweep id>\n")
+    return header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=110)
+
+
+def write_wandb(sweep: Sweep, out=sys.stdout) -> list[Path]:
+    WANDB_DIR.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, config in wandb_sweeps(sweep).items():
+        path = WANDB_DIR / f"{stem}.yaml"
+        path.write_text(render_wandb(config), encoding="utf-8")
+        written.append(path)
+        print(f"[sweep] wrote {path} ({len(wandb_jobs(config))} run(s))", file=out)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m hps_exp.sweep",
+                                description="Run a sweeps/NAME.yaml grid: one Hydra multirun per method arm.")
+    p.add_argument("name", metavar="NAME", help="sweep name in sweeps/ (or a path to a sweep .yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and job counts; launch nothing")
+    p.add_argument("--jobs-dir", default=None, help="sweep output dir (default: outputs/sweeps/NAME)")
+    p.add_argument("--write-wandb", action="store_true", help="(re)write sweeps/wandb/ files for this grid")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every job")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"extra overrides must be key=value; got {' '.join(bad)}")
+    return args, args.overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        sweep = load(args.name)
+        if args.write_wandb:
+            write_wandb(sweep)
+            return 0
+        jobs_dir = Path(args.jobs_dir) if args.jobs_dir else Path("outputs") / "sweeps" / sweep.name
+        return run(sweep, jobs_dir, extra, dry_run=args.dry_run)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

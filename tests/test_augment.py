@@ -1,0 +1,181 @@
+"""augment(): n sampled responses per prompt, scored by a reward model, chosen = best, rejected = worst."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hps_exp.augment import augment
+from hps_exp.data import synthetic
+from hps_exp.data.schema import Example, read_examples, write_examples
+from hps_exp.models import build_tiny, train_tokenizer
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic.load(n_train=6, n_test=2, n_responses=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [e.prompt + r for e in synthetic.load(n_train=60, n_test=0, n_responses=4, seed=1).train
+             for r in e.responses]
+    return train_tokenizer(texts, 384)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny(SimpleNamespace(n_positions=96, n_embd=32, n_layer=1, n_head=2), len(tok), 0)
+
+
+def run(data, model, tok, seed=0, stats=None, **kw):
+    args = dict(generator_model=model, tok=tok, reward_model=synthetic.SyntheticScorer(), n=N, temperature=1.0,
+                top_p=1.0, max_new_tokens=8, batch_size=8, max_prompt_length=40, device="cpu", seed=seed,
+                progress=False, stats=stats)
+    return augment(data, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def augmented(data, model, tok):
+    stats = {}
+    return run(data.train, model, tok, stats=stats), stats
+
+
+def test_n_samples_plus_originals_scored_by_the_reward_model(augmented, data):
+    out, stats = augmented
+    scorer = synthetic.SyntheticScorer()
+    assert [e.prompt for e in out] == [e.prompt for e in data.train]
+    for ex, orig in zip(out, data.train):
+        assert ex.responses[:2] == orig.responses                  # originals first
+        assert ex.n == 2 + N - 0                                    # random samples: no duplicates here
+        assert list(ex.scores) == scorer.score_batch([ex.prompt] * ex.n, list(ex.responses))
+        assert list(ex.harmful) == [scorer.is_harmful(ex.prompt, r) for r in ex.responses]
+        assert ex.chosen == max(range(ex.n), key=lambda i: (ex.scores[i], -i)) == ex.best
+        assert ex.scores[ex.rejected] == min(ex.scores) and ex.scores[ex.chosen] > ex.scores[ex.rejected]
+    assert stats["generated"] == N * len(data.train) and stats["responses"] == (2 + N) * len(data.train)
+    # the dataset's best answer beats the random model's samples
+    assert all(ex.chosen == orig.best for ex, orig in zip(out, data.train))
+
+
+def test_throughput_numbers_are_reported(augmented, data, model, tok, capsys):
+    _, stats = augmented
+    for k in ("responses_per_s", "gen_responses_per_s", "gen_tokens_per_s", "gen_s", "score_s", "total_s"):
+        assert stats[k] > 0, k
+    assert 0 < stats["gen_tokens"] <= stats["generated"] * 8
+    run(data.train[:2], model, tok, progress=True)
+    assert "responses/s" in capsys.readouterr().out
+
+
+def test_same_seed_same_output_other_seed_differs(augmented, data, model, tok):
+    out, _ = augmented
+    assert run(data.train, model, tok, seed=0) == out
+    other = run(data.train, model, tok, seed=1)
+    assert [e.responses for e in other] != [e.responses for e in out]
+
+
+def test_without_originals(data, model, tok):
+    out = run(data.train, model, tok, keep_original=False)
+    assert out, "random samples of distinct quality should leave some prompts"
+    for ex, orig in zip(out, data.train):
+        assert not set(ex.responses) & set(orig.responses)
+        assert 2 <= ex.n <= N
+
+
+def test_round_trip_through_the_cache_format(augmented, tmp_path):
+    out, _ = augmented
+    write_examples(tmp_path / "augmented.jsonl", out)
+    back = read_examples(tmp_path / "augmented.jsonl")
+    assert back == out
+    assert [e.scores for e in back] == [e.scores for e in out]
+
+
+class ScriptedLM:
+    """Stands in for a causal LM: returns fixed continuations, records the generate() arguments."""
+
+    def __init__(self, tok, continuations):
+        self.tok, self.continuations, self.calls = tok, continuations, []
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, num_return_sequences, max_new_tokens, **kw):
+        self.calls.append({"num_return_sequences": num_return_sequences, **kw})
+        eos = self.tok.eos_token_id
+        rows = []
+        for _ in range(input_ids.shape[0]):
+            for text in self.continuations:
+                ids = (self.tok(text, add_special_tokens=False)["input_ids"] + [eos])[:max_new_tokens]
+                rows.append(ids + [eos] * (max_new_tokens - len(ids)))
+        new = torch.tensor(rows, dtype=torch.long)
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), new], 1)
+
+
+def test_empty_samples_become_the_eos_placeholder_and_duplicates_are_dropped(data, tok):
+    lm = ScriptedLM(tok, ["", " sure thing", "  sure   thing ", " \n\n", " ok then\n\nHuman: and more"])
+    stats = {}
+    out = run(data.train[:2], lm, tok, n=5, max_new_tokens=12, stats=stats)
+    assert lm.calls[0]["use_cache"] is True and lm.calls[0]["num_return_sequences"] == 5
+    assert lm.calls[0]["do_sample"] is True
+    for ex, orig in zip(out, data.train):
+        # "" and " \n\n" are both empty -> one placeholder; "  sure   thing " duplicates " sure thing";
+        # the stop string cuts the next Human turn
+        assert ex.responses == (*orig.responses, tok.eos_token, " sure thing", " ok then")
+        assert tok(tok.eos_token, add_special_tokens=False)["input_ids"] == [tok.eos_token_id]
+    assert stats["empty"] == 2 * 2 and stats["duplicates"] == 2 * 2
+    back = Example.from_json(out[0].to_json())  # the placeholder passes Example validation
+    assert back == out[0]
+
+
+def test_dedup_off_keeps_every_sample(data, tok):
+    lm = ScriptedLM(tok, [" sure thing", " sure thing", " no"])
+    out = run(data.train[:1], lm, tok, dedup=False)
+    assert out[0].n == 2 + 3
+
+
+def test_prompts_without_a_preference_are_dropped(data, tok):
+    lm = ScriptedLM(tok, [" same", " same"])
+    stats = {}
+    assert run(data.train[:2], lm, tok, n=2, keep_original=False, stats=stats) == []  # 1 distinct response
+    assert stats["dropped_too_few"] == 2
+
+    class Flat:
+        def score_batch(self, prompts, responses):
+            return [0.0] * len(prompts)
+
+    lm = ScriptedLM(tok, [" one", " two"])
+    assert run(data.train[:2], lm, tok, n=2, keep_original=False, reward_model=Flat(), stats=stats) == []
+    assert stats["dropped_tied"] == 2
+
+
+def test_reward_model_without_is_harmful_gives_no_labels(data, model, tok):
+    class LengthRM:
+        def score_batch(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    out = run(data.train[:2], model, tok, reward_model=LengthRM())
+    assert all(e.harmful is None for e in out)
+    assert all(e.scores == tuple(float(len(r)) for r in e.responses) for e in out)
+
+
+def test_bad_arguments(data, model, tok):
+    with pytest.raises(ValueError, match="temperature > 0"):
+        run(data.train[:1], model, tok, temperature=0.0)
+    with pytest.raises(ValueError, match="keep_original=False needs n >= 2"):
+        run(data.train[:1], model, tok, n=1, keep_original=False)
+    with pytest.raises(ValueError, match="n must be"):
+        run(data.train[:1], model, tok, n=0)
+
+
+def test_ties_chosen_is_first_best_rejected_is_last_worst(data, tok):
+    class TableRM:
+        def __init__(self, table):
+            self.table = table
+
+        def score_batch(self, prompts, responses):
+            return [self.table[r.strip()] for r in responses]
+
+    lm = ScriptedLM(tok, [" alpha", " beta", " gamma", " delta"])
+    out = run(data.train[:1], lm, tok, n=4, keep_original=False,
+              reward_model=TableRM({"alpha": 0.0, "beta": 2.0, "gamma": 2.0, "delta": 0.0}))
+    assert (out[0].chosen, out[0].rejected) == (1, 3)
