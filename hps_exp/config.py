@@ -68,6 +68,8 @@ class EvalConfig:
     top_p: float = 1.0
     batch_size: int = 32
     reward_model: Any = None
+    dataset: Optional[str] = None
+    dataset_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     run_name: Optional[str] = None
+    label: Optional[str] = None
     sweep: Optional[str] = None
     cache_dir: str = "outputs/cache"
 

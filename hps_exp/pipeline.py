@@ -56,12 +56,24 @@ def resolve_auto_sampler(cfg: DictConfig) -> None:
         cfg.sampler = OmegaConf.load(CONF / "sampler" / f"{choice}.yaml")
 
 
+def load_eval_dataset(cfg: DictConfig) -> Splits:
+    path = CONF / "dataset" / f"{cfg.eval.dataset}.yaml"
+    if not path.exists():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"eval.dataset={cfg.eval.dataset!r} is not a dataset config; choose one of {options}")
+    node = OmegaConf.merge(OmegaConf.load(path), cfg.eval.dataset_args)
+    return build(node, "eval.dataset_args", drop=("reward_model",))
+
+
 def setup(cfg: DictConfig) -> tuple[Splits, Any, Any, Any]:
     """Everything that can fail on bad config or data, done before any training."""
     resolve_auto_sampler(cfg)
     loss_fn = build(cfg.loss, "loss")
     sampler = build(cfg.sampler, "sampler")
     splits: Splits = build(cfg.dataset, "dataset", drop=("reward_model",))
+    splits.name = cfg.dataset.name
+    if cfg.eval.dataset:  # transfer: train on one dataset, evaluate on another's test split
+        splits = Splits(train=splits.train, test=load_eval_dataset(cfg).test, name=cfg.eval.dataset)
     if not splits.train or not splits.test:
         raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
     rm_node = cfg.eval.get("reward_model")
@@ -264,7 +276,7 @@ def run_label(cfg: DictConfig, splits: Splits) -> dict:
     """The run's coordinates in the paper's tables (metrics.json "run")."""
     framework = str(cfg.loss.get("framework", "dpo"))
     pm = str(cfg.loss.get("preference_model", cfg.loss.name))
-    method = framework.upper() if pm == "pair" else f"{framework.upper()}-{pm}"
+    method = cfg.label or (framework.upper() if pm == "pair" else f"{framework.upper()}-{pm}")
     gamma = cfg.loss.get("gamma") if cfg.loss.get("estimator") == "full" else cfg.sampler.get("gamma")
     if cfg.sampler.get("schedule") not in (None, "constant") and cfg.loss.get("estimator") != "full":
         gamma = f"{cfg.sampler.schedule}({cfg.sampler.gamma_start}->{cfg.sampler.gamma_end})"

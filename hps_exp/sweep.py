@@ -162,8 +162,11 @@ def grid_overrides(sweep: Sweep) -> list[str]:
 
 
 def arm_overrides(sweep: Sweep, arm: str, extra: list[str] = ()) -> list[str]:
-    """The overrides of one arm's multirun (without the hydra.* / sweep keys)."""
-    return merge(sweep.fixed, grid_overrides(sweep), sweep.arms[arm], list(extra))
+    """The overrides of one arm's multirun (without the hydra.sweep.* keys); `sweep=NAME` labels every job."""
+    owned = [o for o in extra if key_of(o).startswith("hydra.sweep.")]
+    if owned:
+        raise SweepError(f"{' '.join(owned)}: the runner sets hydra.sweep.dir/subdir; use --jobs-dir DIR")
+    return merge(sweep.fixed, grid_overrides(sweep), sweep.arms[arm], [f"sweep={sweep.name}"], list(extra))
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -197,7 +200,7 @@ def _hydra_str(value: str) -> str:
 
 
 def command(sweep: Sweep, arm: str, jobs_dir: Path, extra: list[str] = (), python: str = sys.executable) -> list[str]:
-    return [python, "-m", "hps_exp", "-m", *arm_overrides(sweep, arm, extra), f"sweep={sweep.name}",
+    return [python, "-m", "hps_exp", "-m", *arm_overrides(sweep, arm, extra),
             f"hydra.sweep.dir={_hydra_str(str(jobs_dir))}", f"hydra.sweep.subdir={arm}/${{hydra.job.num}}"]
 
 
@@ -217,7 +220,8 @@ def existing_jobs(jobs_dir: Path, arms: list[str]) -> list[Path]:
     return [p for arm in arms if (jobs_dir / arm).is_dir() for p in (jobs_dir / arm).iterdir() if p.is_dir()]
 
 
-def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, out=sys.stdout) -> int:
+def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, out=None) -> int:
+    out = out or sys.stdout
     all_jobs = jobs(sweep, extra)
     total = sum(len(j) for j in all_jobs.values())
     print(f"[sweep] {sweep.name}: {len(all_jobs)} arm(s), {total} job(s) -> {jobs_dir}", file=out)
@@ -245,7 +249,6 @@ def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, o
     for arm, arm_jobs in all_jobs.items():
         t0 = time.perf_counter()
         print(f"[sweep] === arm {arm} ({len(arm_jobs)} job(s)) ===", file=out, flush=True)
-        out.flush()
         rc = subprocess.call(command(sweep, arm, jobs_dir, extra), cwd=os.getcwd())
         statuses = [job_status(jobs_dir / arm / str(k)) for k in range(len(arm_jobs))]
         summary.append((arm, len(arm_jobs), statuses.count("completed"), rc, time.perf_counter() - t0, statuses))
@@ -261,25 +264,21 @@ def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, o
             if s != "completed":
                 print(f"    job {arm}/{k}: {s}", file=out)
     print(f"  total: {total} job(s), {sum(s[2] for s in summary)} completed, wall {wall:.0f}s", file=out)
-    print(f"[sweep] tables: python -m hps_exp.tables {jobs_dir}", file=out)
+    print(f"[sweep] tables: python -m hps_exp.tables {shlex.quote(str(jobs_dir))}", file=out)
     return 1 if any_failed else 0
 
 
 # ----------------------------------------------------------------------------------------- W&B sweeps
 
-def _yaml_value(v: str) -> Any:
-    import yaml
-
-    try:
-        parsed = yaml.safe_load(v)
-    except yaml.YAMLError:
-        return v
-    return parsed if isinstance(parsed, (int, float, str)) and not isinstance(parsed, bool) else v
-
-
 def _split_override(o: str) -> tuple[str, list[Any]]:
-    key, _, value = o.partition("=")
-    return key, [_yaml_value(v) for v in value.split(",")]
+    """key=v1,v2 -> (key, [v1, v2]) with Hydra's own parsing of the values (numbers stay numbers)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(o)
+    values = list(parsed.sweep_iterator()) if parsed.is_sweep_override() else [parsed.value()]
+    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+        raise SweepError(f"{o}: a W&B sweep parameter takes only strings and numbers")
+    return parsed.get_key_element(), values
 
 
 def wandb_sweeps(sweep: Sweep) -> dict[str, dict]:
@@ -289,18 +288,17 @@ def wandb_sweeps(sweep: Sweep) -> dict[str, dict]:
     parameter. Otherwise one config per arm (file stem `<name>.<arm>`), since W&B cannot couple parameters."""
     arm_keys = {arm: [key_of(o) for o in ovs] for arm, ovs in sweep.arms.items()}
     single = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
-        and all("," not in o.partition("=")[2] for ovs in sweep.arms.values() for o in ovs)
+        and all(len(_split_override(ovs[0])[1]) == 1 for ovs in sweep.arms.values())
     groups = {sweep.name: list(sweep.arms)} if single else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
     out = {}
     for stem, arms in groups.items():
         params: dict[str, dict] = {}
-        for o in merge(sweep.fixed, grid_overrides(sweep), sweep.arms[arms[0]]):
+        for o in arm_overrides(sweep, arms[0]):
             key, values = _split_override(o)
             params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
         if single:
             key = arm_keys[arms[0]][0]
-            params[key] = {"values": [_yaml_value(sweep.arms[a][0].partition("=")[2]) for a in arms]}
-        params["sweep"] = {"value": sweep.name}
+            params[key] = {"values": [_split_override(sweep.arms[a][0])[1][0] for a in arms]}
         desc = sweep.description.strip() + ("" if single else f" (arm {arms[0]})")
         out[stem] = {"program": "hps_exp", "name": stem, "description": desc, "method": "grid",
                      "parameters": params, "command": list(WANDB_COMMAND)}
@@ -325,7 +323,8 @@ def render_wandb(config: dict) -> str:
     return header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=110)
 
 
-def write_wandb(sweep: Sweep, out=sys.stdout) -> list[Path]:
+def write_wandb(sweep: Sweep, out=None) -> list[Path]:
+    out = out or sys.stdout
     WANDB_DIR.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, config in wandb_sweeps(sweep).items():
@@ -346,7 +345,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--jobs-dir", default=None, help="sweep output dir (default: outputs/sweeps/NAME)")
     p.add_argument("--write-wandb", action="store_true", help="(re)write sweeps/wandb/ files for this grid")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every job")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come after key=value overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"extra overrides must be key=value; got {' '.join(bad)}")

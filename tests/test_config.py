@@ -90,3 +90,18 @@ def test_authors_released_preset(compose):
     sampler = build(cfg.sampler, "sampler")
     assert [sampler.gamma_at(p) for p in (0.0, 0.2, 0.5, 0.7, 0.9)] == [-5.0, -2.5, 0.0, 2.5, 5.0]
     assert build(cfg.loss, "loss").input_kind == "pair"
+
+
+def test_transfer_eval_dataset_is_checked(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.dataset='pku'.*pku_safety"):
+        pipeline.setup(compose(["eval.dataset=pku", "dataset.n_train=10", "dataset.n_test=3"]))
+    with pytest.raises(ConfigError, match=r"nope.jsonl: file not found"):
+        pipeline.setup(compose(["eval.dataset=ranked_jsonl", f"+eval.dataset_args.path={tmp_path}/nope.jsonl",
+                                "dataset.n_train=10", "dataset.n_test=3"]))
+    rows = tmp_path / "ranked.jsonl"
+    rows.write_text("".join(
+        '{"prompt": "\\n\\nHuman: q%d\\n\\nAssistant:", "responses": [" a", " b", " c"], "rewards": [1, 0, 2]}\n' % i
+        for i in range(10)))
+    splits, *_ = pipeline.setup(compose(["eval.dataset=ranked_jsonl", f"+eval.dataset_args.path={rows}",
+                                         "+eval.dataset_args.test_fraction=0.5", "dataset.n_train=10", "dataset.n_test=3"]))
+    assert splits.name == "ranked_jsonl" and len(splits.test) == 5 and len(splits.train) == 10

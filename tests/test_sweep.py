@@ -1,0 +1,278 @@
+"""The sweep runner (hps_exp/sweep.py) and the grid files (sweeps/*.yaml, sweeps/wandb/*.yaml)."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hps_exp import sweep as sw
+from hps_exp.config import build
+from hps_exp.pipeline import resolve_auto_sampler
+from hps_exp.samplers import check_compatible
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (jobs per arm); a new sweep file needs an entry here.
+EXPECTED = {
+    "main_small": {"BT": 15, "PL": 15, "HPS": 15},
+    "main_dpo_small": {"DPO-BT": 3, "DPO-PL": 3, "DPO-HPS": 3},
+    "n_ablation_small": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
+    "gamma_ablation_small": {"HPS-full": 45, "HPS-single-step": 9},
+    "authors_small": {"DPO": 3, "DPO-authors": 3},
+    "main_paper": {"BT": 15, "PL": 15, "HPS": 15},
+    "n_ablation_paper": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
+}
+PAPER = {"main_paper", "n_ablation_paper"}
+# Values for `requires` keys when composing (compose never opens the file).
+REQUIRED_VALUES = {"dataset.path": "/data/hh_ranked/train.jsonl"}
+
+
+def test_every_sweep_file_is_listed():
+    assert set(sw.available()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sweep_parses_and_expands_to_expected_jobs(name):
+    s = sw.load(name)
+    assert s.description.strip()
+    jobs = sw.jobs(s)
+    assert {arm: len(j) for arm, j in jobs.items()} == EXPECTED[name]
+    # Every job of the sweep is a distinct setting (no two jobs train the same thing).
+    settings = [frozenset(j) for arm_jobs in jobs.values() for j in arm_jobs]
+    assert len(set(settings)) == len(settings)
+    for arm, arm_jobs in jobs.items():
+        for job in arm_jobs:
+            keys = [sw.key_of(o) for o in job]
+            assert len(keys) == len(set(keys)), f"{name}/{arm}: a key set twice in {job}"
+            assert all(o in job for o in s.arms[arm] if "," not in o)  # the arm's own overrides reach each job
+
+
+def _compose_job(compose, name, job):
+    s = sw.load(name)
+    extra = [f"{k}={REQUIRED_VALUES[k]}" for k in s.requires]
+    return compose(sw.merge(job, extra))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_job_composes_and_builds(compose, name):
+    """Each job's overrides compose with Hydra, and its loss + sampler build and suit the data."""
+    s = sw.load(name)
+    seen = set()
+    for arm, arm_jobs in sw.jobs(s).items():
+        for job in arm_jobs:
+            cfg = _compose_job(compose, name, job)
+            assert cfg.sweep == name
+            resolve_auto_sampler(cfg)
+            loss, sampler = build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+            if cfg.dataset.name == "synthetic":
+                max_n = cfg.dataset.n_responses
+            else:  # paper scale: ranked files with n scored responses per prompt
+                assert cfg.dataset.name == "ranked_jsonl" and name in PAPER
+                max_n = 16
+            check_compatible(loss.input_kind, loss.needs_scores, cfg.loss.name, sampler, cfg.sampler.name,
+                             max_n, True)
+            seen.add((arm, cfg.loss.name, cfg.loss.framework, cfg.sampler.name, cfg.seed))
+            if name in PAPER:
+                assert cfg.trainer.device == "cuda" and cfg.model.name_or_path
+            else:
+                assert cfg.model.name == "tiny" and cfg.dataset.n_train <= 200
+    assert {seed for *_, seed in seen} == {0, 1, 2}
+
+
+def test_main_small_is_the_full_product(compose):
+    s = sw.load("main_small")
+    got = set()
+    for arm_jobs in sw.jobs(s).values():
+        for job in arm_jobs:
+            cfg = compose(job)
+            resolve_auto_sampler(cfg)
+            got.add((cfg.loss.framework, cfg.loss.preference_model, cfg.sampler.name, cfg.seed))
+    samplers = {"BT": "best_worst", "PL": "all", "HPS": "all"}
+    assert got == {(fw, pm, samplers[pm], seed) for fw in ("dpo", "ipo", "exo", "sppo", "nca")
+                   for pm in ("BT", "PL", "HPS") for seed in (0, 1, 2)}
+
+
+def test_gamma_and_authors_arms_couple_their_overrides(compose):
+    g = sw.jobs(sw.load("gamma_ablation_small"))
+    gammas = {compose(j).loss.gamma for j in g["HPS-full"]}
+    assert gammas == {0, 0.5, 1, 2, 5}
+    single = compose(g["HPS-single-step"][0])
+    assert (single.loss.estimator, single.sampler.name, single.sampler.schedule) == ("single", "hard", "step")
+    a = sw.jobs(sw.load("authors_small"))
+    authors = compose(a["DPO-authors"][0])
+    assert (authors.loss.name, authors.sampler.name, authors.sampler.schedule) == ("dpo", "hard", "step")
+    assert (authors.loss.beta, authors.loss.label_smoothing) == (0.25, 0.1)
+    assert (authors.sampler.gamma_start, authors.sampler.gamma_end, authors.trainer.resample) == (-5, 5, "step")
+    plain = compose(a["DPO"][0])
+    assert (plain.loss.beta, plain.loss.label_smoothing, plain.sampler.name) == (0.1, 0.0, "auto")
+
+
+def test_precedence_extra_over_arm_over_grid_over_fixed(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["loss=hps", "seed=9"], "B": ["loss=bt"]},
+                                    "grid": {"seed": "0,1", "loss.beta": [0.1, 0.2]},
+                                    "fixed": ["loss.beta=0.3", "sft.epochs=1"]}))
+    s = sw.load(str(path))
+    assert s.name == "p"
+    jobs = sw.jobs(s)
+    assert len(jobs["A"]) == 2 and len(jobs["B"]) == 4  # A's seed=9 replaces the seed axis
+    assert all("seed=9" in j for j in jobs["A"])
+    assert all("loss.beta=0.3" not in j for j in jobs["B"])  # the grid axis beats the fixed value
+    extra = sw.jobs(s, ["seed=5", "loss.beta=0.7"])
+    assert [len(extra["A"]), len(extra["B"])] == [1, 1]
+    assert "seed=5" in extra["A"][0] and "loss.beta=0.7" in extra["B"][0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("arms: {A: [loss=bt]}\nbogus: 1\n", "unknown key"),
+    ("arms: {}\n", "'arms'"),
+    ("arms: {'a/b': [loss=bt]}\n", "plain directory name"),
+    ("arms: {A: loss=bt}\n", "list of key=value"),
+    ("arms: {A: [loss=bt]}\nfixed: [seed]\n", "list of key=value"),
+    ("arms: {A: [loss=bt]}\ngrid: {seed: '0,,1'}\n", "empty value"),
+    ("- 1\n", "mapping"),
+])
+def test_bad_sweep_file_is_an_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load(str(path))
+
+
+def test_runner_owns_the_sweep_dir(capsys):
+    assert sw.main(["main_dpo_small", "--dry-run", "hydra.sweep.dir=/tmp/x"]) == 2
+    assert "--jobs-dir" in capsys.readouterr().err
+    # An extra sweep= relabels the jobs instead of adding a second sweep key.
+    job = sw.jobs(sw.load("main_dpo_small"), ["sweep=mine"])["DPO-BT"][0]
+    assert [o for o in job if o.startswith("sweep=")] == ["sweep=mine"]
+
+
+def test_unknown_name_lists_available(capsys):
+    assert sw.main(["no_such_sweep"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sweep 'no_such_sweep'" in err
+    for name in EXPECTED:
+        assert name in err
+
+
+def test_dry_run_prints_commands_and_launches_nothing(tmp_path, capsys):
+    jobs_dir = tmp_path / "jobs"
+    assert sw.main(["main_dpo_small", "--dry-run", "--jobs-dir", str(jobs_dir), "trainer.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "9 job(s)" in out and "nothing launched" in out
+    commands = [line.strip() for line in out.splitlines() if " -m hps_exp -m " in line]
+    assert len(commands) == 3
+    for arm, cmd in zip(("DPO-BT", "DPO-PL", "DPO-HPS"), commands):
+        assert f"'hydra.sweep.subdir={arm}/${{hydra.job.num}}'" in cmd
+        assert f"hydra.sweep.dir={jobs_dir}" in cmd and "sweep=main_dpo_small" in cmd
+        assert "seed=0,1,2" in cmd and "trainer.lr=5e-4" in cmd
+    assert not jobs_dir.exists()
+
+
+def test_required_keys(capsys):
+    assert sw.main(["main_paper"]) == 2
+    assert "dataset.path=..." in capsys.readouterr().err
+    assert sw.main(["main_paper", "--dry-run"]) == 0
+    assert "needs dataset.path=..." in capsys.readouterr().out
+    assert sw.main(["main_paper", "--dry-run", "dataset.path=/x.jsonl"]) == 0
+    assert "45 job(s)" in capsys.readouterr().out
+
+
+def test_make_sweep_target_runs_the_runner():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    r = subprocess.run(["make", "-s", "sweep", "SWEEP=authors_small", "ARGS=--dry-run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "6 job(s) in 2 arm(s)" in r.stdout
+    r = subprocess.run(["make", "-n", "table", "SWEEP=authors_small"], cwd=REPO, capture_output=True, text=True)
+    assert "-m hps_exp.tables outputs/sweeps/authors_small" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ W&B sweeps
+
+SMALL = sorted(n for n in EXPECTED if n.endswith("_small"))
+
+
+def test_wandb_files_are_generated_from_the_grids():
+    """sweeps/wandb/ holds exactly what `--write-wandb` makes of the small grids (so they cannot drift)."""
+    expected = {}
+    for name in SMALL:
+        for stem, config in sw.wandb_sweeps(sw.load(name)).items():
+            expected[f"{stem}.yaml"] = sw.render_wandb(config)
+    on_disk = {p.name: p.read_text(encoding="utf-8") for p in sw.WANDB_DIR.glob("*.yaml")}
+    assert set(on_disk) == set(expected), "run: python -m hps_exp.sweep NAME --write-wandb"
+    for fname, text in expected.items():
+        assert on_disk[fname] == text, f"{fname} is stale: python -m hps_exp.sweep NAME --write-wandb"
+
+
+def test_wandb_files_are_not_git_ignored():
+    """sweeps/wandb/*.yaml must be committable (a bare `wandb/` line in .gitignore would hide them)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = sorted(str(p.relative_to(REPO)) for p in sw.WANDB_DIR.glob("*.yaml"))
+    r = subprocess.run(["git", "check-ignore", "-v", *files], cwd=REPO, capture_output=True, text=True)
+    assert r.stdout == "", f"git ignores W&B sweep files: {r.stdout}"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_wandb_sweeps_run_the_same_jobs_and_compose(compose, name):
+    s = sw.load(name)
+    hydra_jobs = {frozenset(j) for arm_jobs in sw.jobs(s).values() for j in arm_jobs}
+    wandb_jobs = set()
+    for stem in sw.wandb_sweeps(s):
+        config = yaml.safe_load((sw.WANDB_DIR / f"{stem}.yaml").read_text(encoding="utf-8"))
+        assert config["method"] == "grid" and config["program"] == "hps_exp"
+        assert config["command"] == ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
+        for params in sw.wandb_jobs(config):
+            compose(params)  # every parameter is a config key (or group) that exists
+            wandb_jobs.add(frozenset(params))
+    assert wandb_jobs == hydra_jobs
+
+
+def test_wandb_job_with_a_key_that_does_not_exist_fails_to_compose(compose):
+    """The compose check above can fail: a misspelt key is rejected."""
+    with pytest.raises(Exception, match="lose"):
+        compose(["lose.beta=0.1"])
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+def test_micro_sweep_end_to_end_then_tables(tmp_path):
+    """Three arms through `python -m hps_exp.sweep PATH`: two tiny jobs that train, one that fails its config
+    check; the runner reports the failure, exits 1, and the tables list both trained methods."""
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump({
+        "description": "micro end-to-end sweep",
+        "arms": {"BT": ["loss=bt"], "HPS": ["loss=hps"], "broken": ["loss=pl", "sampler=best_worst"]},
+        "grid": {"seed": "0"},
+        "fixed": ["dataset.n_train=12", "dataset.n_test=6", "dataset.n_responses=4", "eval.max_prompts=4",
+                  "eval.max_new_tokens=6", "eval.batch_size=8", "sft.epochs=1", "trainer.epochs=1",
+                  "trainer.batch_size=4", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
+                  "model.vocab_size=300", "trainer.device=cpu", "logger.mode=disabled",
+                  f"cache_dir={tmp_path / 'cache'}"],
+    }))
+    jobs_dir = tmp_path / "jobs"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "hps_exp.sweep", str(path), "--jobs-dir", str(jobs_dir)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "summary of micro" in r.stdout and "job broken/0: failed" in r.stdout
+    for arm in ("BT", "HPS"):
+        metrics = json.loads((jobs_dir / arm / "0" / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["run"]["sweep"] == "micro"
+    assert json.loads((jobs_dir / "broken" / "0" / "metrics.json").read_text())["status"] == "failed"
+
+    t = subprocess.run([sys.executable, "-m", "hps_exp.tables", str(jobs_dir)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert t.returncode == 0, t.stderr
+    assert "| DPO-BT |" in t.stdout and "| DPO-HPS |" in t.stdout
+    assert "2 completed run(s), 1 failed or missing, out of 3 job dir(s)" in t.stdout
+    assert (jobs_dir / "table.md").is_file()
