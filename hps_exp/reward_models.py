@@ -74,7 +74,7 @@ class HFRewardModel:
                 f"or train a small one on the data: reward_model=train") from None
         missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
         head_missing = [k for k in missing if any(h in k for h in ("score", "classifier", "pooler", "out_proj"))]
-        if False:
+        if head_missing:
             raise ModelError(
                 f"'{self.name_or_path}' is not a reward model: its classification head ({', '.join(head_missing[:3])}) "
                 f"is not in the checkpoint, so scores would come from random weights. Use a sequence-classification "
