@@ -71,6 +71,10 @@ def run(cfg: DictConfig) -> dict:
               f"{cfg.dataset.name}: {len(splits.train)} train / {len(splits.test)} test prompts, "
               f"device={device}, run dir {run_dir}")
         sft_dir = pipeline.sft_stage(r)
+        annotation_rm = pipeline.reward_model_stage(r, sft_dir)
+        pipeline.augment_stage(r, sft_dir, annotation_rm)
+        if cfg.eval.reward_model == "annotation":
+            r.reward_model = annotation_rm
         ref = pipeline.reference_stage(r, sft_dir)
         tok, model, _ = pipeline.preference_stage(r, sft_dir, ref)
         t0 = time.perf_counter()
@@ -79,9 +83,10 @@ def run(cfg: DictConfig) -> dict:
         r.timing["eval_s"] = time.perf_counter() - t0
         pipeline.write_jsonl(run_dir / "samples.jsonl", samples)
         r.timing["total_s"] = time.perf_counter() - started
+        label = pipeline.run_label(cfg, r.splits)  # n_responses after augmentation
         result = {"status": "completed", "run": label,
-                  "eval": {splits.name or cfg.dataset.name: {"sft": ref["sft_eval"], "aligned": aligned}},
-                  "timing": r.timing}
+                  "eval": {r.splits.name or cfg.dataset.name: {"sft": ref["sft_eval"], "aligned": aligned}},
+                  "timing": r.timing, **r.extra}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
         logger.summary({f"eval/{stage}/{k}": v for stage, m in (("sft", ref["sft_eval"]), ("aligned", aligned))
                         for k, v in m.items() if isinstance(v, (int, float))})

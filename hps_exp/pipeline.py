@@ -19,7 +19,9 @@ from hps_exp import batching, evaluate, models
 from hps_exp.batching import Encoded, SequenceBatch
 from hps_exp.cache import cached_stage, content_key
 from hps_exp.config import ConfigError, build
-from hps_exp.data.schema import Example, Splits, atomic_write_text
+from hps_exp.augment import augment
+from hps_exp.data.schema import Example, Splits, atomic_write_text, read_examples, write_examples
+from hps_exp.reward_models import HFRewardModel, TrainedRewardModel, pair_accuracy, train_reward_model
 from hps_exp.samplers import Selection, check_compatible
 from hps_exp.trainer import TrainConfig, Trainer
 
@@ -38,6 +40,7 @@ class Run:
     sampler: Any
     reward_model: Any
     timing: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)   # stage reports for metrics.json
 
 
 def plain(node) -> Any:
@@ -77,11 +80,21 @@ def setup(cfg: DictConfig) -> tuple[Splits, Any, Any, Any]:
     if not splits.train or not splits.test:
         raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
     rm_node = cfg.eval.get("reward_model")
-    reward_model = build(rm_node, "eval.reward_model") if rm_node else None
+    # "annotation": evaluate with the annotation reward model (built later, by reward_model_stage)
+    reward_model = build(rm_node, "eval.reward_model") if rm_node and rm_node != "annotation" else None
     has_scores = all(e.scores is not None for e in splits.train)
+    max_n = max(e.n for e in splits.train)
+    if cfg.augment.enabled:  # the loss will see scored, augmented data
+        if cfg.reward_model.name == "none" and cfg.dataset.get("reward_model") is None:
+            raise ConfigError("augment=sample needs an annotation reward model: reward_model=train or "
+                              "reward_model=hf reward_model.name_or_path=<id or dir>")
+        has_scores = True
+        max_n = cfg.augment.n + (max_n if cfg.augment.keep_original else 0)
+    if rm_node == "annotation" and cfg.reward_model.name == "none":
+        raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")
     try:
         check_compatible(loss_fn.input_kind, loss_fn.needs_scores, cfg.loss.name, sampler, cfg.sampler.name,
-                         max(e.n for e in splits.train), has_scores)
+                         max_n, has_scores)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return splits, loss_fn, sampler, reward_model
@@ -146,12 +159,83 @@ def train_config(cfg: DictConfig, **override) -> TrainConfig:
     return TrainConfig(**{**base, **override})
 
 
+# ---------------------------------------------------------------- annotation reward model + augmentation (cached)
+
+def data_key(examples: list[Example]) -> str:
+    return content_key([e.to_json() for e in examples])
+
+
+def reward_model_stage(run: Run, sft_dir: Path):
+    """The annotation reward model: none, a HF sequence classifier, or a BT model trained here."""
+    cfg, node = run.cfg, run.cfg.reward_model
+    if node.name == "none":
+        return None
+    if node.name == "hf":
+        run.extra["reward_model_id"] = plain(node)
+        return HFRewardModel(node.name_or_path, device=run.device, batch_size=node.batch_size,
+                             max_length=node.max_length)
+    knobs = {k: v for k, v in plain(node).items() if k != "name"}
+
+    def build_rm(out: Path) -> None:
+        tok, _ = models.load_saved(sft_dir)
+        rm = train_reward_model(run.splits.train, tok=tok, max_prompt_length=cfg.model.max_prompt_length,
+                                max_length=cfg.model.max_length, seed=cfg.seed, device=run.device,
+                                autocast=run.autocast, logger=run.logger, **knobs)
+        rm.save(out)
+        acc = pair_accuracy(rm, run.splits.test)
+        atomic_write_text(out / "accuracy.json", json.dumps({"heldout_pair_accuracy": acc,
+                                                             "pairs": rm.train_result["pairs"]}))
+
+    started = time.perf_counter()
+    inputs = {"data": data_key(run.splits.train), "test": data_key(run.splits.test), "tokenizer": sft_dir.name,
+              "reward_model": knobs, "model": plain(cfg.model), "seed": cfg.seed}
+    path, _ = cached_stage(run.cache_dir, "reward_model", inputs, build_rm)
+    run.timing["reward_model_s"] = time.perf_counter() - started
+    run.extra["reward_model"] = json.loads((path / "accuracy.json").read_text())
+    run.extra["reward_model_id"] = path.name
+    print(f"[reward_model] held-out pair accuracy {run.extra['reward_model']['heldout_pair_accuracy']:.3f}")
+    return TrainedRewardModel.load(path, device=run.device, autocast=run.autocast)
+
+
+def augment_stage(run: Run, sft_dir: Path, annotation_rm) -> None:
+    """Replace the training split by n scored samples per prompt from the SFT policy (+ the originals)."""
+    cfg, a = run.cfg, run.cfg.augment
+    if not a.enabled:
+        return
+    rm = annotation_rm if annotation_rm is not None else run.reward_model
+    rm_id = run.extra.get("reward_model_id") if annotation_rm is not None else plain(cfg.dataset.reward_model)
+    knobs = {k: v for k, v in plain(a).items() if k != "enabled"}
+
+    def build_aug(out: Path) -> None:
+        tok, model = models.load_saved(sft_dir)
+        model.to(run.device)
+        stats: dict = {}
+        examples = augment(run.splits.train, generator_model=model, tok=tok, reward_model=rm, device=run.device,
+                           max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed, autocast=run.autocast,
+                           progress=True, stats=stats, **knobs)
+        write_examples(out / "train.jsonl", examples)
+        atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
+
+    started = time.perf_counter()
+    inputs = {"data": data_key(run.splits.train), "generator": sft_dir.name, "reward_model": rm_id,
+              "augment": knobs, "seed": cfg.seed, "max_prompt_length": cfg.model.max_prompt_length,
+              "precision": str(run.autocast), "device": run.device.type}
+    path, _ = cached_stage(run.cache_dir, "augment", inputs, build_aug)
+    run.timing["augment_s"] = time.perf_counter() - started
+    run.splits.train = read_examples(path / "train.jsonl")
+    run.extra["augment"] = json.loads((path / "stats.json").read_text())
+    print(f"[augment] {len(run.splits.train)} prompts, "
+          f"{sum(e.n for e in run.splits.train) / len(run.splits.train):.1f} scored responses per prompt")
+
+
 # ---------------------------------------------------------------- reference log-probs + SFT eval (cached)
 
 def reference_stage(run: Run, sft_dir: Path) -> dict:
     """Reference (= SFT policy) log-probs of every train/test response, and the SFT policy's eval."""
     cfg = run.cfg
-    inputs = {"sft": sft_dir.name, "eval": plain(cfg.eval), "seed": cfg.seed}
+    inputs = {"sft": sft_dir.name, "eval": plain(cfg.eval), "seed": cfg.seed,
+              "train": data_key(run.splits.train), "test": data_key(run.splits.test),
+              "eval_reward_model": eval_reward_model_id(run)}
 
     def build_ref(out: Path) -> None:
         tok, model = models.load_saved(sft_dir)
@@ -170,6 +254,11 @@ def reference_stage(run: Run, sft_dir: Path) -> dict:
     ref = torch.load(path / "ref_logps.pt")
     return {"ref": ref, "sft_eval": json.loads((path / "sft_eval.json").read_text()),
             "sft_samples": path / "sft_samples.jsonl"}
+
+
+def eval_reward_model_id(run: Run) -> Any:
+    node = run.cfg.eval.reward_model
+    return run.extra.get("reward_model_id") if node == "annotation" else plain(node) if node else None
 
 
 def encode_splits(cfg: DictConfig, tok, splits: Splits) -> dict[str, list[Encoded]]:

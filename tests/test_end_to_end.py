@@ -62,3 +62,27 @@ def test_bad_input_fails_with_a_message_not_a_traceback(tmp_path):
     assert p.returncode != 0
     assert "loss.beta='abc'" in p.stderr and "Traceback" not in p.stderr
     assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
+    """~200 real HH-RLHF rows: SFT -> train a reward model -> sample n=4 per prompt, scored -> HPS -> eval."""
+    from conftest import HH_TEST
+
+    if not HH_TEST.exists():
+        pytest.skip(f"real HH-RLHF data not found at {HH_TEST}")
+    args = ["dataset=hh_rlhf", f"dataset.path={HH_TEST}", "dataset.max_train=160", "dataset.max_test=40",
+            "dataset.test_fraction=0.2", "reward_model=train", "reward_model.epochs=2", "augment=sample",
+            "augment.n=4", "augment.max_new_tokens=24", "loss=hps", "eval.reward_model=annotation",
+            "sft.epochs=1", "trainer.epochs=1", "eval.max_prompts=16", "eval.max_new_tokens=24",
+            "model.max_prompt_length=96", "model.max_length=160", "model.vocab_size=2048", "model.n_embd=64",
+            "logger.mode=disabled", f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
+    p = run_app(args, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["run"]["method"] == "DPO-HPS" and m["run"]["n_responses"] >= 5  # 2 originals + up to 4 samples
+    assert 0.0 <= m["reward_model"]["heldout_pair_accuracy"] <= 1.0
+    assert m["augment"]["generated"] == 160 * 4 and m["augment"]["responses_per_s"] > 0
+    ev = m["eval"]["hh_rlhf"]
+    assert isinstance(ev["aligned"]["reward"], float) and isinstance(ev["aligned"]["bleu"], float)
+    assert ev["aligned"]["harmful_rate"] is None  # no safety labels for generations on HH
+    assert "[augment]" in p.stdout and "held-out pair accuracy" in p.stdout
