@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
-from .schema import DataError, Example, Splits, open_text
+from .schema import DataError, Example, Splits, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +151,9 @@ def iter_file_rows(path: str | os.PathLike) -> Iterator[Row]:
     Unlike schema.read_jsonl, a line that is not a JSON object yields ("file:line", DataError)
     instead of ending the iteration, so skip mode can step over it. A missing file raises at once.
     """
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    for lineno, line in enumerate(open_text(p), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, DataError(f"{where}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict):
-            yield where, DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
-            continue
-        yield where, row
+    yield from iter_jsonl(path)
 
 
 def _env_true(name: str) -> bool:

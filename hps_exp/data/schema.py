@@ -105,8 +105,9 @@ def open_text(path: str | os.PathLike) -> Iterator[str]:
         yield from f
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", row) for each non-blank line; bad JSON raises DataError naming the line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict | DataError]]:
+    """("file:line", row) for each non-blank line; a line that is not a JSON object yields
+    ("file:line", DataError) instead, so a caller can skip it or raise it."""
     for lineno, line in enumerate(open_text(path), start=1):
         if not line.strip():
             continue
@@ -114,9 +115,20 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            yield where, DataError(f"{where}: not valid JSON ({e.msg})")
+            continue
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            kind = "null" if row is None else type(row).__name__
+            yield where, DataError(f"{where}: expected a JSON object, got {kind}")
+            continue
+        yield where, row
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", row) for each non-blank line; bad JSON raises DataError naming the line."""
+    for where, row in iter_jsonl(path):
+        if isinstance(row, DataError):
+            raise row
         yield where, row
 
 
