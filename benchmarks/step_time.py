@@ -11,6 +11,9 @@ DPO (sampler=pair) measured in the same process.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 from pathlib import Path
 
 import torch
@@ -61,10 +64,15 @@ def main() -> None:
     ap.add_argument("--tmp", type=Path, default=Path("outputs/bench_step_time"))
     args = ap.parse_args()
     config.register()
+    os.environ["HPS_EXP_NO_PROGRESS"] = "1"
+    from hps_exp.app import quiet_libraries
+
+    quiet_libraries()
     print(f"torch threads: {torch.get_num_threads()}, {args.steps} steps x {args.batch} prompts per arm")
     print(f"{'n':>3} " + " ".join(f"{a:>18}" for a in ARMS))
     for n in args.n:
-        secs = {a: step_seconds(o, n, args.steps, args.batch, args.tmp / f"n{n}_{a}") for a, o in ARMS.items()}
+        with contextlib.redirect_stdout(io.StringIO()):  # the stages' own progress lines
+            secs = {a: step_seconds(o, n, args.steps, args.batch, args.tmp / f"n{n}_{a}") for a, o in ARMS.items()}
         base = secs["dpo"]
         print(f"{n:>3} " + " ".join(f"{s * 1000:8.1f}ms ({s / base:4.2f}x)" for s in secs.values()), flush=True)
 
