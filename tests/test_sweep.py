@@ -26,7 +26,7 @@ EXPECTED = {
     "n_ablation_small": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
     "gamma_ablation_small": {"HPS-full": 45, "HPS-single-step": 9},
     "authors_small": {"DPO": 3, "DPO-authors": 3},
-    "main_paper": {"BT": 15, "PL": 15, "HPS": 15},
+    "main_paper": {"BT": 30, "PL": 30, "HPS": 30},
     "n_ablation_paper": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
 }
 PAPER = {"main_paper", "n_ablation_paper"}
@@ -182,7 +182,7 @@ def test_required_keys(capsys):
     assert sw.main(["main_paper", "--dry-run"]) == 0
     assert "needs dataset.path=..." in capsys.readouterr().out
     assert sw.main(["main_paper", "--dry-run", "dataset.path=/x.jsonl"]) == 0
-    assert "45 job(s)" in capsys.readouterr().out
+    assert "90 job(s)" in capsys.readouterr().out
 
 
 def test_make_sweep_target_runs_the_runner():
