@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
         ref = pipeline.reference_stage(r, sft_dir)
         tok, model, _ = pipeline.preference_stage(r, sft_dir, ref)
         t0 = time.perf_counter()
-        enc_test = pipeline.encode_splits(cfg, tok, splits)["test"]
+        enc_test = pipeline.encode(cfg, tok, splits.test)
         aligned, samples = pipeline.evaluate_policy(r, model, tok, enc_test, ref["ref"]["test"])
         r.timing["eval_s"] = time.perf_counter() - t0
         pipeline.write_jsonl(run_dir / "samples.jsonl", samples)
@@ -115,15 +115,12 @@ def results_table(sft: dict, aligned: dict, method: str) -> str:
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
-    except (ConfigError, DataError, models.ModelError) as e:
+    except Exception as e:  # record the failure for the tables, then report it
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         atomic_write_text(run_dir / "metrics.json",
                           json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
-        raise RunFailed(f"error: {e}") from None
-    except Exception as e:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        atomic_write_text(run_dir / "metrics.json",
-                          json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
+        if isinstance(e, (ConfigError, DataError, models.ModelError)):
+            raise RunFailed(f"error: {e}") from None
         raise
 
 

@@ -43,7 +43,7 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, temperature
         texts = tok.batch_decode(sampled[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             out[i] = t
-    return [t for t in out]
+    return out
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:

@@ -104,7 +104,8 @@ def setup(cfg: DictConfig) -> tuple[Splits, Any, Any, Any]:
 
 def sft_inputs(cfg: DictConfig) -> dict:
     return {"dataset": plain(cfg.dataset), "model": plain(cfg.model), "sft": plain(cfg.sft), "seed": cfg.seed,
-            "trainer": {k: cfg.trainer[k] for k in ("grad_accum", "warmup_ratio", "schedule", "max_grad_norm")}}
+            "trainer": {k: cfg.trainer[k] for k in ("grad_accum", "warmup_ratio", "schedule", "max_grad_norm",
+                                                    "weight_decay")}}
 
 
 def sft_stage(run: Run) -> Path:
@@ -244,7 +245,8 @@ def reference_stage(run: Run, sft_dir: Path) -> dict:
         ref = {name: batching.all_response_logps(model, e, tok.pad_token_id, cfg.eval.batch_size, run.device,
                                                  run.autocast) for name, e in enc.items()}
         torch.save(ref, out / "ref_logps.pt")
-        metrics, samples = evaluate_policy(run, model, tok, enc["test"], ref["test"])
+        # the SFT policy is the reference: its test log-probs are ref["test"] itself
+        metrics, samples = evaluate_policy(run, model, tok, enc["test"], ref["test"], policy_test=ref["test"])
         atomic_write_text(out / "sft_eval.json", json.dumps(metrics, indent=2))
         write_jsonl(out / "sft_samples.jsonl", samples)
 
@@ -261,10 +263,12 @@ def eval_reward_model_id(run: Run) -> Any:
     return run.extra.get("reward_model_id") if node == "annotation" else plain(node) if node else None
 
 
+def encode(cfg: DictConfig, tok, examples: list[Example]) -> list[Encoded]:
+    return batching.encode_examples(tok, examples, cfg.model.max_prompt_length, cfg.model.max_length)
+
+
 def encode_splits(cfg: DictConfig, tok, splits: Splits) -> dict[str, list[Encoded]]:
-    m = cfg.model
-    return {"train": batching.encode_examples(tok, splits.train, m.max_prompt_length, m.max_length),
-            "test": batching.encode_examples(tok, splits.test, m.max_prompt_length, m.max_length)}
+    return {"train": encode(cfg, tok, splits.train), "test": encode(cfg, tok, splits.test)}
 
 
 # ---------------------------------------------------------------- preference training
@@ -305,7 +309,8 @@ def preference_stage(run: Run, sft_dir: Path, ref: dict) -> tuple[Any, Any, dict
     # Dropout would make the policy's log-probs noisy against the (dropout-free) reference ones.
     models.disable_dropout(model)
     torch.manual_seed(cfg.seed)  # same stream whether or not SFT ran in this process (cache hit)
-    train, enc = run.splits.train, encode_splits(cfg, tok, run.splits)["train"]
+    train = run.splits.train
+    enc = encode(cfg, tok, train)
     ref_train, bs = ref["ref"]["train"], cfg.trainer.batch_size
 
     def make_epoch(epoch: int, progress):
@@ -340,7 +345,8 @@ def preference_stage(run: Run, sft_dir: Path, ref: dict) -> tuple[Any, Any, dict
 
 # ---------------------------------------------------------------- evaluation
 
-def evaluate_policy(run: Run, model, tok, enc_test: list[Encoded], ref_test: list[torch.Tensor]):
+def evaluate_policy(run: Run, model, tok, enc_test: list[Encoded], ref_test: list[torch.Tensor],
+                    policy_test: list[torch.Tensor] | None = None):
     cfg, e = run.cfg, run.cfg.eval
     test = run.splits.test
     subset = test[:e.max_prompts]
@@ -348,7 +354,8 @@ def evaluate_policy(run: Run, model, tok, enc_test: list[Encoded], ref_test: lis
                              temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, device=run.device,
                              max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed)
     metrics, samples = evaluate.evaluate_generations(subset, gens, run.reward_model)
-    pol = batching.all_response_logps(model, enc_test, tok.pad_token_id, e.batch_size, run.device, run.autocast)
+    pol = policy_test if policy_test is not None else batching.all_response_logps(
+        model, enc_test, tok.pad_token_id, e.batch_size, run.device, run.autocast)
     metrics.update(evaluate.reward_margins(test, pol, ref_test, beta_of(cfg)))
     return metrics, samples
 

@@ -105,3 +105,13 @@ def test_transfer_eval_dataset_is_checked(compose, tmp_path):
     splits, *_ = pipeline.setup(compose(["eval.dataset=ranked_jsonl", f"+eval.dataset_args.path={rows}",
                                          "+eval.dataset_args.test_fraction=0.5", "dataset.n_train=10", "dataset.n_test=3"]))
     assert splits.name == "ranked_jsonl" and len(splits.test) == 5 and len(splits.train) == 10
+
+
+@pytest.mark.parametrize("override", ["trainer.weight_decay=0.1", "trainer.max_grad_norm=0.5", "sft.lr=1e-3",
+                                      "model.n_embd=64", "dataset.seed=1", "seed=2"])
+def test_sft_cache_key_covers_what_sft_uses(compose, override):
+    assert pipeline.sft_inputs(compose([override])) != pipeline.sft_inputs(compose())
+
+
+def test_sft_cache_key_ignores_preference_only_knobs(compose):
+    assert pipeline.sft_inputs(compose(["trainer.lr=1e-5", "loss=pl"])) == pipeline.sft_inputs(compose())
