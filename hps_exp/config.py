@@ -30,6 +30,11 @@ class ModelConfig:
     vocab_size: int = 1024
     max_prompt_length: int = 64
     max_length: int = 128
+    dtype: str = "fp32"                   # weights as loaded: fp32 | bf16
+    attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
 
 @dataclass
@@ -58,6 +63,11 @@ class TrainerConfig:
     save_every: int = 0
     resume: bool = True
     max_steps: Optional[int] = None
+    strategy: str = "none"                # none | ddp | fsdp2 (launch with torchrun)
+    activation_checkpointing: bool = False
+    dist_timeout_s: int = 1800            # collective timeout (s)
+    on_nonfinite: str = "error"           # error | skip: a NaN/inf loss or gradient
+    num_threads: int = 0                  # torch CPU threads; 0 = auto
 
 
 @dataclass
@@ -70,6 +80,7 @@ class EvalConfig:
     reward_model: Any = None
     dataset: Optional[str] = None
     dataset_args: dict[str, Any] = field(default_factory=dict)
+    backend: str = "hf"                   # hf | vllm: generation engine
 
 
 @dataclass
