@@ -1,11 +1,17 @@
-"""`python -m hps_exp [key=value ...]`: one Hydra job = one run (or one job of a --multirun sweep)."""
+"""`python -m hps_exp [key=value ...]`: one Hydra job = one run (or one job of a --multirun sweep).
+
+`run` reads as the recipe: plan (everything that can fail on bad config or data, before any work), then the
+stages in order, each a call with typed inputs and a typed result (hps_exp/stages.py).
+"""
 from __future__ import annotations
 
 import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -15,7 +21,7 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, models, pipeline
+from hps_exp import config, models, plan, stages
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
@@ -51,47 +57,111 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs, built and checked from the config before any work."""
+    plan: plan.Plan
+    loss_fn: Any
+    sampler: Any
+    train: stages.Examples
+    heldout: stages.Examples           # the training dataset's own test split (reward-model accuracy)
+    eval_sets: list
+    device: torch.device
+    dataset_scorer: stages.Scorer | None
+    hf_annotator: stages.Scorer | None
+    evaluator: stages.Scorer | None    # None: none, or the annotation reward model (eval_by_annotator)
+    eval_by_annotator: bool
+    label: dict
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Config, components and data, all checked: bad input fails here, before any training."""
+    config.check_values(cfg)
+    loss_fn, sampler = plan.loss_and_sampler(cfg)
+    train, heldout, eval_sets = plan.load_data(cfg)
+    plan.check_data(cfg, loss_fn, sampler, train)
+    p = plan.make_plan(cfg, loss_fn)
+    device = models.pick_device(cfg.trainer.device)
+    eval_node = cfg.eval.reward_model
+    if eval_node == "annotation" and "_target_" not in cfg.reward_model:
+        raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")
+    dataset_scorer = plan.scorer_from_node(cfg.dataset.get("reward_model"), "dataset.reward_model", device)
+    hf_annotator = (plan.scorer_from_node(cfg.reward_model, "reward_model", device)
+                    if "_target_" in cfg.reward_model and p.reward_model is None else None)
+    evaluator = None if eval_node in (None, "annotation") else plan.scorer_from_node(eval_node, "eval.reward_model",
+                                                                                      device)
+    return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device, dataset_scorer, hf_annotator, evaluator,
+                    eval_node == "annotation", plan.run_label(cfg, loss_fn, sampler, train))
+
+
+def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dict:
+    """The stages, in order. Returns metrics.json's content (without status)."""
+    p, train, label = r.plan, r.train, r.label
+    sft = stages.sft(p.sft, train, env)
+    annotator = (stages.trained_reward_model(p.reward_model, train, r.heldout, sft, env)
+                 if p.reward_model else r.hf_annotator or r.dataset_scorer)
+    augmented = stages.augmented(p.augment, train, sft, annotator, env) if p.augment else None
+    if augmented is not None:
+        train = augmented.examples
+        if not env.dry_run:
+            label = plan.run_label(cfg, r.loss_fn, r.sampler, train)  # n_responses after augmentation
+    ref_train = stages.reference(p.reference, sft, train, env)
+    policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
+    evaluator = annotator if r.eval_by_annotator else r.evaluator
+    results, samples = {}, []
+    for eval_set in r.eval_sets:
+        ref = stages.reference(p.reference, sft, eval_set.examples, env)
+        before = stages.evaluate_sft(p.eval, sft, eval_set, ref, evaluator, env)
+        after = stages.evaluate_policy(p.eval, policy, eval_set, ref, evaluator, env, r.loss_fn.margin_beta)
+        results[eval_set.name] = {"sft": before.metrics, "aligned": after.metrics,
+                                  "per_prompt": {"sft": before.per_prompt, "aligned": after.per_prompt}}
+        samples += [{"eval_set": eval_set.name, **s} for s in after.samples]
+        if not env.dry_run:
+            print(results_table(eval_set.name, before.metrics, after.metrics, label["method"]))
+    timing = {"sft_s": sft.seconds, "pref_s": policy.seconds, "pref_step_s": policy.seconds / max(1, policy.steps),
+              "pref_steps": policy.steps}
+    out = {"run": label, "eval": results, "timing": timing, "samples": samples}
+    if annotator is not None and annotator.report:
+        out["reward_model"] = annotator.report
+    if augmented is not None:
+        out["augment"] = augmented.stats
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     quiet_libraries()
-    config.check_values(cfg)
+    torch.set_num_threads(plan.environment_threads(cfg.trainer.num_threads))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    splits, loss_fn, sampler, reward_model = pipeline.setup(cfg)  # fails here on bad config or data
+    r = prepare(cfg)
+    env_args = dict(device=r.device, autocast=models.autocast_dtype(cfg.trainer.precision, r.device),
+                    cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime)
+    if cfg.dry_run:
+        env = stages.Env(**env_args, dry_run=True)
+        execute(cfg, r, env, run_dir)
+        for name, key, status in env.planned:
+            print(f"[plan] {name:<13} {key}  {status}")
+        return {"status": "planned", "stages": env.planned}
+    if warning := plan.oversubscribed():
+        print(warning)
     seed_everything(cfg.seed)
-    device = models.pick_device(cfg.trainer.device)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    logger = RunLogger(run_dir, cfg.logger, resolved, job_name(cfg), cfg.sweep)
-    label = pipeline.run_label(cfg, splits)
+    logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
+    env = stages.Env(**env_args, logger=logger)
     try:
-        r = pipeline.Run(cfg=cfg, run_dir=run_dir, cache_dir=Path(to_absolute_path(cfg.cache_dir)), device=device,
-                         autocast=models.autocast_dtype(cfg.trainer.precision, device), logger=logger,
-                         splits=splits, loss_fn=loss_fn, sampler=sampler, reward_model=reward_model)
-        print(f"[hps_exp] {label['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) on "
-              f"{cfg.dataset.name}: {len(splits.train)} train / {len(splits.test)} test prompts, "
-              f"device={device}, run dir {run_dir}")
-        sft_dir = pipeline.sft_stage(r)
-        annotation_rm = pipeline.reward_model_stage(r, sft_dir)
-        pipeline.augment_stage(r, sft_dir, annotation_rm)
-        if cfg.eval.reward_model == "annotation":
-            r.reward_model = annotation_rm
-        ref = pipeline.reference_stage(r, sft_dir)
-        tok, model, _ = pipeline.preference_stage(r, sft_dir, ref)
-        t0 = time.perf_counter()
-        enc_test = pipeline.encode(cfg, tok, splits.test)
-        aligned, samples = pipeline.evaluate_policy(r, model, tok, enc_test, ref["ref"]["test"])
-        r.timing["eval_s"] = time.perf_counter() - t0
-        pipeline.write_jsonl(run_dir / "samples.jsonl", samples)
-        r.timing["total_s"] = time.perf_counter() - started
-        label = pipeline.run_label(cfg, r.splits)  # n_responses after augmentation
-        result = {"status": "completed", "run": label,
-                  "eval": {r.splits.name or cfg.dataset.name: {"sft": ref["sft_eval"], "aligned": aligned}},
-                  "timing": r.timing, **r.extra}
+        print(f"[hps_exp] {r.label['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) on "
+              f"{cfg.dataset.name}: {len(r.train)} train prompts, eval on "
+              f"{', '.join(f'{s.name} ({len(s.examples)})' for s in r.eval_sets)}, device={r.device}, "
+              f"run dir {run_dir}")
+        out = execute(cfg, r, env, run_dir)
+        write_jsonl(run_dir / "samples.jsonl", out.pop("samples"))
+        out["timing"]["total_s"] = time.perf_counter() - started
+        result = {"status": "completed", **out}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
-        logger.summary({f"eval/{stage}/{k}": v for stage, m in (("sft", ref["sft_eval"]), ("aligned", aligned))
-                        for k, v in m.items() if isinstance(v, (int, float))})
-        print(results_table(ref["sft_eval"], aligned, label["method"]))
-        print(f"[hps_exp] wrote {run_dir / 'metrics.json'} ({r.timing['total_s']:.0f}s)")
+        logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()
+                        for stage in ("sft", "aligned") for k, v in res[stage].items()
+                        if isinstance(v, (int, float))})
+        print(f"[hps_exp] wrote {run_dir / 'metrics.json'} ({out['timing']['total_s']:.0f}s)")
         logger.finish()
         return result
     except BaseException:
@@ -99,11 +169,15 @@ def run(cfg: DictConfig) -> dict:
         raise
 
 
-def results_table(sft: dict, aligned: dict, method: str) -> str:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def results_table(eval_set: str, sft: dict, aligned: dict, method: str) -> str:
     cols = [("BLEU", "bleu"), ("reward", "reward"), ("margin", "reward_margin"),
             ("margin(hardest)", "reward_margin_hardest"), ("harmful", "harmful_rate")]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = [("policy", [c for c, _ in cols]), ("SFT", [fmt(sft.get(k)) for _, k in cols]),
+    rows = [(f"[{eval_set}] policy", [c for c, _ in cols]), ("SFT", [fmt(sft.get(k)) for _, k in cols]),
             (f"aligned ({method})", [fmt(aligned.get(k)) for _, k in cols])]
     width = max(len(r[0]) for r in rows)
     lines = [f"{name:<{width}}  " + "  ".join(f"{v:>15}" for v in vals) for name, vals in rows]

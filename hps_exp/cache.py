@@ -1,40 +1,133 @@
-"""Stage cache: a stage's output lives in a directory named by a hash of its inputs, so a second run
-(or the next job of a sweep) with the same inputs reuses it instead of recomputing."""
+"""Stage cache: a stage's output lives in a directory named by a key derived from everything that can change it,
+so a second run (or the next job of a sweep) with the same inputs reuses it instead of recomputing.
+
+The key is never a hand-kept list: `stage_key` hashes the stage's frozen config dataclass (the only config the
+stage reads), the keys of its upstream results (data content fingerprints included), the numeric settings that
+change its output (device type, precision) and the source code of this package (the code path).
+"""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _canonical(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__type__": type(obj).__name__, **{f.name: _canonical(getattr(obj, f.name))
+                                                     for f in dataclasses.fields(obj)}}
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot fingerprint a {type(obj).__name__}; stage configs hold plain values only")
 
 
 def content_key(inputs: Any) -> str:
-    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    """Hash of a JSON-able value (dataclasses, dicts, lists, scalars); the same value gives the same key."""
+    blob = json.dumps(_canonical(inputs), sort_keys=True, allow_nan=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def cached_stage(cache_dir: Path, name: str, inputs: dict, build: Callable[[Path], None]) -> tuple[Path, bool]:
-    """Return (directory, hit). On a miss, `build(tmp_dir)` fills a temp dir that is renamed into place
-    only when complete: a crash mid-stage never leaves a half-written cache entry."""
-    final = Path(cache_dir) / f"{name}-{content_key(inputs)}"
-    if final.exists():
-        print(f"[cache] {name}: hit, reusing {final}")
-        return final, True
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
+# Modules that only report on finished runs and cannot change a stage's output.
+REPORTING = ("tables.py", "sweep.py")
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of the package's .py files (but the reporting ones): a code change never reuses an old result."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in REPORTING and path.parent == PACKAGE:
+            continue
+        h.update(str(path.relative_to(PACKAGE)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_key(name: str, config: Any, inputs: Mapping[str, str], numeric: Mapping[str, Any]) -> str:
+    """The cache key of one stage: its config dataclass, upstream keys, numeric settings and the code."""
+    return content_key({"stage": name, "config": config, "inputs": dict(inputs), "numeric": dict(numeric),
+                        "code": code_fingerprint()})
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
     try:
-        build(tmp)
-        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():  # another job finished the same stage first: keep theirs
-            raise
-    finally:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(cache_dir: Path) -> list[Path]:
+    """Remove temp dirs left by killed builds on this host: `.<entry>.tmp-<host>-<pid>` whose process is gone.
+    A temp dir of a live process, or of another host (whose processes we cannot see), is never touched."""
+    removed = []
+    if not cache_dir.is_dir():
+        return removed
+    host = _host()
+    for p in cache_dir.glob(".*.tmp-*"):
+        owner = p.name.rpartition(".tmp-")[2]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def cached(cache_dir: Path, name: str, key: str, record: dict, build: Callable[[Path], None],
+           world=None) -> tuple[Path, bool]:
+    """Return (directory, hit) of the entry `<name>-<key>`. On a miss, `build(tmp_dir)` fills a temp dir that
+    is renamed into place only when complete: a crash mid-stage never leaves a half-written entry. `record`
+    (the key's inputs, readable) is stored beside the output as inputs.json. Under several processes (`world`),
+    the main process builds and the others wait at a barrier, then read the entry."""
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"{name}-{key}"
+    if world is not None and not world.is_main:
+        world.barrier()
+        if not final.exists():
+            raise RuntimeError(f"[cache] {name}: the main process did not produce {final}")
+        return final, True
+    try:
+        if final.exists():
+            print(f"[cache] {name}: hit, reusing {final}")
+            return final, True
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(cache_dir)
+        tmp = cache_dir / f".{final.name}.tmp-{_host()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[cache] {name}: built in {time.perf_counter() - started:.1f}s -> {final}")
-    return final, False
+        tmp.mkdir()
+        started = time.perf_counter()
+        try:
+            build(tmp)
+            (tmp / "inputs.json").write_text(json.dumps(_canonical(record), indent=2, sort_keys=True))
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():  # another job finished the same stage first: keep theirs
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"[cache] {name}: built in {time.perf_counter() - started:.1f}s -> {final}")
+        return final, False
+    finally:
+        if world is not None and world.world_size > 1:
+            world.barrier()

@@ -78,8 +78,8 @@ class EvalConfig:
     top_p: float = 1.0
     batch_size: int = 32
     reward_model: Any = None
-    dataset: Optional[str] = None
-    dataset_args: dict[str, Any] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)      # eval sets; [] = the training dataset's test split
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # per-set overrides: dataset_args.<name>.<key>
     backend: str = "hf"                   # hf | vllm: generation engine
 
 
@@ -108,6 +108,7 @@ class Config:
     label: Optional[str] = None
     sweep: Optional[str] = None
     cache_dir: str = "outputs/cache"
+    dry_run: bool = False
 
 
 CHOICES = {
@@ -115,32 +116,69 @@ CHOICES = {
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.schedule": ("cosine", "linear", "constant"),
     "trainer.resample": ("epoch", "step"),
+    "trainer.strategy": ("none", "ddp", "fsdp2"),
+    "trainer.on_nonfinite": ("error", "skip"),
     "sft.targets": ("all", "best"),
+    "model.dtype": ("fp32", "bf16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "eval.backend": ("hf", "vllm"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
-POSITIVE = ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "sft.batch_size", "sft.lr",
-            "eval.max_new_tokens", "eval.batch_size", "model.max_length")
+# key: (low, high, low inclusive): every numeric knob's allowed range, checked before any work.
+INF = float("inf")
+RANGES = {
+    "trainer.batch_size": (1, INF, True), "trainer.grad_accum": (1, INF, True), "trainer.lr": (0, INF, False),
+    "trainer.epochs": (1, INF, True), "trainer.max_steps": (1, INF, True), "trainer.warmup_ratio": (0, 1, True),
+    "trainer.max_grad_norm": (0, INF, False), "trainer.weight_decay": (0, INF, True),
+    "trainer.log_every": (1, INF, True), "trainer.save_every": (0, INF, True),
+    "trainer.dist_timeout_s": (1, INF, True), "trainer.num_threads": (0, 4096, True),
+    "sft.epochs": (0, INF, True), "sft.lr": (0, INF, False), "sft.batch_size": (1, INF, True),
+    "eval.max_prompts": (1, INF, True), "eval.max_new_tokens": (1, INF, True), "eval.batch_size": (1, INF, True),
+    "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False),
+    "model.max_length": (2, INF, True), "model.max_prompt_length": (1, INF, True),
+}
+# Sizes of the model built from its config (model.name_or_path unset); a pretrained model ignores them.
+BUILT_MODEL_RANGES = {"model.n_layer": (1, INF, True), "model.n_head": (1, INF, True),
+                      "model.n_embd": (1, INF, True), "model.n_positions": (2, INF, True),
+                      "model.vocab_size": (16, INF, True)}
 
-# Keys in a group's yaml that label the run rather than configure the object.
-LABEL_KEYS = ("name", "preference_model", "default_sampler")
+# Keys in a group's yaml that name the option rather than configure the object.
+LABEL_KEYS = ("name",)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
 
 
+def _check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool) -> None:
+    if value is None and key == "trainer.max_steps":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{key}={value!r} must be a number")
+    above = value >= lo if lo_inclusive else value > lo
+    if not (above and value <= hi):
+        low = f"{'>=' if lo_inclusive else '>'} {lo:g}"
+        raise ConfigError(f"{key}={value!r} is out of range; it must be {low}" + (f" and <= {hi:g}" if hi < INF else ""))
+
+
 def check_values(cfg: DictConfig) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express: choices and the range of every numeric knob."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if not value > 0:
-            raise ConfigError(f"{key}={value!r} must be > 0")
+    ranges = dict(RANGES)
+    if not cfg.model.name_or_path:
+        ranges.update(BUILT_MODEL_RANGES)
+    for key, (lo, hi, inclusive) in ranges.items():
+        _check_range(key, OmegaConf.select(cfg, key), lo, hi, inclusive)
     if cfg.model.max_prompt_length >= cfg.model.max_length:
         raise ConfigError("model.max_prompt_length must be smaller than model.max_length")
+    if not cfg.model.name_or_path and cfg.model.max_length > cfg.model.n_positions:
+        raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds model.n_positions="
+                          f"{cfg.model.n_positions}, the longest sequence the built model can read")
+    if cfg.model.n_embd and cfg.model.n_head and cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError(f"model.n_embd={cfg.model.n_embd} must be a multiple of model.n_head={cfg.model.n_head}")
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -162,8 +200,9 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def build(node: DictConfig, key: str, drop: tuple[str, ...] = (), **extra: Any) -> Any:
-    """Instantiate `node._target_` with the node's keys, naming `key.<param>` in any error."""
+def check_node(node: DictConfig, key: str, drop: tuple[str, ...] = (), provided: tuple[str, ...] = ()) -> tuple[Any, dict]:
+    """(target, kwargs) of `node._target_`, with every key checked against its signature (unknown keys, wrong
+    types and missing required values name `key.<param>`). `provided`: parameters the caller passes later."""
     if "_target_" not in node:
         raise ConfigError(f"{key}: missing _target_")
     try:
@@ -175,7 +214,6 @@ def build(node: DictConfig, key: str, drop: tuple[str, ...] = (), **extra: Any) 
         raise ConfigError(f"{key}.{missing[0]} is required (set it on the command line: {key}.{missing[0]}=...)")
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
               if k != "_target_" and k not in LABEL_KEYS and k not in drop}
-    kwargs.update(extra)
     params = inspect.signature(target).parameters
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -188,6 +226,17 @@ def build(node: DictConfig, key: str, drop: tuple[str, ...] = (), **extra: Any) 
         annotation = hints.get(name, params[name].annotation)
         if not _matches(value, annotation):
             raise ConfigError(f"{key}.{name}={value!r} has the wrong type; expected {getattr(annotation, '__name__', annotation)}")
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind is p.KEYWORD_ONLY
+                and n not in kwargs and n not in provided]
+    if required:
+        raise ConfigError(f"{key}.{required[0]} is required by {node._target_}")
+    return target, kwargs
+
+
+def build(node: DictConfig, key: str, drop: tuple[str, ...] = (), **extra: Any) -> Any:
+    """Instantiate `node._target_` with the node's keys (checked by `check_node`) and `extra`."""
+    target, kwargs = check_node(node, key, drop, provided=tuple(extra))
+    kwargs.update(extra)
     try:
         return target(**kwargs)
     except (ValueError, TypeError) as e:

@@ -11,16 +11,10 @@
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import sacrebleu
 import torch
 
 from hps_exp.data.schema import Example
-
-
-class RewardModel(Protocol):
-    def score_batch(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
 
 @torch.no_grad()
@@ -60,7 +54,8 @@ def negatives(ex: Example) -> list[int]:
 
 
 def reward_margins(examples: list[Example], policy_logps: list[torch.Tensor], ref_logps: list[torch.Tensor],
-                   beta: float) -> dict[str, float]:
+                   beta: float) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(means, per-prompt values) of both margins over the prompts that have a negative."""
     mean_m, hard_m = [], []
     for ex, pol, ref in zip(examples, policy_logps, ref_logps):
         neg = negatives(ex)
@@ -71,7 +66,8 @@ def reward_margins(examples: list[Example], policy_logps: list[torch.Tensor], re
         mean_m.append(float(r[ex.best] - r[neg].mean()))
         hard_m.append(float(r[ex.best] - r[hardest]))
     n = max(1, len(mean_m))
-    return {"reward_margin": sum(mean_m) / n, "reward_margin_hardest": sum(hard_m) / n}
+    return ({"reward_margin": sum(mean_m) / n, "reward_margin_hardest": sum(hard_m) / n},
+            {"reward_margin": mean_m, "reward_margin_hardest": hard_m})
 
 
 def evaluate_generations(examples: list[Example], generations: list[str], reward_model) -> tuple[dict, list[dict]]:
@@ -90,3 +86,22 @@ def evaluate_generations(examples: list[Example], generations: list[str], reward
     samples = [{"prompt": p, "generation": g, "reference": r, "reward": rw, "harmful": h}
                for p, g, r, rw, h in zip(prompts, generations, refs, rewards, harmful)]
     return metrics, samples
+
+
+def evaluate_policy(model, tok, examples: list[Example], *, policy_logps: list[torch.Tensor],
+                    ref_logps: list[torch.Tensor], reward_model, beta: float, max_prompts: int, max_new_tokens: int,
+                    temperature: float, top_p: float, batch_size: int, max_prompt_length: int, seed: int,
+                    device: torch.device) -> tuple[dict, dict, list[dict]]:
+    """One policy on one evaluation set: (metrics, per-prompt values, samples).
+
+    Generation-based metrics use the first `max_prompts` prompts; the reward margins use every prompt."""
+    subset = examples[:max_prompts]
+    gens = generate(model, tok, [x.prompt for x in subset], max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, batch_size=batch_size, device=device, max_prompt_length=max_prompt_length, seed=seed)
+    metrics, samples = evaluate_generations(subset, gens, reward_model)
+    margins, margin_values = reward_margins(examples, policy_logps, ref_logps, beta)
+    metrics.update(margins)
+    per_prompt = dict(margin_values)
+    if reward_model is not None:
+        per_prompt["reward"] = [s["reward"] for s in samples]
+    return metrics, per_prompt, samples

@@ -27,6 +27,11 @@ Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softma
 For frameworks other than dpo, PL applies l to (r_k, LSE of the rest) and HPS to (r_0, the soft hard
 negative log N + LSE_i(r_i + log w_i)). That generalisation is our choice: no published definition exists.
 `log_n=False` drops the log N term. Masked (padding) slots never change losses or gradients.
+
+Each loss object also describes itself, so nothing outside this module names a loss: `natural_sampler` (the
+sampler `sampler=auto` picks), `row` (its row in the paper's tables: method name, framework, preference model and
+the row order), `margin_beta` (the beta of the implicit reward used by the reward-margin metric) and
+`check_sampler(sampler)` (refuses knobs that would do nothing with the chosen sampler).
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FRAMEWORKS", "LossOutput", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss", "masked_logsumexp"]
+__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "LossOutput", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss",
+           "masked_logsumexp"]
 
 
 @dataclass
@@ -78,6 +84,12 @@ FRAMEWORKS: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
 }
 
 
+# Table order of the preference models (rows within a framework); "DPO" is the dataset's own pair.
+PREFERENCE_MODELS = ("DPO", "BT", "PL", "HPS", "HPS-full")
+# Frameworks whose pairwise objective has no label-smoothing term: a non-zero value would silently do nothing.
+_SMOOTHED = ("dpo", "exo")
+
+
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """logsumexp of x over `dim` using only entries where mask is True; 0 where a row has none.
 
@@ -95,6 +107,9 @@ def _check_knobs(beta: float, label_smoothing: float, framework: str) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if framework not in FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; allowed: {', '.join(FRAMEWORKS)}")
+    if label_smoothing and framework not in _SMOOTHED:
+        raise ValueError(f"label_smoothing={label_smoothing} does nothing under framework={framework} "
+                         f"(only {' and '.join(_SMOOTHED)} use it); leave it at 0")
 
 
 def _validate(policy_logps, ref_logps, mask, scores, num_negatives, *, input_kind, needs_scores) -> None:
@@ -146,6 +161,22 @@ def _metrics(r: Tensor, policy_logps: Tensor, mask: Tensor) -> dict[str, Tensor]
 class _Loss:
     input_kind: str = "pair"
     needs_scores: bool = False
+    natural_sampler: str = "pair"      # the sampler config sampler=auto resolves to
+    preference_model: str = "DPO"      # its row label in tables (one of PREFERENCE_MODELS)
+
+    @property
+    def margin_beta(self) -> float:
+        """beta of the implicit reward r = beta (log pi - log pi_ref) that the reward-margin metric reports."""
+        return self.beta
+
+    @property
+    def row(self) -> dict:
+        """The run's coordinates in the paper's tables: e.g. method "IPO-HPS", framework "ipo", order [1, 3]."""
+        fw = self.framework.upper()
+        pm = self.preference_model
+        return {"method": fw if pm == "DPO" else f"{fw}-{pm}", "framework": self.framework, "preference_model": pm,
+                "row_order": [list(FRAMEWORKS).index(self.framework), PREFERENCE_MODELS.index(pm)]}
+
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo"):
         _check_knobs(beta, label_smoothing, framework)
@@ -175,23 +206,27 @@ class _Loss:
 
 
 class PairwiseLoss(_Loss):
-    """Bradley–Terry / DPO: l(r_0, r_1) per prompt (pairs="first"), or the mean of l(r_i, r_j) over all
-    real slot pairs i < j (pairs="all", a ranking input).
+    """Bradley–Terry / DPO: l(r_0, r_1) per prompt, or the mean of l(r_i, r_j) over all real slot pairs i < j
+    (pairs="all", a ranking input). Which pair fills slots 0 and 1 is the sampler's job; `pairs` names it:
+    "dataset" = the dataset's (chosen, rejected) pair (DPO), "best_worst" = best vs worst by score (BT).
 
     Call: (policy_logps [B, M], ref_logps [B, M], mask bool [B, M], scores [B, M] (unused), num_negatives [B]
-    (unused)) -> LossOutput(losses [B], metrics). pairs="first" takes M == 2 (input_kind "pair").
+    (unused)) -> LossOutput(losses [B], metrics). "dataset" / "best_worst" take M == 2 (input_kind "pair").
     """
 
+    _PAIRS = {"dataset": ("pair", "DPO"), "best_worst": ("best_worst", "BT"), "all": ("all", "BT")}
+
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
-                 pairs: str = "first"):
+                 pairs: str = "dataset"):
         super().__init__(beta, label_smoothing, framework)
-        if pairs not in ("first", "all"):
-            raise ValueError(f"pairs must be 'first' or 'all', got {pairs!r}")
+        if pairs not in self._PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(self._PAIRS)}; got {pairs!r}")
         self.pairs = pairs
-        self.input_kind = "pair" if pairs == "first" else "ranking"
+        self.input_kind = "ranking" if pairs == "all" else "pair"
+        self.natural_sampler, self.preference_model = self._PAIRS[pairs]
 
     def _losses(self, r, mask, scores, num_negatives):
-        if self.pairs == "first":
+        if self.pairs != "all":
             return self.ell(r[:, 0], r[:, 1]), {}
         M = r.shape[1]
         upper = torch.ones(M, M, dtype=torch.bool, device=r.device).triu(1)
@@ -210,6 +245,8 @@ class PlackettLuceLoss(_Loss):
     """
 
     input_kind = "ranking"
+    natural_sampler = "all"
+    preference_model = "PL"
 
     def _losses(self, r, mask, scores, num_negatives):
         M = r.shape[1]
@@ -239,15 +276,29 @@ class HPSLoss(_Loss):
     needs_scores = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
-                 estimator: str = "full", gamma: float = 1.0, log_n: bool = True):
+                 estimator: str = "full", gamma: float | None = None, log_n: bool = True):
         super().__init__(beta, label_smoothing, framework)
         if estimator not in ("full", "single"):
             raise ValueError(f"estimator must be 'full' or 'single', got {estimator!r}")
+        if estimator == "single" and gamma is not None:
+            raise ValueError("gamma does nothing with estimator=single (the sampler draws the negative: set "
+                             "sampler.gamma, or sampler.schedule=...); remove it")
+        gamma = 1.0 if gamma is None else gamma
         if not math.isfinite(gamma):
             raise ValueError(f"gamma must be finite, got {gamma}")
         self.estimator, self.gamma, self.log_n = estimator, float(gamma), bool(log_n)
         self.input_kind = "ranking" if estimator == "full" else "pair"
         self.needs_scores = estimator == "full"
+        # The paper's method is the one-sample estimator (two sequences per prompt); full HPS is its own row.
+        self.natural_sampler = "all" if estimator == "full" else "hard"
+        self.preference_model = "HPS-full" if estimator == "full" else "HPS"
+
+    @property
+    def row(self) -> dict:
+        row = super().row
+        if self.estimator == "full":  # the single estimator's hardness is the sampler's gamma
+            row["gamma"] = self.gamma
+        return row
 
     def _log_n(self, num_negatives: Tensor | None, like: Tensor) -> Tensor:
         if not self.log_n:

@@ -21,9 +21,11 @@ by successive sampling without replacement, each draw ∝ exp(γ·r̂_i) over th
 which is exactly that process). For k = 1 the probabilities are `probabilities(ex, γ)` = softmax(γ·r̂) over
 the eligible negatives. γ = 0 is uniform, γ → +∞ the hardest negative, γ < 0 favours easy negatives.
 γ schedules over training progress p ∈ [0, 1] (`gamma_at`): "constant" (γ = gamma), "linear"
-(gamma_start → gamma_end), "step" (the authors' released schedule: gamma_start → gamma_end in equal steps at
-the milestones; with the defaults γ = -5, -2.5, 0, 2.5, 5 on [0, .2), [.2, .4), [.4, .6), [.6, .8), [.8, 1]).
-A progress value at a milestone already counts as past it.
+(gamma_start → gamma_end), "step" (gamma_start → gamma_end in equal steps at the milestones, reaching gamma_end;
+with the defaults γ = -5, -2.5, 0, 2.5, 5 on [0, .2), [.2, .4), [.4, .6), [.6, .8), [.8, 1]) and "authors" (the
+HPS authors' released code: γ = gamma_start + (gamma_end - gamma_start)·m, m the last milestone passed, 0 before
+the first — their -5 + 10·i/(M-1) at row i = 20/40/60/80 % of M rows, for large M; with the defaults γ = -5, -3,
+-1, 1, 3, never +5). A progress value at a milestone already counts as past it.
 
 Draws use only the `numpy.random.Generator` passed in; the caller seeds it from (seed, epoch), so draws are
 fresh every epoch and reproducible. `check_compatible` rejects sampler/loss/data combinations that cannot work,
@@ -42,7 +44,7 @@ from hps_exp.data.schema import Example
 __all__ = ["Selection", "PairSampler", "BestWorstSampler", "RankingSampler", "HardSampler", "SCHEDULES",
            "probabilities", "eligible_negatives", "count_negatives", "gamma_schedule", "check_compatible"]
 
-SCHEDULES = ("constant", "linear", "step")
+SCHEDULES = ("constant", "linear", "step", "authors")
 KINDS = ("pair", "ranking", "hard")
 
 
@@ -129,6 +131,9 @@ def gamma_schedule(progress: float, schedule: str, gamma: float, gamma_start: fl
     if schedule == "step":
         passed = sum(1 for m in milestones if p >= m)
         return float(gamma_start + (gamma_end - gamma_start) * passed / len(milestones))
+    if schedule == "authors":
+        last = max((m for m in milestones if p >= m), default=0.0)
+        return float(gamma_start + (gamma_end - gamma_start) * last)
     raise ValueError(f"unknown gamma schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -219,8 +224,9 @@ class HardSampler(_Sampler):
     """Best + `num_negatives` negatives drawn without replacement ∝ exp(γ·r̂) over the eligible negatives.
 
     num_negatives: how many to draw per prompt (all of them when a prompt has fewer eligible negatives).
-    gamma: γ for schedule="constant". schedule: constant | linear | step (see the module docstring);
-    gamma_start, gamma_end, milestones configure linear/step (gamma is then unused).
+    gamma: γ for schedule="constant" (default 1). schedule: constant | linear | step | authors (see the module
+    docstring); gamma_start, gamma_end (default -5, 5) configure the others, milestones (default .2 .. .8) step
+    and authors. A knob the schedule does not use is refused (it would silently do nothing).
     Slots: best, then the drawn negatives by decreasing score (ties by index).
     A prompt whose responses all tie with the best has no negative: select raises a ValueError naming it.
     """
@@ -228,18 +234,29 @@ class HardSampler(_Sampler):
     kind = "hard"
     needs_scores = True
 
-    def __init__(self, num_negatives: int = 1, gamma: float = 1.0, schedule: str = "constant",
-                 gamma_start: float = -5.0, gamma_end: float = 5.0,
-                 milestones: tuple[float, ...] | list[float] = (0.2, 0.4, 0.6, 0.8)):
+    def __init__(self, num_negatives: int = 1, gamma: float | None = None, schedule: str = "constant",
+                 gamma_start: float | None = None, gamma_end: float | None = None,
+                 milestones: tuple[float, ...] | list[float] | None = None):
         if isinstance(num_negatives, bool) or int(num_negatives) != num_negatives or num_negatives < 1:
             raise ValueError(f"num_negatives must be an integer >= 1, got {num_negatives!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown gamma schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        uses = {"constant": ("gamma",), "linear": ("gamma_start", "gamma_end")}.get(
+            schedule, ("gamma_start", "gamma_end", "milestones"))
+        given = {"gamma": gamma, "gamma_start": gamma_start, "gamma_end": gamma_end, "milestones": milestones}
+        unused = [k for k, v in given.items() if v is not None and k not in uses]
+        if unused:
+            raise ValueError(f"{unused[0]} does nothing with schedule={schedule} (it uses {', '.join(uses)}); "
+                             f"remove it or pick another schedule")
+        gamma = 1.0 if gamma is None else gamma
+        gamma_start = -5.0 if gamma_start is None else gamma_start
+        gamma_end = 5.0 if gamma_end is None else gamma_end
+        milestones = (0.2, 0.4, 0.6, 0.8) if milestones is None else milestones
         for key, value in (("gamma", gamma), ("gamma_start", gamma_start), ("gamma_end", gamma_end)):
             if not math.isfinite(value):
                 raise ValueError(f"{key} must be finite, got {value}")
         milestones = tuple(float(m) for m in milestones)
-        if schedule == "step":
+        if schedule in ("step", "authors"):
             if not milestones:
                 raise ValueError("schedule=step needs at least one milestone")
             if any(not 0.0 < m <= 1.0 for m in milestones) or list(milestones) != sorted(set(milestones)):
@@ -251,13 +268,16 @@ class HardSampler(_Sampler):
         self.gamma_end = float(gamma_end)
         self.milestones = milestones
 
+    @property
+    def gamma_label(self) -> float | str:
+        """γ as a table column: the value, or the schedule, e.g. "authors(-5->5)"."""
+        if self.schedule == "constant":
+            return self.gamma
+        return f"{self.schedule}({self.gamma_start:g}->{self.gamma_end:g})"
+
     def gamma_at(self, progress: float) -> float:
         return gamma_schedule(progress, self.schedule, self.gamma, self.gamma_start, self.gamma_end,
                               self.milestones)
-
-    def probabilities(self, ex: Example, progress: float = 0.0) -> dict[int, float]:
-        """Single-draw probabilities at this progress (see the module-level `probabilities`)."""
-        return probabilities(ex, self.gamma_at(progress))
 
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
         s = _scores(ex, "sampler=hard")
@@ -310,17 +330,16 @@ def check_compatible(loss_input_kind: str, loss_needs_scores: bool, loss_name: s
             raise ValueError(f"sampler={sampler_name} ranks responses by score; {unscored} with up to {max_n} "
                              f"responses per prompt; use sampler=pair, {augment}")
         if loss_needs_scores:
-            raise ValueError(f"loss={loss_name} needs scored responses; {unscored}; use a loss without scores "
-                             f"(e.g. loss=dpo, or loss=hps loss.estimator=single), {augment}")
+            raise ValueError(f"loss={loss_name} needs scored responses; {unscored}; use a loss that needs no "
+                             f"scores (a pairwise one, see conf/loss/), {augment}")
     if loss_input_kind == "ranking" and kind in ("pair", "hard") and max_n > 2:
         fix = "use sampler=all" if has_scores else f"sampler=all needs scores, which this data lacks: {augment[3:]}"
         raise ValueError(f"loss={loss_name} needs sampler=all (full ranking of up to {max_n} responses); "
-                         f"sampler={sampler_name} gives a subset; {fix}, or use a pairwise loss "
-                         "(e.g. loss=dpo, or loss=hps loss.estimator=single) with this sampler")
+                         f"sampler={sampler_name} gives a subset; {fix}, or use a pairwise loss (see conf/loss/) "
+                         "with this sampler")
     if loss_input_kind == "pair" and kind == "ranking" and max_n > 2:
         raise ValueError(f"loss={loss_name} compares exactly 2 responses, but sampler={sampler_name} gives all "
-                         f"{max_n}; use sampler=best_worst, pair or hard, or a ranking loss "
-                         "(loss=pl, loss=hps, loss=bt loss.pairs=all)")
+                         f"{max_n}; use sampler=best_worst, pair or hard, or a ranking loss (see conf/loss/)")
     if loss_input_kind == "pair" and kind == "hard":
         k = getattr(sampler, "num_negatives", 1)
         if min(k, max_n - 1) > 1:

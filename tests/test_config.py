@@ -4,7 +4,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF
-from hps_exp import config, pipeline
+from hps_exp import app, config, plan
 from hps_exp.config import ConfigError, build
 
 GROUPS = ["loss", "sampler", "dataset", "model", "sft", "trainer", "eval", "logger"]
@@ -18,19 +18,17 @@ def test_bare_default_composes(compose):
     cfg = compose()
     assert (cfg.loss.name, cfg.sampler.name, cfg.dataset.name, cfg.model.name) == ("dpo", "auto", "synthetic", "tiny")
     config.check_values(cfg)
-    pipeline.resolve_auto_sampler(cfg)
-    assert cfg.sampler.name == "pair"
-    assert build(cfg.loss, "loss").input_kind == "pair"
+    loss_fn, _ = plan.loss_and_sampler(cfg)
+    assert cfg.sampler.name == "pair" and loss_fn.input_kind == "pair"
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(compose, group, option):
     cfg = compose([f"{group}={option}"])
     config.check_values(cfg)
-    pipeline.resolve_auto_sampler(cfg)
     if group in ("loss", "sampler"):
-        obj = build(cfg[group], group)
-        assert obj is not None
+        loss_fn, sampler = plan.loss_and_sampler(cfg)
+        assert type(loss_fn).__module__ == "hps_exp.losses" and type(sampler).__module__ == "hps_exp.samplers"
     if group == "dataset":
         assert cfg.dataset._target_ and cfg.dataset.name
 
@@ -40,7 +38,7 @@ def test_every_option_composes(compose, group, option):
                                                (["loss=pl", "sampler=uniform"], "uniform")])
 def test_auto_sampler_follows_the_loss(compose, overrides, sampler):
     cfg = compose(overrides)
-    pipeline.resolve_auto_sampler(cfg)
+    plan.loss_and_sampler(cfg)
     assert cfg.sampler.name == sampler
 
 
@@ -78,40 +76,85 @@ def test_loss_knob_type_and_name_checked_at_build(compose):
         compose(["loss.betta=0.2"])
 
 
+def prepare(compose, overrides):
+    return app.prepare(compose([*overrides, "dataset.n_train=20", "dataset.n_test=5"]))
+
+
 def test_incompatible_loss_and_sampler_fail_at_setup(compose):
     with pytest.raises(ConfigError, match="sampler=all"):
-        pipeline.setup(compose(["loss=pl", "sampler=pair", "dataset.n_train=20", "dataset.n_test=5"]))
+        prepare(compose, ["loss=pl", "sampler=pair"])
 
 
 def test_authors_released_preset(compose):
     cfg = compose(["+experiment=hps_released"])
-    pipeline.resolve_auto_sampler(cfg)
+    loss_fn, sampler = plan.loss_and_sampler(cfg)
     assert (cfg.loss.name, cfg.loss.beta, cfg.loss.label_smoothing) == ("dpo", 0.25, 0.1)
-    sampler = build(cfg.sampler, "sampler")
-    assert [sampler.gamma_at(p) for p in (0.0, 0.2, 0.5, 0.7, 0.9)] == [-5.0, -2.5, 0.0, 2.5, 5.0]
-    assert build(cfg.loss, "loss").input_kind == "pair"
+    # their code: gamma = -5 + 10 i / (M - 1) at i = 20/40/60/80 % of the M rows
+    assert [sampler.gamma_at(p) for p in (0.1, 0.3, 0.5, 0.7, 0.9)] == [-5.0, -3.0, -1.0, 1.0, 3.0]
+    assert loss_fn.input_kind == "pair" and sampler.gamma_label == "authors(-5->5)"
 
 
-def test_transfer_eval_dataset_is_checked(compose, tmp_path):
-    with pytest.raises(ConfigError, match=r"eval.dataset='pku'.*pku_safety"):
-        pipeline.setup(compose(["eval.dataset=pku", "dataset.n_train=10", "dataset.n_test=3"]))
+def test_eval_datasets_are_checked(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.datasets: 'pku'.*pku_safety"):
+        prepare(compose, ["eval.datasets=[pku]"])
     with pytest.raises(ConfigError, match=r"nope.jsonl: file not found"):
-        pipeline.setup(compose(["eval.dataset=ranked_jsonl", f"+eval.dataset_args.path={tmp_path}/nope.jsonl",
-                                "dataset.n_train=10", "dataset.n_test=3"]))
+        prepare(compose, ["eval.datasets=[ranked_jsonl]", f"+eval.dataset_args.ranked_jsonl.path={tmp_path}/nope.jsonl"])
+    with pytest.raises(ConfigError, match=r"eval.dataset_args.hh_rlhf.*not in eval.datasets"):
+        prepare(compose, [f"+eval.dataset_args.hh_rlhf.path={tmp_path}/x.jsonl"])
     rows = tmp_path / "ranked.jsonl"
     rows.write_text("".join(
         '{"prompt": "\\n\\nHuman: q%d\\n\\nAssistant:", "responses": [" a", " b", " c"], "rewards": [1, 0, 2]}\n' % i
         for i in range(10)))
-    splits, *_ = pipeline.setup(compose(["eval.dataset=ranked_jsonl", f"+eval.dataset_args.path={rows}",
-                                         "+eval.dataset_args.test_fraction=0.5", "dataset.n_train=10", "dataset.n_test=3"]))
-    assert splits.name == "ranked_jsonl" and len(splits.test) == 5 and len(splits.train) == 10
+    r = prepare(compose, ["eval.datasets=[synthetic,ranked_jsonl]", f"+eval.dataset_args.ranked_jsonl.path={rows}",
+                          "+eval.dataset_args.ranked_jsonl.test_fraction=0.5"])
+    assert [(s.name, len(s.examples)) for s in r.eval_sets] == [("synthetic", 5), ("ranked_jsonl", 5)]
+    assert len(r.train) == 20
 
 
-@pytest.mark.parametrize("override", ["trainer.weight_decay=0.1", "trainer.max_grad_norm=0.5", "sft.lr=1e-3",
-                                      "model.n_embd=64", "dataset.seed=1", "seed=2"])
-def test_sft_cache_key_covers_what_sft_uses(compose, override):
-    assert pipeline.sft_inputs(compose([override])) != pipeline.sft_inputs(compose())
+@pytest.mark.parametrize("override,key", [
+    ("trainer.epochs=-1", "trainer.epochs"), ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.grad_accum=0", "trainer.grad_accum"),
+    ("trainer.lr=0", "trainer.lr"), ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
+    ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"), ("eval.max_prompts=0", "eval.max_prompts"),
+    ("eval.top_p=0", "eval.top_p"), ("eval.temperature=-0.1", "eval.temperature"),
+    ("model.n_layer=0", "model.n_layer"), ("model.n_head=0", "model.n_head"), ("sft.epochs=-2", "sft.epochs"),
+    ("model.n_head=3", "model.n_embd"), ("model.max_length=300", "model.max_length"),
+    ("trainer.strategy=zero3", "trainer.strategy"), ("model.dtype=fp8", "model.dtype"),
+])
+def test_out_of_range_knobs_fail_before_work(compose, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.check_values(compose([override]))
 
 
-def test_sft_cache_key_ignores_preference_only_knobs(compose):
-    assert pipeline.sft_inputs(compose(["trainer.lr=1e-5", "loss=pl"])) == pipeline.sft_inputs(compose())
+def test_pretrained_model_ignores_built_model_sizes(compose):
+    config.check_values(compose(["model=gpt2"]))   # n_layer=0 etc. are unused there
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["loss=hps", "loss.estimator=single", "loss.gamma=2"], r"gamma does nothing with estimator=single"),
+    (["loss.framework=ipo", "loss.label_smoothing=0.1"], r"label_smoothing=0.1 does nothing under framework=ipo"),
+    (["loss=hps", "loss.estimator=single", "sampler=hard", "sampler.schedule=step", "sampler.gamma=2"],
+     r"gamma does nothing with schedule=step"),
+    (["loss=hps", "loss.estimator=single", "sampler=hard", "sampler.gamma_start=-1"],
+     r"gamma_start does nothing with schedule=constant"),
+    (["loss=pl", "sampler.gamma=2"], r"sampler.gamma does nothing with sampler=auto.*sampler=all.*set sampler=hard"),
+])
+def test_knob_that_would_do_nothing_fails(compose, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        plan.loss_and_sampler(compose(overrides))
+
+
+def test_sampler_knobs_pass_through_auto(compose):
+    cfg = compose(["loss=hps", "loss.estimator=single", "sampler.gamma=2.5", "sampler.num_negatives=1"])
+    _, sampler = plan.loss_and_sampler(cfg)
+    assert cfg.sampler.name == "hard" and sampler.gamma == 2.5
+
+
+def test_reward_model_knobs_reach_the_constructor(compose):
+    """reward_model=hf's input_format (its own example model needs "pair") is a real, checked setting."""
+    with pytest.raises(ConfigError, match=r"reward_model.input_formatt is not a setting"):
+        config.check_node(compose(["reward_model=hf", "reward_model.name_or_path=x",
+                                   "+reward_model.input_formatt=pair"]).reward_model, "reward_model")
+    _, kwargs = config.check_node(compose(["reward_model=hf", "reward_model.name_or_path=x",
+                                           "reward_model.input_format=pair"]).reward_model, "reward_model")
+    assert kwargs["input_format"] == "pair"

@@ -22,15 +22,15 @@ def test_reward_margins_definition():
     ex = Example(prompt="p", responses=("best", "hard", "easy", "tie"), scores=(3.0, 2.0, -1.0, 3.0))
     ref = [torch.zeros(4)]
     pol = [torch.tensor([1.0, 0.5, -1.0, 7.0])]  # the tie with the best is not a negative
-    m = evaluate.reward_margins([ex], pol, ref, beta=0.5)
+    m, per_prompt = evaluate.reward_margins([ex, ex], pol * 2, ref * 2, beta=0.5)
     assert m["reward_margin"] == pytest.approx(0.5 * (1.0 - (0.5 - 1.0) / 2))
     assert m["reward_margin_hardest"] == pytest.approx(0.5 * (1.0 - 0.5))
-    assert evaluate.reward_margins([ex], ref, ref, beta=0.5)["reward_margin"] == 0.0
+    assert per_prompt["reward_margin"] == pytest.approx([m["reward_margin"]] * 2)
 
 
 def test_pair_data_margin_uses_the_rejected_response():
     ex = Example(prompt="p", responses=("rej", "cho"), chosen=1, rejected=0)
-    m = evaluate.reward_margins([ex], [torch.tensor([0.0, 2.0])], [torch.zeros(2)], beta=0.1)
+    m, _ = evaluate.reward_margins([ex], [torch.tensor([0.0, 2.0])], [torch.zeros(2)], beta=0.1)
     assert m["reward_margin"] == pytest.approx(0.2) == m["reward_margin_hardest"]
 
 

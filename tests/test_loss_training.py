@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hps_exp import batching, models, pipeline
+from hps_exp import app, stages
 
 SMALL = ["dataset.n_train=48", "dataset.n_test=4", "dataset.n_responses=4", "model.n_embd=32", "model.n_layer=1",
          "sft.enabled=false", "trainer.epochs=4", "trainer.batch_size=8", "trainer.lr=3e-3", "trainer.log_every=1",
@@ -36,17 +36,15 @@ class ListLogger:
 
 
 def train_losses(compose, tmp_path, overrides):
+    """The app's own stages (SFT off: the random-init policy is the reference), logged in memory."""
     cfg = compose(SMALL + overrides)
-    splits, loss_fn, sampler, rm = pipeline.setup(cfg)
+    r = app.prepare(cfg)
     logger = ListLogger()
-    run = pipeline.Run(cfg=cfg, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device=torch.device("cpu"),
-                       autocast=None, logger=logger, splits=splits, loss_fn=loss_fn, sampler=sampler,
-                       reward_model=rm)
-    sft_dir = pipeline.sft_stage(run)
-    tok, model = models.load_saved(sft_dir)
-    enc = pipeline.encode_splits(cfg, tok, splits)
-    ref = {"train": batching.all_response_logps(model, enc["train"], tok.pad_token_id, 64, torch.device("cpu"))}
-    pipeline.preference_stage(run, sft_dir, {"ref": ref})
+    env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "cache", logger=logger,
+                     runtime=r.plan.runtime)
+    sft = stages.sft(r.plan.sft, r.train, env)
+    ref = stages.reference(r.plan.reference, sft, r.train, env)
+    stages.preference(r.plan.preference, r.loss_fn, r.sampler, sft, r.train, ref, env, tmp_path / "run")
     return [row["train/loss"] for row in logger.rows], logger.rows
 
 
@@ -76,3 +74,11 @@ def test_step_schedule_is_logged_easy_to_hard(compose, tmp_path):
     first = sum(r["train/sampler/neg_rank"] for r in rows[:4]) / 4
     last = sum(r["train/sampler/neg_rank"] for r in rows[-4:]) / 4
     assert last < first
+
+
+def test_authors_preset_anneals_like_their_code(compose, tmp_path):
+    """+experiment=hps_released: gamma -5, -3, -1, +1, +3 over the five fifths of training (never +5)."""
+    _, rows = train_losses(compose, tmp_path, ["+experiment=hps_released", "trainer.epochs=5"])
+    gammas = [row["train/sampler/gamma"] for row in rows]
+    fifth = len(gammas) // 5
+    assert [gammas[i * fifth + fifth // 2] for i in range(5)] == [-5.0, -3.0, -1.0, 1.0, 3.0]

@@ -62,8 +62,8 @@ def test_dpo_by_hand():
     assert out.metrics["rewards/accuracies"].item() == 1.0
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.2])
-@pytest.mark.parametrize("name", ["dpo", "ipo", "exo", "sppo", "nca"])
+@pytest.mark.parametrize("name,eps", [(n, e) for n in ("dpo", "ipo", "exo", "sppo", "nca") for e in (0.0, 0.2)
+                                      if e == 0.0 or n in ("dpo", "exo")])  # the others refuse smoothing (below)
 def test_framework_matches_formula(name, eps):
     beta = 0.5
     policy = [[-3.0, -4.5], [-2.0, -1.0], [-7.25, -7.0]]
@@ -74,6 +74,12 @@ def test_framework_matches_formula(name, eps):
         rp = beta * (policy[b][0] - ref[b][0])
         rn = beta * (policy[b][1] - ref[b][1])
         assert out.losses[b].item() == pytest.approx(_ref_ell(name, rp, rn, beta, eps), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ipo", "sppo", "nca"])
+def test_smoothing_that_would_do_nothing_is_refused(name):
+    with pytest.raises(ValueError, match=f"label_smoothing=0.1 does nothing under framework={name}"):
+        PairwiseLoss(label_smoothing=0.1, framework=name)
 
 
 def test_unknown_framework_lists_allowed():
@@ -146,8 +152,9 @@ def test_pl_padded_prompt_equals_alone():
 def test_pl_with_two_responses_equals_pairwise(name):
     p, r, m, s = _batch([[-1.0, -1.3], [0.4, 0.9]], [[-1.2, -1.0], [0.0, 0.0]])
     n = torch.tensor([1, 1])
-    pl = PlackettLuceLoss(beta=0.3, label_smoothing=0.1, framework=name)(p, r, m, s, n)
-    bt = PairwiseLoss(beta=0.3, label_smoothing=0.1, framework=name)(p, r, m, s, n)
+    eps = 0.1 if name in ("dpo", "exo") else 0.0
+    pl = PlackettLuceLoss(beta=0.3, label_smoothing=eps, framework=name)(p, r, m, s, n)
+    bt = PairwiseLoss(beta=0.3, label_smoothing=eps, framework=name)(p, r, m, s, n)
     assert torch.allclose(pl.losses, bt.losses, rtol=1e-12)
 
 
@@ -366,7 +373,7 @@ def test_pair_losses_match_trl(name):
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     if not hasattr(trl_dpo.DPOTrainer, "dpo_loss"):
         pytest.skip("this TRL has no standalone DPOTrainer.dpo_loss")
-    beta, eps = 0.3, 0.1
+    beta, eps = 0.3, 0.1 if name in ("dpo", "exo") else 0.0
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=F64) * 3 for _ in range(4))
     stand_in = SimpleNamespace(

@@ -331,3 +331,17 @@ def test_configs_build(name, cls, kind):
     sel = s.select(TIED, RNG(0), 0.5)
     assert len(sel.indices) == 2 + (kind == "ranking") * 4
     assert isinstance(s.stats(TIED, sel), dict)
+
+
+def test_authors_schedule_matches_their_formula():
+    """Their code: gamma = -5 + 10 i / (M - 1) set at rows i = 20/40/60/80 % of M; for large M that is
+    -5 + 10 m at the last milestone m passed."""
+    from hps_exp.samplers import HardSampler
+
+    s = HardSampler(schedule="authors", gamma_start=-5.0, gamma_end=5.0)
+    M = 100_000
+    for row in (0, 19_999, 20_000, 45_000, 60_000, 79_999, 80_000, 99_999):
+        last_set = max((i for i in (0, 20_000, 40_000, 60_000, 80_000) if i <= row))
+        theirs = -5 + 10 * last_set / (M - 1)
+        assert s.gamma_at(row / M) == pytest.approx(theirs, abs=1e-3)
+    assert max(s.gamma_at(p / 100) for p in range(101)) == 3.0

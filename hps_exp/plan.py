@@ -1,0 +1,212 @@
+"""From the Hydra config to what a run needs: the stage specs, the loss and sampler, the data and the reward
+models, all checked before any training. This is the one place that reads the Hydra config; a stage only ever
+sees its own frozen spec (hps_exp/stages.py)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hps_exp import config
+from hps_exp.cache import content_key
+from hps_exp.config import ConfigError, build, check_node
+from hps_exp.data.schema import Splits
+from hps_exp.samplers import check_compatible
+from hps_exp.stages import (AugmentSpec, EvalSet, EvalSpec, Examples, ModelSpec, OptimSpec, PreferenceSpec,
+                            ReferenceSpec, RewardModelSpec, Runtime, Scorer, SFTSpec)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Top-level keys that do not change an experiment's result (excluded from its config_key).
+NOT_EXPERIMENT = ("cache_dir", "logger", "run_name", "sweep", "label")
+
+
+def plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    sft: SFTSpec
+    reward_model: RewardModelSpec | None     # None unless reward_model=train
+    augment: AugmentSpec | None              # None unless augment=sample
+    reference: ReferenceSpec
+    preference: PreferenceSpec
+    eval: EvalSpec
+    runtime: Runtime
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+def resolve_sampler(cfg: DictConfig, loss_fn) -> None:
+    """sampler=auto -> the loss's natural sampler, with any knob set on auto passed on (and refused when that
+    sampler has no such knob). Written into cfg so the run records what it used."""
+    if cfg.sampler.get("name") != "auto":
+        return
+    choice = loss_fn.natural_sampler
+    node = OmegaConf.load(CONF / "sampler" / f"{choice}.yaml")
+    for k, v in plain(cfg.sampler).items():
+        if k == "name" or v is None:
+            continue
+        if k not in node:
+            raise ConfigError(f"sampler.{k} does nothing with sampler=auto, which resolves to sampler={choice} for "
+                              f"loss={cfg.loss.name}; set sampler=hard (or another sampler that takes {k}) to use it")
+        node[k] = v
+    with open_dict(cfg):
+        cfg.sampler = node
+
+
+def loss_and_sampler(cfg: DictConfig):
+    loss_fn = build(cfg.loss, "loss")
+    resolve_sampler(cfg, loss_fn)
+    sampler = build(cfg.sampler, "sampler")
+    return loss_fn, sampler
+
+
+def _dataset_node(cfg: DictConfig, name: str) -> DictConfig:
+    path = CONF / "dataset" / f"{name}.yaml"
+    if not path.exists():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"eval.datasets: {name!r} is not a dataset config; choose one of {options}")
+    args = cfg.eval.dataset_args.get(name, {}) if isinstance(cfg.eval.dataset_args, DictConfig) else {}
+    return OmegaConf.merge(OmegaConf.load(path), args or {})
+
+
+def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
+    """The training split, the training dataset's own test split and each evaluation set, all fingerprinted."""
+    splits: Splits = build(cfg.dataset, "dataset", drop=("reward_model",))
+    if not splits.train or not splits.test:
+        raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
+    unknown = [k for k in cfg.eval.dataset_args if k not in (cfg.eval.datasets or [cfg.dataset.name])]
+    if unknown:
+        raise ConfigError(f"eval.dataset_args.{unknown[0]}: {unknown[0]!r} is not in eval.datasets "
+                          f"({list(cfg.eval.datasets) or [cfg.dataset.name]})")
+    sets = []
+    for name in cfg.eval.datasets or [cfg.dataset.name]:
+        if name == cfg.dataset.name and not cfg.eval.dataset_args.get(name):
+            test = splits.test
+        else:
+            test = build(_dataset_node(cfg, name), f"eval.dataset_args.{name}", drop=("reward_model",)).test
+            if not test:
+                raise ConfigError(f"eval.datasets: {name} has an empty test split")
+        sets.append(EvalSet(name, Examples.of(test)))
+    if len({s.name for s in sets}) != len(sets):
+        raise ConfigError(f"eval.datasets lists a set twice: {list(cfg.eval.datasets)}")
+    return Examples.of(splits.train), Examples.of(splits.test), sets
+
+
+def check_data(cfg: DictConfig, loss_fn, sampler, train: Examples) -> None:
+    """The loss, sampler and data must work together (after augmentation, if any): fails before any work."""
+    has_scores = all(e.scores is not None for e in train.items)
+    max_n = max(e.n for e in train.items)
+    if "_target_" in cfg.augment:  # the loss will see scored, augmented data
+        if "_target_" not in cfg.reward_model and cfg.dataset.get("reward_model") is None:
+            raise ConfigError("augment=sample needs an annotation reward model: reward_model=train or "
+                              "reward_model=hf reward_model.name_or_path=<id or dir>")
+        has_scores = True
+        max_n = cfg.augment.n + (max_n if cfg.augment.keep_original else 0)
+    try:
+        check_compatible(loss_fn.input_kind, loss_fn.needs_scores, cfg.loss.name, sampler, cfg.sampler.name,
+                         max_n, has_scores)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _local_fingerprint(name_or_path: str) -> str | None:
+    """Names, sizes and times of a local model directory's files: a model replaced in place gets a new key."""
+    p = Path(name_or_path).expanduser()
+    if not p.is_dir():
+        return None
+    return content_key([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in sorted(p.rglob("*")) if f.is_file()])
+
+
+def scorer_from_node(node, key: str, device) -> Scorer | None:
+    """A reward model built from a `_target_` node (the dataset's own scorer, an HF reward model, ...)."""
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key} must be a config with _target_ (or null / annotation), got {node!r}")
+    values = plain(node)
+    extra = {"device": device} if "device" in _params(node._target_) else {}
+    model = build(node, key, **extra)
+    fp = _local_fingerprint(values["name_or_path"]) if isinstance(values.get("name_or_path"), str) else None
+    return Scorer(model, content_key({"node": values, "files": fp}))
+
+
+def _params(target: str) -> tuple[str, ...]:
+    import inspect
+
+    from hydra.utils import get_object
+
+    return tuple(inspect.signature(get_object(target)).parameters)
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+def make_plan(cfg: DictConfig, loss_fn) -> Plan:
+    m, t, e = cfg.model, cfg.trainer, cfg.eval
+    lengths = {"max_prompt_length": m.max_prompt_length, "max_length": m.max_length}
+    model = ModelSpec(name_or_path=m.name_or_path, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+                      n_positions=m.n_positions, vocab_size=m.vocab_size, dtype=m.dtype,
+                      attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **lengths)
+    optim = OptimSpec(grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, schedule=t.schedule,
+                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    sft = SFTSpec(model=model, enabled=cfg.sft.enabled, targets=cfg.sft.targets, epochs=cfg.sft.epochs,
+                  lr=cfg.sft.lr, batch_size=cfg.sft.batch_size, optim=optim, seed=cfg.seed)
+    rm = None
+    if cfg.reward_model.get("_target_") and cfg.reward_model.name == "train":
+        _, knobs = check_node(cfg.reward_model, "reward_model", provided=(
+            "tok", "max_prompt_length", "max_length", "seed", "device", "autocast", "logger"))
+        rm = RewardModelSpec(knobs=knobs, seed=cfg.seed, **lengths)
+    aug = None
+    if "_target_" in cfg.augment:
+        _, knobs = check_node(cfg.augment, "augment", provided=(
+            "generator_model", "tok", "reward_model", "device", "max_prompt_length", "seed", "autocast",
+            "progress", "stats"))
+        aug = AugmentSpec(knobs=knobs, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
+    pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
+                          batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
+                          seed=cfg.seed, lora=plain(m.lora), **lengths)
+    ev = EvalSpec(max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                  top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, **lengths)
+    runtime = Runtime(score_batch_size=e.batch_size,
+                      **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})
+    return Plan(sft=sft, reward_model=rm, augment=aug, reference=ReferenceSpec(**lengths),
+                preference=pref, eval=ev, runtime=runtime)
+
+
+def run_label(cfg: DictConfig, loss_fn, sampler, train: Examples) -> dict:
+    """The run's coordinates in the paper's tables (metrics.json "run"), as the loss describes itself."""
+    row = dict(loss_fn.row)
+    if cfg.label:
+        row["method"] = cfg.label
+    gamma = row.pop("gamma", None)
+    if gamma is None and getattr(sampler, "kind", None) == "hard":
+        gamma = sampler.gamma_label
+    experiment = {k: v for k, v in plain(cfg).items() if k not in NOT_EXPERIMENT}
+    return {**row, "loss": cfg.loss.name, "sampler": cfg.sampler.name, "train_dataset": cfg.dataset.name,
+            "seed": cfg.seed, "n_responses": max(e.n for e in train.items), "gamma": gamma,
+            "beta": loss_fn.margin_beta, "sweep": cfg.sweep, "config_key": content_key(experiment)}
+
+
+def environment_threads(requested: int) -> int:
+    """trainer.num_threads=0 (auto): one torch thread per process on a CPU (see README: on a shared 2-core
+    machine two threads ran 7-15x slower than one); otherwise what is asked."""
+    return requested if requested > 0 else 1
+
+
+def oversubscribed() -> str | None:
+    """A warning when the machine's load already exceeds its cores (timings will be noisy), else None."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load > cores:
+        return (f"[hps_exp] warning: load average {load:.1f} exceeds the {cores} cores; steps will be slow "
+                f"(trainer.num_threads=1 keeps torch from competing with itself)")
+    return None

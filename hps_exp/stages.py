@@ -1,0 +1,513 @@
+"""The stages of a run, each a unit: a small frozen spec (the only config it reads), typed inputs (the results of
+the stages before it) and a typed result.
+
+    data -> sft -> reward_model -> augment -> reference -> preference -> evaluate
+
+Cached stages (sft, reward_model=train, augment, reference, the SFT policy's evaluation) derive their key with
+`cache.stage_key` from exactly what their build function can see: the spec, the keys of the upstream results
+(an `Examples` key is a fingerprint of the data's content) and `Env.numeric()` (device type, precision). A build
+function is a closure over those arguments alone and never sees the Hydra config, so it cannot read a setting
+its key does not cover. Settings that cannot change a result (logging, checkpoint cadence, the distributed
+strategy) travel in `Env.runtime` and are not keyed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hps_exp import batching, evaluate, models
+from hps_exp.augment import augment
+from hps_exp.batching import Encoded, SequenceBatch
+from hps_exp.cache import cached, content_key, stage_key
+from hps_exp.config import TrainerConfig
+from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
+from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_reward_model
+from hps_exp.trainer import Trainer
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+@dataclass(frozen=True)
+class Examples:
+    """A list of examples with a fingerprint of their content: the data part of every downstream key."""
+    items: tuple[Example, ...]
+    key: str
+
+    @classmethod
+    def of(cls, items) -> "Examples":
+        items = tuple(items)
+        return cls(items, content_key([e.to_json() for e in items]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    examples: Examples
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Trainer settings that never change a result (so they are not part of any key)."""
+    log_every: int = 10
+    save_every: int = 0
+    resume: bool = True
+    strategy: str = "none"
+    activation_checkpointing: bool = False
+    dist_timeout_s: int = 1800
+    on_nonfinite: str = "error"
+    # Sequences per scoring forward (reference log-probs): changes a result only by float rounding.
+    score_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Env:
+    device: torch.device
+    autocast: torch.dtype | None
+    cache_dir: Path
+    logger: Any = None
+    runtime: Runtime = field(default_factory=Runtime)
+    world: Any = None
+    dry_run: bool = False       # compute every stage's key, build nothing (`python -m hps_exp dry_run=true`)
+    planned: list = field(default_factory=list)   # (stage, key, cached already?) in call order, when dry_run
+
+    def numeric(self) -> dict:
+        """The numeric settings that change a stage's output."""
+        return {"device": self.device.type, "autocast": str(self.autocast)}
+
+    def plan(self, name: str, key: str, cached: bool = True) -> None:
+        exists = cached and (Path(self.cache_dir) / f"{name}-{key}").exists()
+        self.planned.append((name, key, "hit" if exists else "run" if not cached else "miss"))
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name_or_path: str | None
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    max_prompt_length: int
+    max_length: int
+    dtype: str = "fp32"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    grad_accum: int
+    warmup_ratio: float
+    schedule: str
+    weight_decay: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class SFTSpec:
+    model: ModelSpec
+    enabled: bool
+    targets: str
+    epochs: int
+    lr: float
+    batch_size: int
+    optim: OptimSpec
+    seed: int
+
+
+@dataclass(frozen=True)
+class RewardModelSpec:
+    """The annotation reward model to train (`reward_model=train`): its knobs and the encoding lengths."""
+    knobs: dict
+    max_prompt_length: int
+    max_length: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    knobs: dict
+    max_prompt_length: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    max_prompt_length: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    max_prompts: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    batch_size: int
+    max_prompt_length: int
+    max_length: int
+    seed: int
+    backend: str = "hf"
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    loss: dict            # the loss and sampler configs, recorded (the objects are built from them at start-up)
+    sampler: dict
+    lr: float
+    epochs: int
+    batch_size: int
+    max_steps: int | None
+    resample: str
+    optim: OptimSpec
+    max_prompt_length: int
+    max_length: int
+    seed: int
+    lora: dict = field(default_factory=dict)   # model.lora: adapters trained on top of the SFT policy
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class SFTResult:
+    path: Path
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A reward model (`score_batch`, maybe `is_harmful`) with a key naming it; `report` goes to metrics.json."""
+    model: Any
+    key: str
+    report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AugmentResult:
+    examples: Examples    # the new training set (its key is its content's fingerprint)
+    stats: dict           # counts and throughput (hps_exp/augment.py)
+
+
+@dataclass(frozen=True)
+class RefLogps:
+    logps: tuple[torch.Tensor, ...]   # one [n_i] tensor per example: log pi_ref(response | prompt)
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    path: Path
+    key: str
+    seconds: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict
+    per_prompt: dict
+    samples: list
+    seconds: float
+
+
+def _trainer_config(runtime: Runtime, optim: OptimSpec, *, lr: float, epochs: int,
+                    max_steps: int | None) -> TrainerConfig:
+    trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    run_only = {k: v for k, v in dataclasses.asdict(runtime).items() if k in trainer_fields}
+    return TrainerConfig(lr=lr, epochs=epochs, max_steps=max_steps, **dataclasses.asdict(optim), **run_only)
+
+
+def _encode(tok, examples, max_prompt_length: int, max_length: int) -> list[Encoded]:
+    return batching.encode_examples(tok, list(examples), max_prompt_length, max_length)
+
+
+def _drop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _checkpoint(env: Env, name: str, key: str) -> Path:
+    """Where a cached training stage keeps its resume checkpoint: keyed like the entry, outside it."""
+    return Path(env.cache_dir) / f".{name}-{key}.checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
+    """The SFT policy (and its tokenizer): built or loaded from spec.model, fine-tuned on the training responses.
+    Checkpoints like the preference stage (trainer.save_every / resume); a killed SFT resumes where it stopped."""
+    key = stage_key("sft", spec, {"train": train.key}, env.numeric())
+    if env.dry_run:
+        env.plan("sft", key)
+        return SFTResult(Path(), key, 0.0)
+
+    def build(out: Path) -> None:
+        if spec.model.name_or_path:
+            tok, model = models.load_pretrained(spec.model.name_or_path)
+        else:
+            texts = [e.prompt + r for e in train.items for r in e.responses]
+            tok = models.train_tokenizer(texts, spec.model.vocab_size)
+            model = models.build_tiny(spec.model, len(tok), spec.seed)
+        if spec.enabled:
+            torch.manual_seed(spec.seed)
+            _train_sft(spec, train.items, model, tok, env, _checkpoint(env, "sft", key))
+        models.save(model, tok, out)
+
+    started = time.perf_counter()
+    path, _ = cached(env.cache_dir, "sft", key, {"spec": spec, "train": train.key, **env.numeric()}, build,
+                     env.world)
+    _drop(_checkpoint(env, "sft", key))
+    return SFTResult(path, key, time.perf_counter() - started)
+
+
+def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> None:
+    encoded = _encode(tok, train, spec.model.max_prompt_length, spec.model.max_length)
+    if spec.targets == "best":
+        pairs = [(enc.prompt, enc.responses[ex.best]) for ex, enc in zip(train, encoded)]
+    else:
+        pairs = [(enc.prompt, r) for enc in encoded for r in enc.responses]
+    bs = spec.batch_size
+
+    def make_epoch(epoch: int, progress):
+        order = np.random.default_rng([spec.seed, 1, epoch]).permutation(len(pairs))
+        for start in range(0, len(order), bs):
+            yield batching.collate([pairs[i] for i in order[start:start + bs]], tok.pad_token_id)
+
+    def step(model, batch: SequenceBatch):
+        return batching.sequence_nll(model, batch.to(env.device)), {}
+
+    tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=None)
+    Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="sft",
+            checkpoint=checkpoint).fit(make_epoch, -(-len(pairs) // bs), step)
+    if env.logger is not None:
+        env.logger.next_stage()
+
+
+# ---------------------------------------------------------------------------------------------- reward models
+
+def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Examples, sft_result: SFTResult,
+                         env: Env) -> Scorer:
+    """A Bradley-Terry reward model trained on the training pairs (the SFT tokenizer). Its held-out pair accuracy
+    is measured on `heldout` each run (cheap), so a new test split does not retrain it."""
+    key = stage_key("reward_model", spec, {"train": train.key, "tokenizer": sft_result.key}, env.numeric())
+    if env.dry_run:
+        env.plan("reward_model", key)
+        return Scorer(None, key)
+
+    def build(out: Path) -> None:
+        tok, _ = models.load_saved(sft_result.path)
+        rm = train_reward_model(list(train.items), tok=tok, max_prompt_length=spec.max_prompt_length,
+                                max_length=spec.max_length, seed=spec.seed, device=env.device,
+                                autocast=env.autocast, logger=env.logger, **spec.knobs)
+        rm.save(out)
+        atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
+
+    path, _ = cached(env.cache_dir, "reward_model", key, {"spec": spec, "train": train.key,
+                                                          "tokenizer": sft_result.key, **env.numeric()},
+                     build, env.world)
+    rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
+    report = {**json.loads((path / "train.json").read_text()),
+              "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items))}
+    print(f"[reward_model] held-out pair accuracy {report['heldout_pair_accuracy']:.3f}")
+    return Scorer(rm, key, report)
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotator: Scorer, env: Env) -> AugmentResult:
+    """n samples per training prompt from the SFT policy, scored by the annotation reward model (+ the originals)."""
+    key = stage_key("augment", spec, {"train": train.key, "generator": sft_result.key, "annotator": annotator.key},
+                    env.numeric())
+    if env.dry_run:  # the augmented content is unknown until built; its stage key stands in for it
+        env.plan("augment", key)
+        return AugmentResult(Examples(train.items, key), {})
+
+    def build(out: Path) -> None:
+        tok, model = models.load_saved(sft_result.path)
+        model.to(env.device)
+        stats: dict = {}
+        examples = augment(list(train.items), generator_model=model, tok=tok, reward_model=annotator.model,
+                           device=env.device, max_prompt_length=spec.max_prompt_length, seed=spec.seed,
+                           autocast=env.autocast, progress=True, stats=stats, **spec.knobs)
+        write_examples(out / "train.jsonl", examples)
+        atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
+
+    path, _ = cached(env.cache_dir, "augment", key, {"spec": spec, "train": train.key, "generator": sft_result.key,
+                                                     "annotator": annotator.key, **env.numeric()}, build, env.world)
+    out = Examples.of(read_examples(path / "train.jsonl"))
+    print(f"[augment] {len(out)} prompts, {sum(e.n for e in out.items) / max(1, len(out)):.1f} scored responses "
+          f"per prompt")
+    return AugmentResult(out, json.loads((path / "stats.json").read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, env: Env) -> RefLogps:
+    """log pi_ref(response | prompt) of every response (pi_ref = the SFT policy), computed once per data set."""
+    key = stage_key("reference", spec, {"sft": sft_result.key, "examples": examples.key}, env.numeric())
+    if env.dry_run:
+        env.plan("reference", key)
+        return RefLogps((), key, 0.0)
+
+    def build(out: Path) -> None:
+        tok, model = models.load_saved(sft_result.path)
+        model.to(env.device)
+        enc = _encode(tok, examples.items, spec.max_prompt_length, spec.max_length)
+        logps = batching.all_response_logps(model, enc, tok.pad_token_id, env.runtime.score_batch_size,
+                                             env.device, env.autocast)
+        torch.save(logps, out / "ref_logps.pt")
+
+    started = time.perf_counter()
+    path, _ = cached(env.cache_dir, "reference", key, {"spec": spec, "sft": sft_result.key,
+                                                       "examples": examples.key, **env.numeric()}, build, env.world)
+    logps = torch.load(path / "ref_logps.pt", weights_only=True)
+    return RefLogps(tuple(logps), key, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------- preference
+
+@dataclass
+class PreferenceBatch:
+    sequences: SequenceBatch
+    mask: torch.Tensor            # [B, M] real slots
+    ref_logps: torch.Tensor       # [B, M]
+    scores: torch.Tensor          # [B, M] (NaN without scores)
+    num_negatives: torch.Tensor   # [B]
+    stats: dict[str, float]
+
+
+def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
+                     selections, stats: list[dict], pad_id: int) -> PreferenceBatch:
+    B, M = len(selections), max(len(s.indices) for s in selections)
+    mask = torch.zeros(B, M, dtype=torch.bool)
+    ref_t = torch.zeros(B, M)
+    scores = torch.full((B, M), float("nan"))
+    pairs = []
+    for b, (ex, enc, r, sel) in enumerate(zip(examples, encoded, ref, selections)):
+        for m, i in enumerate(sel.indices):
+            mask[b, m] = True
+            ref_t[b, m] = r[i]
+            if ex.scores is not None:
+                scores[b, m] = ex.scores[i]
+            pairs.append((enc.prompt, enc.responses[i]))  # row-major order == mask order
+    keys = {k for s in stats for k in s}
+    mean_stats = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+    return PreferenceBatch(batching.collate(pairs, pad_id), mask, ref_t, scores,
+                           torch.tensor([s.num_negatives for s in selections]), mean_stats)
+
+
+def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, train: Examples, ref: RefLogps,
+               env: Env, run_dir: Path) -> PolicyResult:
+    """Train the SFT policy with the preference loss; the aligned policy is saved to run_dir/policy. Not cached:
+    it checkpoints into run_dir and a rerun with the same run dir resumes."""
+    key = stage_key("preference", spec, {"sft": sft_result.key, "train": train.key, "reference": ref.key},
+                    env.numeric())
+    if env.dry_run:
+        env.plan("preference", key, cached=False)
+        return PolicyResult(Path(), key, 0.0, 0)
+    tok, model = models.load_saved(sft_result.path)
+    models.disable_dropout(model)  # dropout would make the policy's log-probs noisy against the reference ones
+    torch.manual_seed(spec.seed)   # same stream whether or not SFT ran in this process (cache hit)
+    items = train.items
+    enc = _encode(tok, items, spec.max_prompt_length, spec.max_length)
+    bs = spec.batch_size
+
+    def make_epoch(epoch: int, progress):
+        rng = np.random.default_rng([spec.seed, 2, epoch])  # fresh draws every epoch, reproducible
+        order = rng.permutation(len(items))
+        epoch_progress = progress()
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            p = progress() if spec.resample == "step" else epoch_progress
+            sels = [sampler.select(items[i], rng, p) for i in idx]
+            stats = [sampler.stats(items[i], s) for i, s in zip(idx, sels)]
+            yield preference_batch([items[i] for i in idx], [enc[i] for i in idx], [ref.logps[i] for i in idx],
+                                   sels, stats, tok.pad_token_id)
+
+    def step(model, batch: PreferenceBatch):
+        dev = env.device
+        flat = batching.sequence_logps(model, batch.sequences.to(dev)).float()
+        mask = batch.mask.to(dev)
+        policy = torch.zeros(mask.shape, device=dev).masked_scatter(mask, flat)
+        out = loss_fn(policy, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
+        metrics = {k: float(v) for k, v in out.metrics.items()}
+        return out.losses.mean(), {**metrics, **batch.stats}
+
+    tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps)
+    trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="train",
+                      checkpoint=run_dir / "checkpoints" / "preference.pt")
+    result = trainer.fit(make_epoch, -(-len(items) // bs), step)
+    models.save(model, tok, run_dir / "policy")
+    return PolicyResult(run_dir / "policy", key, result["seconds"], int(result["steps"]))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: RefLogps, scorer: Scorer | None,
+                 env: Env) -> EvalResult:
+    """The SFT policy's evaluation, cached: a sweep over losses evaluates the reference policy once per eval set.
+    The SFT policy is the reference, so its policy log-probs are the reference ones (margins exactly 0)."""
+    key = stage_key("sft_eval", spec, {"sft": sft_result.key, "examples": eval_set.examples.key, "reference": ref.key,
+                                       "scorer": scorer.key if scorer else None}, env.numeric())
+    if env.dry_run:
+        env.plan("sft_eval", key)
+        return EvalResult({}, {}, [], 0.0)
+
+    def build(out: Path) -> None:
+        tok, model = models.load_saved(sft_result.path)
+        model.to(env.device)
+        result = _evaluate(spec, model, tok, eval_set, ref, ref.logps, scorer, env)
+        atomic_write_text(out / "eval.json", json.dumps({"metrics": result.metrics, "per_prompt": result.per_prompt,
+                                                         "samples": result.samples, "seconds": result.seconds}))
+
+    path, _ = cached(env.cache_dir, "sft_eval", key, {"spec": spec, "sft": sft_result.key, "reference": ref.key,
+                                                      "examples": eval_set.examples.key,
+                                                      "scorer": scorer.key if scorer else None, **env.numeric()},
+                     build, env.world)
+    d = json.loads((path / "eval.json").read_text())
+    return EvalResult(d["metrics"], d["per_prompt"], d["samples"], d["seconds"])
+
+
+def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref: RefLogps, scorer: Scorer | None,
+                    env: Env, margin_beta: float) -> EvalResult:
+    if env.dry_run:
+        env.plan("eval", stage_key("eval", spec, {"policy": policy.key, "examples": eval_set.examples.key,
+                                                  "scorer": scorer.key if scorer else None}, env.numeric()),
+                 cached=False)
+        return EvalResult({}, {}, [], 0.0)
+    tok, model = models.load_saved(policy.path)
+    model.to(env.device)
+    return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin_beta)
+
+
+def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, policy_logps, scorer: Scorer | None,
+              env: Env, margin_beta: float = 1.0) -> EvalResult:
+    started = time.perf_counter()
+    examples = list(eval_set.examples.items)
+    if policy_logps is None:
+        enc = _encode(tok, examples, spec.max_prompt_length, spec.max_length)
+        policy_logps = batching.all_response_logps(model, enc, tok.pad_token_id, spec.batch_size, env.device,
+                                                   env.autocast)
+    metrics, per_prompt, samples = evaluate.evaluate_policy(
+        model, tok, examples, policy_logps=list(policy_logps), ref_logps=list(ref.logps),
+        reward_model=scorer.model if scorer else None, beta=margin_beta, max_prompts=spec.max_prompts,
+        max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+        batch_size=spec.batch_size, max_prompt_length=spec.max_prompt_length, seed=spec.seed, device=env.device)
+    return EvalResult(metrics, per_prompt, samples, time.perf_counter() - started)

@@ -1,0 +1,177 @@
+"""Stage cache keys are derived, never hand-kept: every config knob and every input byte changes exactly the
+stages that depend on it (checked through the app's own dry run), and a data file replaced in place misses."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from hps_exp import app, stages
+from hps_exp.cache import clean_stale, content_key
+
+BASE = ["reward_model=train", "augment=sample", "dataset.n_train=24", "dataset.n_test=8"]
+ALL = {"sft", "reward_model", "augment", "reference#0", "preference", "reference#1", "sft_eval", "eval"}
+POLICY = {"preference", "eval"}
+NONE: set = set()
+
+# What a change of each knob must rebuild (with reward_model=train, augment=sample, one eval set).
+EXPECTED = {
+    "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
+    "trainer.resample": POLICY, "trainer.max_steps": POLICY,
+    "dataset.n_test": {"reference#1", "sft_eval", "eval"},
+    "dataset.": ALL, "model.gradient_checkpointing": NONE, "model.lora.": POLICY, "model.": ALL, "sft.": ALL,
+    "seed": ALL,
+    "trainer.grad_accum": ALL, "trainer.warmup_ratio": ALL, "trainer.schedule": ALL, "trainer.weight_decay": ALL,
+    "trainer.max_grad_norm": ALL,
+    "reward_model.": {"reward_model", "augment", "reference#0", "preference", "eval"},
+    "augment.": {"augment", "reference#0", "preference", "eval"},
+    "eval.": {"sft_eval", "eval"},
+    "trainer.": NONE, "logger.": NONE, "run_name": NONE, "label": NONE, "sweep": NONE, "cache_dir": NONE,
+}
+# A valid different value where "+1 / flip / x0.5" would not be one.
+CHANGE = {
+    "loss.framework": "ipo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
+    "model.n_head": 8, "model.n_embd": 64, "model.max_length": 120, "model.dtype": "bf16",
+    "model.attn_implementation": "eager", "reward_model.n_head": 8, "reward_model.n_embd": 64,
+    "reward_model.pairs": "chosen_rejected", "augment.top_p": 0.9, "dataset.n_responses": 6,
+    "trainer.schedule": "linear", "trainer.resample": "step", "trainer.max_steps": 5, "trainer.device": "cpu",
+    "trainer.precision": "fp32", "trainer.strategy": "ddp", "trainer.on_nonfinite": "skip",
+    "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
+    "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s", "cache_dir": "elsewhere",
+    "model.lora.enabled": True,
+}
+SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.tags", "model.name_or_path")
+
+
+def planned(cfg, tmp_path) -> dict:
+    r = app.prepare(cfg)
+    env = stages.Env(device=r.device, autocast=None, cache_dir=tmp_path / "cache", runtime=r.plan.runtime,
+                     dry_run=True)
+    app.execute(cfg, r, env, tmp_path / "run")
+    seen, out = {}, {}
+    for name, key, _ in env.planned:
+        if name == "reference":
+            name = f"reference#{seen.setdefault(name, 0)}"
+            seen["reference"] += 1
+        out[name] = key
+    return out
+
+
+def leaves(node, prefix=""):
+    for k, v in node.items():
+        if OmegaConf.is_dict(v):
+            yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def changed_value(key, value):
+    if key in CHANGE:
+        return CHANGE[key]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 if value else 0.1
+    raise AssertionError(f"no test value for {key}={value!r}: add one to CHANGE")
+
+
+def expected_for(key):
+    return next(v for prefix, v in EXPECTED.items() if key == prefix or key.startswith(prefix) and prefix.endswith("."))
+
+
+def test_every_knob_changes_exactly_its_stages(compose, tmp_path):
+    base_cfg = compose(BASE)
+    base = planned(compose(BASE), tmp_path)
+    assert set(base) == ALL
+    checked = []
+    for key, value in leaves(base_cfg):
+        if any(s in key for s in SKIP) or OmegaConf.is_list(value) or key.startswith("dataset.reward_model"):
+            continue
+        if key.startswith("eval.reward_model"):
+            continue
+        new = changed_value(key, OmegaConf.select(base_cfg, key))
+        got = planned(compose([*BASE, f"{key}={json.dumps(new) if isinstance(new, str) else new}"]), tmp_path)
+        diff = {s for s in ALL if got.get(s) != base[s]}
+        assert diff == expected_for(key), f"{key}={new!r} rebuilt {sorted(diff)}, expected {sorted(expected_for(key))}"
+        checked.append(key)
+    assert len(checked) > 60  # every knob of every group was tried
+
+
+def _ranked_rows(n, tag=""):
+    return "".join(json.dumps({"prompt": f"\n\nHuman: q{i}{tag}\n\nAssistant:",
+                               "responses": [f" good answer {i}", f" bad {i}", f" meh {i}"],
+                               "scores": [2.0, 0.0, 1.0]}) + "\n" for i in range(n))
+
+
+def test_one_byte_of_each_input_file_misses_the_right_stages(compose, tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text(_ranked_rows(12))
+    test.write_text(_ranked_rows(4, "t"))
+    args = ["dataset=ranked_jsonl", f"dataset.path={train}", f"dataset.test_path={test}", "loss=hps"]
+    base = planned(compose(args), tmp_path)
+    train.write_text(train.read_text().replace("good answer 3", "good answer 4", 1))
+    after_train = planned(compose(args), tmp_path)
+    assert {s for s in base if base[s] != after_train[s]} == {"sft", "reference#0", "preference", "reference#1",
+                                                              "sft_eval", "eval"}
+    test.write_text(test.read_text().replace("q0t", "q0u", 1))
+    after_test = planned(compose(args), tmp_path)
+    assert {s for s in base if after_train[s] != after_test[s]} == {"reference#1", "sft_eval", "eval"}
+
+
+def test_file_replaced_in_place_misses_the_sft_cache(tmp_path, capsys):
+    """The verified defect: same path, new content, and SFT must retrain (a real build, tiny sizes)."""
+    from hps_exp.data.ranked_jsonl import load
+
+    spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
+                          epochs=1, lr=1e-3, batch_size=8,
+                          optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
+    env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "cache")
+    path = tmp_path / "data.jsonl"
+    path.write_text(_ranked_rows(10))
+    first = stages.sft(spec, stages.Examples.of(load(path=str(path), test_fraction=0.2).train), env)
+    assert stages.sft(spec, stages.Examples.of(load(path=str(path), test_fraction=0.2).train), env).key == first.key
+    assert "sft: hit" in capsys.readouterr().out
+    path.write_text(_ranked_rows(10, "new"))
+    second = stages.sft(spec, stages.Examples.of(load(path=str(path), test_fraction=0.2).train), env)
+    assert second.key != first.key and "sft: built" in capsys.readouterr().out
+
+
+def test_examples_key_is_the_content():
+    from hps_exp.data.schema import Example
+
+    a = [Example("p", (" x", " y"), (1.0, 0.0), source="a.jsonl:1")]
+    b = [Example("p", (" x", " y"), (1.0, 0.0), source="b.jsonl:9")]   # same content, other file
+    c = [Example("p", (" x", " y"), (1.0, 0.5))]
+    assert stages.Examples.of(a).key == stages.Examples.of(b).key != stages.Examples.of(c).key
+
+
+def test_stale_temp_dirs_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+
+    from hps_exp.cache import _host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        stale = tmp_path / f".sft-abc.tmp-{_host()}-{dead.pid}"
+        busy = tmp_path / f".sft-def.tmp-{_host()}-{live.pid}"
+        other_host = tmp_path / f".sft-ghi.tmp-otherhost-{dead.pid}"
+        for d in (stale, busy, other_host):
+            d.mkdir()
+        assert clean_stale(tmp_path) == [stale]
+        assert not stale.exists() and busy.exists() and other_host.exists()
+    finally:
+        live.kill()
+
+
+def test_config_key_ignores_where_results_go(compose):
+    a = app.prepare(compose(["cache_dir=/tmp/a", "dataset.n_train=10", "dataset.n_test=4"])).label
+    b = app.prepare(compose(["cache_dir=/tmp/b", "logger.mode=disabled", "dataset.n_train=10",
+                             "dataset.n_test=4"])).label
+    c = app.prepare(compose(["trainer.lr=1e-3", "dataset.n_train=10", "dataset.n_test=4"])).label
+    assert a["config_key"] == b["config_key"] != c["config_key"]
+    assert content_key({"x": 1}) == content_key({"x": 1})
