@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "LossOutput", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss",
+__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "LossOutput", "PreferenceLoss", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss",
            "masked_logsumexp"]
 
 
@@ -158,7 +158,10 @@ def _metrics(r: Tensor, policy_logps: Tensor, mask: Tensor) -> dict[str, Tensor]
     }
 
 
-class _Loss:
+class PreferenceLoss:
+    """Base of every loss: beta, label smoothing and a framework, the implicit rewards, metrics and the
+    self-description. A new loss subclasses it, sets the class attributes and implements `_losses`."""
+
     input_kind: str = "pair"
     needs_scores: bool = False
     natural_sampler: str = "pair"      # the sampler config sampler=auto resolves to
@@ -175,7 +178,8 @@ class _Loss:
         fw = self.framework.upper()
         pm = self.preference_model
         return {"method": fw if pm == "DPO" else f"{fw}-{pm}", "framework": self.framework, "preference_model": pm,
-                "row_order": [list(FRAMEWORKS).index(self.framework), PREFERENCE_MODELS.index(pm)]}
+                "row_order": [list(FRAMEWORKS).index(self.framework),
+                              PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)]}
 
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo"):
@@ -205,7 +209,7 @@ class _Loss:
         return f"{type(self).__name__}({knobs})"
 
 
-class PairwiseLoss(_Loss):
+class PairwiseLoss(PreferenceLoss):
     """Bradley–Terry / DPO: l(r_0, r_1) per prompt, or the mean of l(r_i, r_j) over all real slot pairs i < j
     (pairs="all", a ranking input). Which pair fills slots 0 and 1 is the sampler's job; `pairs` names it:
     "dataset" = the dataset's (chosen, rejected) pair (DPO), "best_worst" = best vs worst by score (BT).
@@ -235,7 +239,7 @@ class PairwiseLoss(_Loss):
         return ell.sum((1, 2)) / pair_mask.sum((1, 2)), {}
 
 
-class PlackettLuceLoss(_Loss):
+class PlackettLuceLoss(PreferenceLoss):
     """Plackett–Luce over the ranked slots: sum_{k=0}^{m-2} l(r_k, LSE_{j>k, real} r_j), m = real slots.
 
     With framework "dpo" and eps = 0 this is the PL negative log-likelihood of the observed ranking.
@@ -257,7 +261,7 @@ class PlackettLuceLoss(_Loss):
         return torch.where(step, self.ell(r, lse_rest), 0.0).sum(1), {}
 
 
-class HPSLoss(_Loss):
+class HPSLoss(PreferenceLoss):
     """Hard Preference Sampling: the best response against a hardness-weighted soft negative.
 
     estimator="full" (input_kind "ranking", needs_scores): negatives are the real slots i >= 1 whose score is

@@ -80,7 +80,7 @@ def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
     p = run_app(args, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["run"]["method"] == "DPO-HPS" and m["run"]["n_responses"] >= 5  # 2 originals + up to 4 samples
+    assert m["run"]["method"] == "DPO-HPS-full" and m["run"]["n_responses"] >= 5  # 2 originals + up to 4 samples
     assert m["reward_model"]["pairs"] == m["augment"]["prompts"]  # one (chosen, rejected) pair per training prompt
     assert m["augment"]["generated"] == 160 * 4 and m["augment"]["responses_per_s"] > 0
     ev = m["eval"]["hh_rlhf"]

@@ -175,3 +175,45 @@ def test_config_key_ignores_where_results_go(compose):
     c = app.prepare(compose(["trainer.lr=1e-3", "dataset.n_train=10", "dataset.n_test=4"])).label
     assert a["config_key"] == b["config_key"] != c["config_key"]
     assert content_key({"x": 1}) == content_key({"x": 1})
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashingLogger:
+    """Raises when step `at` is logged: a crash mid-stage, after the checkpoint of step `at - 1`."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def log(self, metrics, step):
+        if step == self.at:
+            raise _Crash(f"killed at step {step}")
+
+    def next_stage(self):
+        pass
+
+
+def test_sft_resumes_from_its_checkpoint_after_a_crash(tmp_path, capsys):
+    from hps_exp import models
+    from hps_exp.data.synthetic import load
+
+    spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
+                          epochs=2, lr=1e-3, batch_size=8, optim=stages.OptimSpec(1, 0.0, "cosine", 0.0, 1.0), seed=0)
+    train = stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train)
+    runtime = stages.Runtime(save_every=1, log_every=1)
+    whole = stages.sft(spec, train, stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "a",
+                                               runtime=runtime))
+    crashing = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "b", runtime=runtime,
+                          logger=_CrashingLogger(at=4))
+    with pytest.raises(_Crash):
+        stages.sft(spec, train, crashing)
+    assert not list((tmp_path / "b").glob("sft-*")) and list((tmp_path / "b").glob(".sft-*.checkpoint"))
+    capsys.readouterr()
+    resumed = stages.sft(spec, train, stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "b",
+                                                 runtime=runtime))
+    assert "resumed from" in capsys.readouterr().out and resumed.key == whole.key
+    assert not list((tmp_path / "b").glob(".sft-*.checkpoint"))  # dropped once the entry exists
+    a, b = models.load_saved(whole.path)[1].state_dict(), models.load_saved(resumed.path)[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
