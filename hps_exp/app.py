@@ -71,7 +71,6 @@ class Prepared:
     hf_annotator: stages.Scorer | None
     evaluator: stages.Scorer | None    # None: none, or the annotation reward model (eval_by_annotator)
     eval_by_annotator: bool
-    label: dict
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -81,6 +80,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     train, heldout, eval_sets = plan.load_data(cfg)
     plan.check_data(cfg, loss_fn, sampler, train)
     p = plan.make_plan(cfg, loss_fn)
+    plan.check_model_source(cfg.model.name_or_path, "model.name_or_path")
+    if cfg.reward_model.get("_target_") and "name_or_path" in cfg.reward_model:
+        plan.check_model_source(cfg.reward_model.name_or_path, "reward_model.name_or_path")
     device = models.pick_device(cfg.trainer.device)
     eval_node = cfg.eval.reward_model
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
@@ -91,20 +93,19 @@ def prepare(cfg: DictConfig) -> Prepared:
     evaluator = None if eval_node in (None, "annotation") else plan.scorer_from_node(eval_node, "eval.reward_model",
                                                                                       device)
     return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device, dataset_scorer, hf_annotator, evaluator,
-                    eval_node == "annotation", plan.run_label(cfg, loss_fn, sampler, train))
+                    eval_node == "annotation")
 
 
 def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dict:
     """The stages, in order. Returns metrics.json's content (without status)."""
-    p, train, label = r.plan, r.train, r.label
+    p, train = r.plan, r.train
     sft = stages.sft(p.sft, train, env)
     annotator = (stages.trained_reward_model(p.reward_model, train, r.heldout, sft, env)
                  if p.reward_model else r.hf_annotator or r.dataset_scorer)
     augmented = stages.augmented(p.augment, train, sft, annotator, env) if p.augment else None
     if augmented is not None:
         train = augmented.examples
-        if not env.dry_run:
-            label = plan.run_label(cfg, r.loss_fn, r.sampler, train)  # n_responses after augmentation
+    label = plan.run_label(cfg, r.loss_fn, r.sampler, train)   # after augmentation: n_responses as trained
     ref_train = stages.reference(p.reference, sft, train, env)
     policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
     evaluator = annotator if r.eval_by_annotator else r.evaluator
@@ -149,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
     env = stages.Env(**env_args, logger=logger)
     try:
-        print(f"[hps_exp] {r.label['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) on "
+        print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) on "
               f"{cfg.dataset.name}: {len(r.train)} train prompts, eval on "
               f"{', '.join(f'{s.name} ({len(s.examples)})' for s in r.eval_sets)}, device={r.device}, "
               f"run dir {run_dir}")

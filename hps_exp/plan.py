@@ -137,6 +137,40 @@ def scorer_from_node(node, key: str, device) -> Scorer | None:
     return Scorer(model, content_key({"node": values, "files": fp}))
 
 
+def check_model_source(name_or_path: str | None, key: str) -> None:
+    """Fail fast (before W&B or any training) when a model cannot be had: a missing local dir or package, or a hub
+    id that is neither cached nor reachable. Without this an offline hub id fails after ~50 s of retries."""
+    if not name_or_path:
+        return
+    from hps_exp import models
+
+    if name_or_path.startswith(models.PKG_PREFIX) or name_or_path.endswith(".gguf"):
+        models.resolve_gguf(name_or_path)   # raises ModelError naming the package / file
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    hint = (f"point {key} at a local copy saved with save_pretrained ({key}=/path/to/dir), or use the embedded "
+            f"default model=tiny")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise models.ModelError(f"{key}={name_or_path!r}: no such directory; {hint}")
+    from huggingface_hub import try_to_load_from_cache
+
+    from hps_exp.data.common import _hub_offline, _hub_unreachable_reason
+
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return   # in the local hub cache: loads offline
+    except HFValidationError:
+        raise models.ModelError(f"{key}={name_or_path!r} is neither a local directory nor a valid hub id "
+                                f"(owner/name); {hint}") from None
+    reason = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if _hub_offline() else _hub_unreachable_reason()
+    if reason:
+        raise models.ModelError(f"{key}={name_or_path!r} cannot be loaded: {reason}. Offline? {hint}")
+
+
 def _params(target: str) -> tuple[str, ...]:
     import inspect
 

@@ -87,3 +87,17 @@ def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
     assert isinstance(ev["aligned"]["reward"], float) and isinstance(ev["aligned"]["bleu"], float)
     assert ev["aligned"]["harmful_rate"] is None  # no safety labels for generations on HH
     assert "[augment]" in p.stdout and "held-out pair accuracy" in p.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.name_or_path=nobody/no-such-model", "offline mode"),
+    ("model.name_or_path=/nonexistent/dir", "no such directory"),
+])
+def test_unloadable_model_fails_before_any_work(tmp_path, override, message):
+    """Resolved in prepare: no W&B run, no config written, no stage started (an offline hub id used to take ~50 s
+    of retries after a W&B run had been created)."""
+    p = run_app([override, f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache", "logger.mode=offline"],
+                cwd=REPO, timeout=120)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists() and not (tmp_path / "run" / "wandb").exists()
+    assert not (tmp_path / "cache").exists()

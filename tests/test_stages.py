@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hps_exp import app, stages
-from hps_exp.cache import clean_stale, content_key
+from hps_exp.cache import clean_stale
 
 BASE = ["reward_model=train", "augment=sample", "dataset.n_train=24", "dataset.n_test=8"]
 ALL = {"sft", "reward_model", "augment", "reference#0", "preference", "reference#1", "sft_eval", "eval"}
@@ -169,12 +169,15 @@ def test_stale_temp_dirs_of_dead_processes_are_removed(tmp_path):
 
 
 def test_config_key_ignores_where_results_go(compose):
-    a = app.prepare(compose(["cache_dir=/tmp/a", "dataset.n_train=10", "dataset.n_test=4"])).label
-    b = app.prepare(compose(["cache_dir=/tmp/b", "logger.mode=disabled", "dataset.n_train=10",
-                             "dataset.n_test=4"])).label
-    c = app.prepare(compose(["trainer.lr=1e-3", "dataset.n_train=10", "dataset.n_test=4"])).label
-    assert a["config_key"] == b["config_key"] != c["config_key"]
-    assert content_key({"x": 1}) == content_key({"x": 1})
+    from hps_exp import plan
+
+    def label(overrides):
+        cfg = compose([*overrides, "dataset.n_train=10", "dataset.n_test=4"])
+        r = app.prepare(cfg)
+        return plan.run_label(cfg, r.loss_fn, r.sampler, r.train)
+
+    a, b = label(["cache_dir=/tmp/a"]), label(["cache_dir=/tmp/b", "logger.mode=disabled", "run_name=x"])
+    assert a["config_key"] == b["config_key"] != label(["trainer.lr=1e-3"])["config_key"]
 
 
 class _Crash(RuntimeError):
