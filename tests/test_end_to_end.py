@@ -65,6 +65,7 @@ def test_bad_input_fails_with_a_message_not_a_traceback(tmp_path):
     assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
     """~200 real HH-RLHF rows: SFT -> train a reward model -> sample n=4 per prompt, scored -> HPS -> eval."""
     from conftest import HH_TEST
