@@ -123,9 +123,13 @@ def as_number_list(v: Any, key: str, where: str) -> list[float]:
     for i, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise DataError(f"{where}: field {key!r} item {i} must be a number, got {_type_name(x)} {x!r}")
-        if not math.isfinite(x):
+        try:
+            value = float(x)  # OverflowError for an int beyond float range (JSON allows any digits)
+        except OverflowError:
+            raise DataError(f"{where}: field {key!r} item {i} is too large for a float ({shorten(str(x), 40)})") from None
+        if not math.isfinite(value):
             raise DataError(f"{where}: field {key!r} item {i} is not finite ({x!r})")
-        out.append(float(x))
+        out.append(value)
     return out
 
 
