@@ -216,3 +216,10 @@ def test_ranked_extreme_json_is_a_named_bad_row(tmp_path, line, message):
     path = tmp_path / "ranked.jsonl"
     path.write_text("\n".join([json.dumps(GOOD_RANKED[0]), line, json.dumps(GOOD_RANKED[1])]) + "\n")
     check_bad_row(ranked_jsonl.load, path, 2, message, 2)
+
+
+def test_too_few_prompts_to_split_names_the_file(tmp_path):
+    path = tmp_path / "one_prompt.jsonl"
+    path.write_text(json.dumps(hh_row("\n\nHuman: q?\n\nAssistant:", " yes", " no")) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: cannot split 1 distinct prompt(s) into train and test")):
+        hh_rlhf.load(path=str(path), test_fraction=0.5)

@@ -258,7 +258,8 @@ def parse_rows(rows: Iterable[Row], parse: RowParser, *, on_bad_row: str, label:
 
 # ----------------------------------------------------------------------------- splitting / overlap
 
-def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int,
+                    label: str = "") -> tuple[list[Example], list[Example]]:
     """Seeded, deterministic split with no prompt on both sides.
 
     Distinct prompts (in order of first appearance) are shuffled with random.Random(seed); the first
@@ -269,7 +270,9 @@ def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int
     if test_fraction <= 0:
         return list(examples), []
     if len(prompts) < 2:
-        raise DataError(f"cannot split {len(prompts)} distinct prompt(s) into train and test; give dataset.test_path")
+        where = f"{label}: " if label else ""
+        raise DataError(f"{where}cannot split {len(prompts)} distinct prompt(s) into train and test; "
+                        f"give dataset.test_path (or dataset.test_fraction=0)")
     n_test = min(len(prompts) - 1, max(1, round(test_fraction * len(prompts))))
     rng = random.Random(seed)
     rng.shuffle(prompts)
@@ -341,7 +344,7 @@ def build_splits(
         if test_path is not None:
             test, n_bad_test = load_local(test_path)
         else:
-            train, test = split_by_prompt(train, _check_fraction(test_fraction), seed)
+            train, test = split_by_prompt(train, _check_fraction(test_fraction), seed, label=str(path))
             n_bad_test = 0
     elif hub_id:
         train, n_bad_train = load_hub(train_split)
