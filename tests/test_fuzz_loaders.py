@@ -3,15 +3,18 @@
 For every loader (hh_rlhf, pku_safety, ranked_jsonl, through its public `load(path=...)`) hypothesis writes a
 file of mostly-valid rows mutated in every way we could think of: missing keys, wrong types, empty strings,
 huge / NaN / inf numbers, non-object JSON, random and invalid-UTF-8 bytes, digit-limit integers, deep nesting,
-blank lines, gzip, truncated gzip. Each file is loaded in both bad-row modes, and the outcome must be one of:
+blank lines, gzip, truncated gzip; sometimes a second file as dataset.test_path, else the file is split by
+prompt. Each case is loaded in both bad-row modes, and the outcome must be one of:
 
 - success: every non-blank line is an example or (skip mode) a counted skip; error mode skips nothing;
 - a DataError naming the file, and, for a row problem, "file:line" of a non-blank line; skip mode raises
-  only file-level errors (truncated file, no usable rows, too few prompts to split);
+  only file-level errors (truncated file, no usable rows, too few prompts to split, train/test overlap);
+  if error mode loads, skip mode loads the same rows;
 
 never another exception type, never a hang (hypothesis `deadline` bounds each example).
 
-Budget: HPS_EXP_FUZZ_EXAMPLES examples per loader (default 30, a few seconds for the file); run longer with
+Budget: HPS_EXP_FUZZ_EXAMPLES examples per loader (default 30, a few seconds for the file); run longer (and see
+the mix of outcomes with --hypothesis-show-statistics) with
     HPS_EXP_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz_loaders.py
 """
 from __future__ import annotations
@@ -21,11 +24,12 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hps_exp.data import hh_rlhf, pku_safety, ranked_jsonl
@@ -108,8 +112,10 @@ def line_of(valid: st.SearchStrategy) -> st.SearchStrategy[bytes]:
         at = draw(st.integers(0, len(line)))
         return line[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"])) + line[at:]
 
+    valid_rows = valid.map(lambda r: json.dumps(r).encode())
     return st.one_of(
-        rows, rows, rows, rows,                                   # mostly rows the parser gets to see
+        valid_rows, valid_rows, valid_rows, valid_rows, valid_rows,  # enough good rows that files load
+        rows, rows, rows,                                          # rows the parser gets to see
         bad_byte(),
         json_values.map(lambda v: json.dumps(v).encode()),        # non-object JSON (and the odd object)
         st.binary(max_size=24),                                   # random bytes
@@ -118,13 +124,31 @@ def line_of(valid: st.SearchStrategy) -> st.SearchStrategy[bytes]:
     ).map(lambda b: b.replace(b"\n", b" "))                       # one generated line = one file line
 
 
+@dataclass(frozen=True)
+class FileCase:
+    lines: list[bytes]
+    gz: bool
+    cut: float | None   # a .gz cut at this fraction of its bytes (truncated), or None
+
+
+@dataclass(frozen=True)
+class Case:
+    train: FileCase
+    test: FileCase | None   # dataset.test_path, or None: the train file is split by prompt
+    test_fraction: float
+
+
 @st.composite
-def files(draw, valid: st.SearchStrategy) -> tuple[list[bytes], bool, int | None, float]:
-    lines = draw(st.lists(line_of(valid), min_size=1, max_size=8))
+def file_cases(draw, valid: st.SearchStrategy) -> FileCase:
     gz = draw(st.booleans())
-    cut = draw(st.none() | st.floats(0.0, 0.999)) if gz else None
-    test_fraction = draw(st.sampled_from([0.0, 0.0, 0.5]))
-    return lines, gz, cut, test_fraction
+    cut = draw(st.sampled_from([None] * 4) | st.floats(0.0, 0.999)) if gz else None
+    return FileCase(draw(st.lists(line_of(valid), min_size=1, max_size=8)), gz, cut)
+
+
+@st.composite
+def cases(draw, valid: st.SearchStrategy) -> Case:
+    test = draw(st.none() | file_cases(valid))
+    return Case(draw(file_cases(valid)), test, draw(st.sampled_from([0.0, 0.0, 0.5])))
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -136,68 +160,102 @@ def is_blank(line: bytes, first: bool) -> bool:
         return False
 
 
-def check_loader(load, lines: list[bytes], gz: bool, cut: float | None, test_fraction: float) -> None:
+def write_file(path: Path, case: FileCase) -> set[int]:
+    """Write the file; return its non-blank line numbers (the rows a loader must account for)."""
+    data = b"\n".join(case.lines) + b"\n"
+    if case.gz:
+        data = gzip.compress(data)
+        if case.cut is not None:
+            data = data[: max(1, int(case.cut * len(data)))]
+    path.write_bytes(data)
+    return {i for i, line in enumerate(case.lines, start=1) if not is_blank(line, i == 1)}
+
+
+def line_of_source(source: str, nonblank: dict[str, set[int]]) -> None:
+    file, line = source.rsplit(":", 1)
+    assert int(line) in nonblank[file], source
+
+
+def check_loader(load, case: Case) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ("rows.jsonl.gz" if gz else "rows.jsonl")
-        data = b"\n".join(lines) + b"\n"
-        if gz:
-            data = gzip.compress(data)
-            if cut is not None:
-                data = data[: max(1, int(cut * len(data)))]
-        path.write_bytes(data)
-        nonblank = {i for i, line in enumerate(lines, start=1) if not is_blank(line, i == 1)}
-        row_error = re.compile(re.escape(str(path)) + r":(\d+): ")
-        file_error = str(path) + ": "
+        suffix = lambda c: ".jsonl.gz" if c.gz else ".jsonl"  # noqa: E731
+        train_path = str(Path(tmp) / ("train" + suffix(case.train)))
+        test_path = None if case.test is None else str(Path(tmp) / ("test" + suffix(case.test)))
+        nonblank = {train_path: write_file(Path(train_path), case.train)}
+        if test_path:
+            nonblank[test_path] = write_file(Path(test_path), case.test)
+        row_error = re.compile("(" + "|".join(re.escape(p) for p in nonblank) + r"):(\d+): ")
 
         outcome = {}
         for mode in ("error", "skip"):
             try:
-                outcome[mode] = load(path=str(path), on_bad_row=mode, test_fraction=test_fraction)
+                outcome[mode] = load(path=train_path, test_path=test_path, on_bad_row=mode,
+                                     test_fraction=case.test_fraction)
             except DataError as e:
                 msg = str(e)
                 m = row_error.match(msg)
                 if m:  # a row problem: names a real, non-blank line, and only in error mode
                     assert mode == "error", f"skip mode raised a row error: {msg}"
-                    assert int(m.group(1)) in nonblank, msg
+                    assert int(m.group(2)) in nonblank[m.group(1)], msg
+                elif msg.startswith("prompt "):  # train/test overlap: names a row of each file
+                    assert test_path and f"train ({train_path}:" in msg and f"test ({test_path}:" in msg, msg
                 else:
-                    assert msg.startswith(file_error), f"error does not name the file: {msg}"
+                    assert any(msg.startswith(p + ": ") for p in nonblank), f"error does not name the file: {msg}"
                 outcome[mode] = e
-        if cut is not None:  # a truncated file is never loaded (error mode may stop at a bad row first)
-            assert isinstance(outcome["error"], DataError), outcome["error"]
-            assert isinstance(outcome["skip"], DataError) and "never loaded" in str(outcome["skip"]), outcome["skip"]
-            return
+
         strict, lenient = outcome["error"], outcome["skip"]
+        for mode, result in outcome.items():  # shown by --hypothesis-show-statistics: is the mix useful?
+            kind = "loaded" if not isinstance(result, DataError) else "row error" if row_error.match(str(result)) \
+                else "file error"
+            if kind == "file error":  # which one: truncated, no usable rows, too few prompts, overlap
+                msg = str(result)
+                kind += ": " + ("overlap" if msg.startswith("prompt ") else msg.split(": ", 1)[-1][:15])
+            event(f"{mode}: {kind}")
+        cut = [c for c in (case.train, case.test) if c is not None and c.cut is not None]
+        if cut:  # a truncated file is never loaded (error mode may stop at a bad row first)
+            assert isinstance(strict, DataError), strict
+            assert isinstance(lenient, DataError), lenient
+            if case.train.cut is not None:
+                assert "never loaded" in str(lenient), lenient
+            return
+        n_train = len(nonblank[train_path])
+        n_test = len(nonblank[test_path]) if test_path else 0
         if not isinstance(strict, DataError):
             assert strict.skipped == {"train": 0, "test": 0}
-            assert len(strict.train) + len(strict.test) == len(nonblank)
-            assert not isinstance(lenient, DataError)
-            assert [e.source for e in lenient.train] == [e.source for e in strict.train]
+            assert len(strict.train) + len(strict.test) == n_train + n_test
+            if test_path:
+                assert len(strict.test) == n_test
+            assert not isinstance(lenient, DataError), lenient
+            assert [e.source for e in lenient.train + lenient.test] == [e.source for e in strict.train + strict.test]
         if not isinstance(lenient, DataError):
-            kept = len(lenient.train) + len(lenient.test)
-            assert kept + lenient.skipped["train"] == len(nonblank)
-            assert lenient.skipped["test"] == 0
+            if test_path:
+                assert len(lenient.train) + lenient.skipped["train"] == n_train
+                assert len(lenient.test) + lenient.skipped["test"] == n_test
+            else:
+                assert len(lenient.train) + len(lenient.test) + lenient.skipped["train"] == n_train
+                assert lenient.skipped["test"] == 0
             for e in lenient.train + lenient.test:
-                assert int(e.source.rsplit(":", 1)[1]) in nonblank
+                line_of_source(e.source, nonblank)
 
 
 # ----------------------------------------------------------------------------- one test per loader
 
 @FUZZ
-@given(files(hh_valid()))
+@given(cases(hh_valid()))
 def test_fuzz_hh_rlhf(case):
-    check_loader(hh_rlhf.load, *case)
+    check_loader(hh_rlhf.load, case)
 
 
 @FUZZ
-@given(files(pku_valid()))
+@given(cases(pku_valid()))
 def test_fuzz_pku_safety(case):
-    check_loader(pku_safety.load, *case)
+    check_loader(pku_safety.load, case)
 
 
 @FUZZ
-@given(files(ranked_valid()))
+@given(cases(ranked_valid()))
 def test_fuzz_ranked_jsonl(case):
-    check_loader(ranked_jsonl.load, *case)
+    check_loader(ranked_jsonl.load, case)
 
 
 @pytest.mark.parametrize("load,valid", [(hh_rlhf.load, hh_valid()), (pku_safety.load, pku_valid()),
