@@ -223,3 +223,8 @@ def test_too_few_prompts_to_split_names_the_file(tmp_path):
     path.write_text(json.dumps(hh_row("\n\nHuman: q?\n\nAssistant:", " yes", " no")) + "\n")
     with pytest.raises(DataError, match=re.escape(f"{path}: cannot split 1 distinct prompt(s) into train and test")):
         hh_rlhf.load(path=str(path), test_fraction=0.5)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: is a directory, not a .jsonl file")):
+        ranked_jsonl.load(path=str(tmp_path), on_bad_row="skip")

@@ -20,7 +20,6 @@ import os
 import random
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -155,8 +154,6 @@ def iter_file_rows(path: str | os.PathLike) -> Iterator[Row]:
     Unlike schema.read_jsonl, a line that is not a JSON object yields ("file:line", DataError)
     instead of ending the iteration, so skip mode can step over it. A missing file raises at once.
     """
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
     yield from iter_jsonl(path)
 
 

@@ -146,7 +146,7 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]]
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: file not found")
+        raise DataError(f"{p}: {'is a directory, not a .jsonl file' if p.is_dir() else 'file not found'}")
     opener = gzip.open if p.suffix == ".gz" else open
     lineno = 0
     try:
