@@ -13,9 +13,10 @@ W&B never stops a run:
 - an online init that fails (bad key, no network, server error) or takes longer than the init timeout
   falls back to offline with one warning line; if offline fails too, W&B is disabled with one warning line.
   Explicit `online` falls back the same way (the run's local outputs matter more than the dashboard);
-- the init timeout is HPS_EXP_WANDB_INIT_TIMEOUT seconds (default 20), passed to wandb as
-  `Settings(init_timeout=...)`; an unreachable server then costs at most that plus wandb's own 10 s
-  "logged in as" lookup (skipped under WANDB_SILENT=true), e.g. ~14 s with a 3 s timeout;
+- the init timeout is HPS_EXP_WANDB_INIT_TIMEOUT seconds (else WANDB_INIT_TIMEOUT, else 20), passed to
+  wandb as `Settings(init_timeout=...)`. wandb runs silent (one "[hps_exp] W&B <mode> run: <url or dir>"
+  line instead of its banner) unless WANDB_SILENT is set: a non-silent wandb first looks up "logged in as",
+  which waits up to 10 s more on an unreachable server;
 - `log` / `summary` / `finish` never raise for W&B: the first failure prints one warning line and W&B is
   dropped for the rest of the job; metrics.jsonl keeps every step.
 """
@@ -44,8 +45,9 @@ def wandb_mode(mode: str) -> str:
 
 
 def init_timeout_s() -> float:
-    """Seconds wandb.init may take before we give up on it ($HPS_EXP_WANDB_INIT_TIMEOUT, default 20)."""
-    raw = os.environ.get(INIT_TIMEOUT_ENV, "").strip()
+    """Seconds wandb.init may take before we give up on it: $HPS_EXP_WANDB_INIT_TIMEOUT, else wandb's own
+    $WANDB_INIT_TIMEOUT, else 20."""
+    raw = (os.environ.get(INIT_TIMEOUT_ENV) or os.environ.get("WANDB_INIT_TIMEOUT") or "").strip()
     try:
         value = float(raw) if raw else DEFAULT_INIT_TIMEOUT_S
     except ValueError:
@@ -62,7 +64,9 @@ def warn(message: str) -> None:
 
 
 def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    """The exception's type and first line (wandb appends advice lines we replace with our own)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    text = " ".join(first.split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
@@ -134,9 +138,12 @@ class RunLogger:
                       config=config, dir=str(run_dir), reinit="finish_previous")
         tries = [self.requested_mode] + (["offline"] if self.requested_mode != "offline" else [])
         failures = []
+        # Silent unless WANDB_SILENT says otherwise: wandb's own start-up lines (and its "logged in as" lookup,
+        # which waits up to 10 s more on an unreachable server) give way to one line of ours.
+        silent = {} if os.environ.get("WANDB_SILENT") else {"silent": True}
         for mode in tries:
             try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout), **kwargs)
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, **silent), **kwargs)
                 self.mode = mode
                 break
             except Exception as e:
@@ -145,7 +152,13 @@ class RunLogger:
             warn(f"W&B disabled: init failed ({'; '.join(failures)}); metrics go to {self.path} only")
         elif failures:
             warn(f"W&B {self.requested_mode} init failed or timed out after at most {timeout:g}s "
-                 f"({failures[0]}); logging offline instead (`wandb sync {run_dir}/wandb` later)")
+                 f"(${INIT_TIMEOUT_ENV}) ({failures[0]}); logging offline instead "
+                 f"(`wandb sync {run_dir}/wandb` later)")
+        elif silent:
+            url = getattr(self.run, "url", None) if self.mode == "online" else None
+            files = getattr(self.run, "dir", None)  # <run dir>/wandb/<run>/files
+            print(f"[hps_exp] W&B {self.mode} run: {url or (Path(files).parent if files else run_dir)}",
+                  file=sys.stderr)
 
     def _wandb_failed(self, what: str, e: BaseException) -> None:
         warn(f"W&B {what} failed ({_reason(e)}); W&B is off for the rest of this job, metrics go to {self.path}")

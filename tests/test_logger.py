@@ -66,9 +66,6 @@ def test_wandb_unreachable_falls_back_to_offline(tmp_path, mode, key):
         NO_PROXY="127.0.0.1,localhost", WANDB_ERROR_REPORTING="false", WANDB_DIR=str(tmp_path),
         WANDB_CONFIG_DIR=str(tmp_path / "cfg"), WANDB_CACHE_DIR=str(tmp_path / "cache"),
         WANDB_DATA_DIR=str(tmp_path / "data"), HPS_EXP_WANDB_INIT_TIMEOUT="3", OMP_NUM_THREADS="1",
-        # silent: wandb skips its "logged in as" identity lookup, which has its own 10 s timeout on top of
-        # the init timeout; the fallback path is the same, the test just runs 10 s faster
-        WANDB_SILENT="true",
     )
     run_dir = tmp_path / "run"
     # the timeout is a hang guard for the whole child (wandb start + init timeout + offline run), not a timing check
@@ -108,13 +105,15 @@ def fake_wandb(monkeypatch, fail_modes=(), **run_kwargs) -> types.SimpleNamespac
 
     def init(mode, settings, **kwargs):
         calls.append((mode, settings.init_timeout))
+        assert settings.silent is True  # wandb's banner gives way to our one line
         if mode in fail_modes:
             raise TimeoutError(f"init {mode} timed out")
         module.run = FakeRun(**run_kwargs)
         return module.run
 
-    module = types.SimpleNamespace(init=init, Settings=lambda init_timeout: SimpleNamespace(init_timeout=init_timeout),
-                                   calls=calls, run=None)
+    module = types.SimpleNamespace(init=init, Settings=SimpleNamespace, calls=calls, run=None)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
     monkeypatch.setitem(sys.modules, "wandb", module)
     return module
 
@@ -135,9 +134,15 @@ def test_init_timeout_from_env(monkeypatch, tmp_path, capsys):
     L.RunLogger(tmp_path, cfg("offline"), {}, "job", None)
     monkeypatch.setenv(L.INIT_TIMEOUT_ENV, "soon")
     L.RunLogger(tmp_path, cfg("offline"), {}, "job", None)
-    assert wb.calls == [("offline", 7.5), ("offline", L.DEFAULT_INIT_TIMEOUT_S)]
-    (warning,) = warnings_in(capsys.readouterr().err)
+    monkeypatch.delenv(L.INIT_TIMEOUT_ENV)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "4")  # wandb's own variable, when ours is not set
+    L.RunLogger(tmp_path, cfg("offline"), {}, "job", None)
+    assert wb.calls == [("offline", 7.5), ("offline", L.DEFAULT_INIT_TIMEOUT_S), ("offline", 4.0)]
+    err = capsys.readouterr().err
+    (warning,) = warnings_in(err)
     assert f"{L.INIT_TIMEOUT_ENV}='soon' is not a positive number of seconds" in warning
+    # each successful start says where the run is, in one line of ours (wandb itself is silent)
+    assert err.count(f"[hps_exp] W&B offline run: {tmp_path}") == 3
 
 
 def test_online_failure_falls_back_to_offline_with_one_warning(monkeypatch, tmp_path, capsys):
@@ -145,8 +150,8 @@ def test_online_failure_falls_back_to_offline_with_one_warning(monkeypatch, tmp_
     log = L.RunLogger(tmp_path, cfg("online"), {}, "job", None)
     assert [m for m, _ in wb.calls] == ["online", "offline"] and log.mode == "offline"
     (warning,) = warnings_in(capsys.readouterr().err)
-    assert "W&B online init failed or timed out after at most 20s (online: TimeoutError: init online timed out)" \
-        in warning
+    assert (f"W&B online init failed or timed out after at most 20s (${L.INIT_TIMEOUT_ENV}) "
+            "(online: TimeoutError: init online timed out); logging offline instead") in warning
     log.log({"sft/loss": 0.5}, step=1)
     assert wb.run.logged == [(1, {"sft/loss": 0.5})]
 
