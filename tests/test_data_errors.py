@@ -228,3 +228,13 @@ def test_too_few_prompts_to_split_names_the_file(tmp_path):
 def test_a_directory_is_not_a_data_file(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}: is a directory, not a .jsonl file")):
         ranked_jsonl.load(path=str(tmp_path), on_bad_row="skip")
+
+
+def test_messages_use_the_path_as_given(tmp_path):
+    """Line errors from the byte reader and from the JSON parser name the file the same way."""
+    write_lines(tmp_path / "x.jsonl", [b'{"prompt": "\xff"}', b"[1]"])
+    given = f"{tmp_path}/./x.jsonl"  # Path() would drop the "/."
+    with pytest.raises(DataError, match=re.escape(f"{given}:1: not valid UTF-8 (byte 0xff at column 13)")):
+        ranked_jsonl.load(path=given)
+    with pytest.raises(DataError, match=re.escape(f"{given}: no usable training rows (2 bad row(s) skipped)")):
+        ranked_jsonl.load(path=given, on_bad_row="skip")

@@ -144,9 +144,9 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]]
     A file that cannot be read to its end (a truncated or corrupt .gz, an I/O error) raises DataError
     naming the file and the last line reached: a partial file is never accepted, whatever the bad-row mode.
     """
-    p = Path(path)
+    p, name = Path(path), os.fspath(path)  # messages use the path as given, like iter_jsonl's "file:line"
     if not p.is_file():
-        raise DataError(f"{p}: {'is a directory, not a .jsonl file' if p.is_dir() else 'file not found'}")
+        raise DataError(f"{name}: {'is a directory, not a .jsonl file' if p.is_dir() else 'file not found'}")
     opener = gzip.open if p.suffix == ".gz" else open
     lineno = 0
     try:
@@ -156,17 +156,19 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]]
                     # utf-8-sig on line 1: a byte-order mark some editors write is not part of the JSON.
                     yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    yield lineno, DataError(f"{p}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                    yield lineno, DataError(f"{name}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
                                             f"column {e.start + 1})")
     except (EOFError, zlib.error, OSError) as e:
         reached = f"after line {lineno}" if lineno else "before the first line"
         if isinstance(e, EOFError):
-            what = "is truncated (the compressed stream ends early)"
+            what = "file is truncated (the compressed stream ends early)"
         elif isinstance(e, (zlib.error, gzip.BadGzipFile)):
-            what = f"is not valid gzip data ({e})"
+            what = f"file is not valid gzip data ({e})"
+        elif not lineno:  # could not even start (permissions, ...): nothing partial about it
+            raise DataError(f"{name}: cannot read the file ({type(e).__name__}: {e})") from None
         else:
-            what = f"could not be read ({type(e).__name__}: {e})"
-        raise DataError(f"{p}: file {what}, {reached}; a partial file is never loaded, not even with "
+            what = f"file could not be read to its end ({type(e).__name__}: {e})"
+        raise DataError(f"{name}: {what}, {reached}; a partial file is never loaded, not even with "
                         f"dataset.on_bad_row=skip: re-download or re-create it") from None
 
 
