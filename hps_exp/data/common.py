@@ -20,7 +20,6 @@ import os
 import random
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -123,9 +122,13 @@ def as_number_list(v: Any, key: str, where: str) -> list[float]:
     for i, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise DataError(f"{where}: field {key!r} item {i} must be a number, got {_type_name(x)} {x!r}")
-        if not math.isfinite(x):
+        try:
+            value = float(x)  # OverflowError for an int beyond float range (JSON allows any digits)
+        except OverflowError:
+            raise DataError(f"{where}: field {key!r} item {i} is too large for a float ({shorten(str(x), 40)})") from None
+        if not math.isfinite(value):
             raise DataError(f"{where}: field {key!r} item {i} is not finite ({x!r})")
-        out.append(float(x))
+        out.append(value)
     return out
 
 
@@ -151,8 +154,6 @@ def iter_file_rows(path: str | os.PathLike) -> Iterator[Row]:
     Unlike schema.read_jsonl, a line that is not a JSON object yields ("file:line", DataError)
     instead of ending the iteration, so skip mode can step over it. A missing file raises at once.
     """
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
     yield from iter_jsonl(path)
 
 
@@ -254,7 +255,8 @@ def parse_rows(rows: Iterable[Row], parse: RowParser, *, on_bad_row: str, label:
 
 # ----------------------------------------------------------------------------- splitting / overlap
 
-def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int,
+                    label: str = "") -> tuple[list[Example], list[Example]]:
     """Seeded, deterministic split with no prompt on both sides.
 
     Distinct prompts (in order of first appearance) are shuffled with random.Random(seed); the first
@@ -265,7 +267,9 @@ def split_by_prompt(examples: Sequence[Example], test_fraction: float, seed: int
     if test_fraction <= 0:
         return list(examples), []
     if len(prompts) < 2:
-        raise DataError(f"cannot split {len(prompts)} distinct prompt(s) into train and test; give dataset.test_path")
+        where = f"{label}: " if label else ""
+        raise DataError(f"{where}cannot split {len(prompts)} distinct prompt(s) into train and test; "
+                        f"give dataset.test_path (or dataset.test_fraction=0)")
     n_test = min(len(prompts) - 1, max(1, round(test_fraction * len(prompts))))
     rng = random.Random(seed)
     rng.shuffle(prompts)
@@ -337,7 +341,7 @@ def build_splits(
         if test_path is not None:
             test, n_bad_test = load_local(test_path)
         else:
-            train, test = split_by_prompt(train, _check_fraction(test_fraction), seed)
+            train, test = split_by_prompt(train, _check_fraction(test_fraction), seed, label=str(path))
             n_bad_test = 0
     elif hub_id:
         train, n_bad_train = load_hub(train_split)

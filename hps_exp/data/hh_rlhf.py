@@ -3,7 +3,8 @@
 Each row is {"chosen": transcript, "rejected": transcript}; a transcript is a run of
 "\\n\\nHuman: …" / "\\n\\nAssistant: …" turns. The prompt is everything up to and including the
 last "\\n\\nAssistant:" (so earlier turns stay in the prompt); the response is the rest, leading
-space kept. Both transcripts must share that prompt, otherwise the row is bad.
+space kept. Both transcripts must share that prompt, and the two responses must differ (beyond
+surrounding whitespace), otherwise the row is bad.
 
     Example(prompt, (chosen_response, rejected_response), scores=None, harmful=None,
             chosen=0, rejected=1, source="file:line")
@@ -44,6 +45,9 @@ def parse_row(row: dict, where: str) -> Example:
     for key, resp in (("chosen", chosen_resp), ("rejected", rejected_resp)):
         if not resp.strip():
             raise DataError(f"{where}: {key} response (after the last {ASSISTANT!r}) is empty")
+    # Equal texts (up to surrounding whitespace) carry no preference: training on them is pure noise.
+    if chosen_resp.strip() == rejected_resp.strip():
+        raise DataError(f"{where}: chosen and rejected responses are the same text, so the row carries no preference")
     return Example(prompt=prompt, responses=(chosen_resp, rejected_resp), chosen=0, rejected=1, source=where)
 
 

@@ -9,7 +9,7 @@ The prompt is put into the HH chat format and responses get a leading space, so 
 one dataset sees the same format on the other:
     prompt = "\\n\\nHuman: {prompt}\\n\\nAssistant:", responses = (" " + response_0, " " + response_1)
 (prompt and responses are stripped of surrounding whitespace first). Responses keep their order;
-chosen = the preferred id, rejected = the other.
+chosen = the preferred id, rejected = the other. A row whose two responses are the same text is bad.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def parse_row(row: dict, where: str, preference: str = "safer") -> Example:
     r1 = require_str(row, "response_1", where)
     safe0 = require_bool(row, "is_response_0_safe", where)
     safe1 = require_bool(row, "is_response_1_safe", where)
+    if r0.strip() == r1.strip():  # equal texts carry no preference
+        raise DataError(f"{where}: fields 'response_0' and 'response_1' are the same text, so the row carries "
+                        f"no preference")
     key = f"{preference}_response_id"
     pref = require_int(row, key, where)
     if pref not in (0, 1):

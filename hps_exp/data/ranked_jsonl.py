@@ -2,16 +2,20 @@
 
 Two row formats, told apart by their keys (one file may mix them):
 - the HPS authors' release: {"prompt": str, "responses": [str, ...], "rewards": [float, ...]}
-  -> scores = rewards, chosen = argmax reward (first on ties), rejected = argmin (first on ties);
-  all-equal rewards give no preference and make the row bad;
+  -> scores = rewards, chosen = Example.best (argmax, first index on ties), rejected = Example.worst
+  (argmin, LAST index on ties, as sampler=best_worst and augmentation pick it);
 - this project's own schema (`Example.to_json()`): {"prompt", "responses", "scores" (list or null),
   "harmful" (list or null), "chosen", "rejected"}; chosen/rejected are kept as written
   (default 0/1 when absent, as in Example.from_json).
+In both formats a row whose scores all tie has no negative (no response scored below the best), so it
+carries no preference and is bad at load time (error or counted skip, per dataset.on_bad_row), not
+a crash later in training.
 An optional "harmful" list of booleans is kept in both formats. Prompts are used as written.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from .common import (LoadedSplits, as_bool_list, as_number_list, as_str_list, build_splits, require,
                      require_int, require_str)
@@ -33,35 +37,33 @@ def parse_row(row: dict, where: str) -> Example:
     if "rewards" in row and "scores" in row:
         raise DataError(f"{where}: has both 'rewards' (authors' format) and 'scores' (hps-exp format); keep one")
     if "rewards" in row:
-        rewards = as_number_list(row["rewards"], "rewards", where)
-        if len(rewards) != n:
-            raise DataError(f"{where}: {len(rewards)} rewards for {n} responses")
-        chosen = max(range(n), key=lambda i: (rewards[i], -i))
-        rejected = min(range(n), key=lambda i: (rewards[i], i))
-        if rewards[chosen] == rewards[rejected]:
-            raise DataError(f"{where}: all rewards are equal, so no response is preferred")
-        scores = tuple(rewards)
+        key, scores = "rewards", as_number_list(row["rewards"], "rewards", where)
+        chosen = rejected = None  # from the scores, below
     elif "scores" in row:
-        scores = row["scores"]
+        key, scores = "scores", row["scores"]
         if scores is not None:
             scores = as_number_list(scores, "scores", where)
-            if len(scores) != n:
-                raise DataError(f"{where}: {len(scores)} scores for {n} responses")
-            scores = tuple(scores)
         chosen = require_int(row, "chosen", where) if "chosen" in row else 0
         rejected = require_int(row, "rejected", where) if "rejected" in row else 1
     else:
         raise DataError(f"{where}: missing field 'rewards' (authors' format) or 'scores' (hps-exp format)")
+    if scores is not None and len(scores) != n:
+        raise DataError(f"{where}: {len(scores)} {key} for {n} responses")
 
-    return Example(
+    example = Example(
         prompt=prompt,
         responses=tuple(responses),
-        scores=scores,
+        scores=None if scores is None else tuple(scores),
         harmful=None if harmful is None else tuple(harmful),
-        chosen=chosen,
-        rejected=rejected,
+        chosen=0 if chosen is None else chosen,
+        rejected=1 if rejected is None else rejected,
         source=where,
     )
+    if scores is not None and example.num_negatives == 0:
+        raise DataError(f"{where}: all {key} are equal ({scores[0]!r}), so no response is preferred")
+    if chosen is None:
+        example = replace(example, chosen=example.best, rejected=example.worst)
+    return example
 
 
 def load(

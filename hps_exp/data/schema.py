@@ -12,7 +12,9 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,12 +54,51 @@ class Example:
     def n(self) -> int:
         return len(self.responses)
 
+    # The one definition of best / worst / negatives (samplers, losses, evaluation, augmentation and
+    # loaders all use these). Rules: best = FIRST index of the top score, worst = LAST index of the
+    # bottom score (so best != worst even when every score ties); a negative is a response scored
+    # STRICTLY below the best, so a response tied with the best is never a negative. Without scores the
+    # dataset's (chosen, rejected) pair is the preference.
+
     @property
     def best(self) -> int:
-        """Index of the preferred response: argmax score (first on ties), else the dataset's chosen."""
+        """Index of the preferred response: argmax score (first index on ties), else `chosen`."""
         if self.scores is None:
             return self.chosen
         return max(range(self.n), key=lambda i: (self.scores[i], -i))
+
+    @property
+    def worst(self) -> int:
+        """Index of the least preferred response: argmin score (LAST index on ties), else `rejected`."""
+        if self.scores is None:
+            return self.rejected
+        return max(range(self.n), key=lambda i: (-self.scores[i], i))
+
+    # cached_property stores into the instance __dict__ without __setattr__, so it works on this frozen
+    # (non-slots) dataclass; the value depends only on frozen fields, so it never goes stale.
+    @cached_property
+    def negatives(self) -> tuple[int, ...]:
+        """Indices scored strictly below the best score, by decreasing score (ties by index).
+        Without scores: every index but `chosen`, in index order. Empty when every score ties."""
+        if self.scores is None:
+            return tuple(i for i in range(self.n) if i != self.chosen)
+        top = max(self.scores)
+        return tuple(sorted((i for i in range(self.n) if self.scores[i] < top), key=lambda i: (-self.scores[i], i)))
+
+    @property
+    def num_negatives(self) -> int:
+        return len(self.negatives)
+
+    @property
+    def hardest(self) -> int:
+        """The highest-scored negative (negatives[0]); `rejected` without scores.
+        DataError naming the row when every score ties (there is no negative)."""
+        if self.scores is None:
+            return self.rejected
+        if not self.negatives:
+            raise DataError(f"{self.source or 'example'}: every score ties ({self.scores[0]!r}), so no response "
+                            f"is a negative")
+        return self.negatives[0]
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -81,7 +122,7 @@ class Example:
                 rejected=int(d.get("rejected", 1)),
                 source=source,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{source or 'row'}: {type(e).__name__}: {e}") from None
@@ -95,27 +136,59 @@ class Splits:
     name: str = ""
 
 
-def open_text(path: str | os.PathLike) -> Iterator[str]:
-    """Lines of a .jsonl or .jsonl.gz file."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found")
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]]:
+    """(line number, text) for each line of a .jsonl or .jsonl.gz file.
+
+    Lines are read as bytes and decoded one by one, so an invalid UTF-8 byte spoils only its own line:
+    that line yields a DataError naming file:line (a caller may skip it) instead of killing the read.
+    A file that cannot be read to its end (a truncated or corrupt .gz, an I/O error) raises DataError
+    naming the file and the last line reached: a partial file is never accepted, whatever the bad-row mode.
+    """
+    p, name = Path(path), os.fspath(path)  # messages use the path as given, like iter_jsonl's "file:line"
+    if not p.is_file():
+        raise DataError(f"{name}: {'is a directory, not a .jsonl file' if p.is_dir() else 'file not found'}")
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        yield from f
+    lineno = 0
+    try:
+        with opener(p, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    # utf-8-sig on line 1: a byte-order mark some editors write is not part of the JSON.
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, DataError(f"{name}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                                            f"column {e.start + 1})")
+    except (EOFError, zlib.error, OSError) as e:
+        reached = f"after line {lineno}" if lineno else "before the first line"
+        if isinstance(e, EOFError):
+            what = "file is truncated (the compressed stream ends early)"
+        elif isinstance(e, (zlib.error, gzip.BadGzipFile)):
+            what = f"file is not valid gzip data ({e})"
+        elif not lineno:  # could not even start (permissions, ...): nothing partial about it
+            raise DataError(f"{name}: cannot read the file ({type(e).__name__}: {e})") from None
+        else:
+            what = f"file could not be read to its end ({type(e).__name__}: {e})"
+        raise DataError(f"{name}: {what}, {reached}; a partial file is never loaded, not even with "
+                        f"dataset.on_bad_row=skip: re-download or re-create it") from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict | DataError]]:
-    """("file:line", row) for each non-blank line; a line that is not a JSON object yields
-    ("file:line", DataError) instead, so a caller can skip it or raise it."""
-    for lineno, line in enumerate(open_text(path), start=1):
+    """("file:line", row) for each non-blank line; a line that is not a JSON object (or not UTF-8)
+    yields ("file:line", DataError) instead, so a caller can skip it or raise it."""
+    for lineno, line in iter_lines(path):
+        where = f"{path}:{lineno}"
+        if isinstance(line, DataError):
+            yield where, line
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             yield where, DataError(f"{where}: not valid JSON ({e.msg})")
+            continue
+        except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit, deep nesting
+            yield where, DataError(f"{where}: not usable JSON ({type(e).__name__}: {str(e)[:200]})")
             continue
         if not isinstance(row, dict):
             kind = "null" if row is None else type(row).__name__

@@ -69,7 +69,7 @@ import functools
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .schema import DataError, Example, Splits
 
@@ -560,11 +560,11 @@ def _example(topic: Topic, question: str, n: int, rng: random.Random, source: st
     responses = tuple(text for text, _ in items)
     scores = tuple(score for _, score in items)
     harmful = tuple(pool.harmful[text] for text in responses)
-    ex_best = max(range(n), key=lambda i: (scores[i], -i))
-    lower = [i for i in range(n) if scores[i] < scores[ex_best]]
-    rejected = rng.choice(lower)
-    return Example(prompt=prompt, responses=responses, scores=scores, harmful=harmful,
-                   chosen=ex_best, rejected=rejected, source=source)
+    scored = Example(prompt=prompt, responses=responses, scores=scores, harmful=harmful, source=source)
+    # chosen = Example.best; rejected = a seeded-random negative, drawn from the negatives in index order
+    # (the order this generator has always drawn from, so the data stays the same for a seed).
+    rejected = rng.choice(sorted(scored.negatives))
+    return replace(scored, chosen=scored.best, rejected=rejected)
 
 
 # ----------------------------------------------------------------------------- loader
