@@ -35,6 +35,7 @@ The output round-trips through hps_exp.data.schema.write_examples / read_example
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Sequence
@@ -79,11 +80,9 @@ def _build(ex: Example, responses: list[str], scores: list[float], harmful: list
     if top == bottom:
         stats["dropped_tied"] += 1
         return None
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = max(range(len(scores)), key=lambda i: (-scores[i], i))
-    return Example(prompt=ex.prompt, responses=tuple(responses), scores=tuple(float(s) for s in scores),
-                   harmful=None if harmful is None else tuple(bool(h) for h in harmful),
-                   chosen=best, rejected=worst, source=ex.source)
+    scored = Example(prompt=ex.prompt, responses=tuple(responses), scores=tuple(float(s) for s in scores),
+                     harmful=None if harmful is None else tuple(bool(h) for h in harmful), source=ex.source)
+    return dataclasses.replace(scored, chosen=scored.best, rejected=scored.worst)
 
 
 @torch.no_grad()

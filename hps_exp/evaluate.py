@@ -46,25 +46,17 @@ def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
     return score.score, str(metric.get_signature())
 
 
-def negatives(ex: Example) -> list[int]:
-    best = ex.best
-    if ex.scores is None:
-        return [i for i in range(ex.n) if i != best]
-    return [i for i in range(ex.n) if i != best and ex.scores[i] < ex.scores[best]]
-
-
 def reward_margins(examples: list[Example], policy_logps: list[torch.Tensor], ref_logps: list[torch.Tensor],
                    beta: float) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(means, per-prompt values) of both margins over the prompts that have a negative."""
     mean_m, hard_m = [], []
     for ex, pol, ref in zip(examples, policy_logps, ref_logps):
-        neg = negatives(ex)
+        neg = list(ex.negatives)
         if not neg:
             continue
         r = beta * (pol - ref)
-        hardest = ex.rejected if ex.scores is None else max(neg, key=lambda i: (ex.scores[i], -i))
         mean_m.append(float(r[ex.best] - r[neg].mean()))
-        hard_m.append(float(r[ex.best] - r[hardest]))
+        hard_m.append(float(r[ex.best] - r[ex.hardest]))
     n = max(1, len(mean_m))
     return ({"reward_margin": sum(mean_m) / n, "reward_margin_hardest": sum(hard_m) / n},
             {"reward_margin": mean_m, "reward_margin_hardest": hard_m})

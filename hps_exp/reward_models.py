@@ -147,7 +147,7 @@ def preference_pairs(ex: Example, pairs: str) -> list[tuple[int, int]]:
         return [(ex.chosen, ex.rejected)]
     s = ex.scores
     if pairs == "best_vs_rest":
-        return [(ex.best, j) for j in range(ex.n) if s[j] < s[ex.best]]
+        return [(ex.best, j) for j in sorted(ex.negatives)]
     if pairs == "all":
         return [(i, j) for i in range(ex.n) for j in range(ex.n) if s[i] > s[j]]
     raise ValueError(f"pairs must be auto, chosen_rejected, best_vs_rest or all; got {pairs!r}")

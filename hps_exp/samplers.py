@@ -42,7 +42,7 @@ import numpy as np
 from hps_exp.data.schema import Example
 
 __all__ = ["Selection", "PairSampler", "BestWorstSampler", "RankingSampler", "HardSampler", "SCHEDULES",
-           "probabilities", "eligible_negatives", "count_negatives", "gamma_schedule", "check_compatible"]
+           "probabilities", "gamma_schedule", "check_compatible"]
 
 SCHEDULES = ("constant", "linear", "step", "authors")
 KINDS = ("pair", "ranking", "hard")
@@ -78,25 +78,6 @@ def _scores(ex: Example, who: str) -> np.ndarray:
     return s
 
 
-def eligible_negatives(ex: Example) -> list[int]:
-    """Indices whose score is strictly below the best score, by decreasing score (ties by index).
-
-    Without scores: every response but `chosen`, in index order (there is no better order to give).
-    """
-    if ex.scores is None:
-        return [i for i in range(ex.n) if i != ex.chosen]
-    top = max(ex.scores)
-    return sorted((i for i in range(ex.n) if ex.scores[i] < top), key=lambda i: (-ex.scores[i], i))
-
-
-def count_negatives(ex: Example) -> int:
-    """N: responses not tied with the best score (n - 1 without ties; n - 1 for data without scores)."""
-    if ex.scores is None:
-        return ex.n - 1
-    top = max(ex.scores)
-    return sum(1 for s in ex.scores if s < top)
-
-
 def _logits_to_probs(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max()  # stable softmax: the largest exponent is 0
     w = np.exp(z)
@@ -111,7 +92,7 @@ def probabilities(ex: Example, gamma: float) -> dict[int, float]:
     With num_negatives > 1 these are the probabilities of the first of the successive draws.
     """
     s = _scores(ex, "probabilities()")
-    neg = eligible_negatives(ex)
+    neg = list(ex.negatives)
     if not neg:
         return {}
     p = _logits_to_probs(float(gamma) * s[neg])
@@ -180,7 +161,7 @@ class PairSampler(_Sampler):
     needs_scores = False
 
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
-        return Selection((ex.chosen, ex.rejected), count_negatives(ex))
+        return Selection((ex.chosen, ex.rejected), ex.num_negatives)
 
 
 class BestWorstSampler(_Sampler):
@@ -193,10 +174,9 @@ class BestWorstSampler(_Sampler):
 
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
         if ex.scores is None:
-            return Selection((ex.chosen, ex.rejected), count_negatives(ex))
+            return Selection((ex.chosen, ex.rejected), ex.num_negatives)
         s = _scores(ex, "sampler=best_worst")
-        worst = max(range(ex.n), key=lambda i: (-s[i], i))
-        return Selection((ex.best, worst), count_negatives(ex))
+        return Selection((ex.best, ex.worst), ex.num_negatives)
 
 
 class RankingSampler(_Sampler):
@@ -217,7 +197,7 @@ class RankingSampler(_Sampler):
             return Selection((ex.chosen, ex.rejected), 1)
         s = _scores(ex, "sampler=all")
         order = sorted(range(ex.n), key=lambda i: (-s[i], i))  # order[0] == ex.best (first on ties)
-        return Selection(tuple(order), count_negatives(ex))
+        return Selection(tuple(order), ex.num_negatives)
 
 
 class HardSampler(_Sampler):
@@ -281,7 +261,7 @@ class HardSampler(_Sampler):
 
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
         s = _scores(ex, "sampler=hard")
-        neg = [i for i in range(ex.n) if s[i] < s.max()]
+        neg = sorted(ex.negatives)   # index order: the Gumbel draws are assigned in this order
         if not neg:
             raise ValueError(f"{_where(ex)}: all {ex.n} responses tie with the best score, so there is no "
                              "negative to sample; drop such prompts from the data")

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from hps_exp.data.schema import Example
 from hps_exp.samplers import (BestWorstSampler, HardSampler, PairSampler, RankingSampler, Selection,
-                              check_compatible, count_negatives, eligible_negatives, probabilities)
+                              check_compatible, probabilities)
 
 from conftest import CONF
 
@@ -119,12 +119,11 @@ def test_all_tied_prompt_raises_naming_the_row():
         HardSampler().select(ex_of([1.0, 1.0, 1.0]), RNG(0), 0.0)
 
 
-def test_count_and_eligible_negatives():
-    assert count_negatives(TIED) == 4
-    assert eligible_negatives(TIED) == [3, 1, 2, 4]
-    assert count_negatives(ex_of([1, 2, 3])) == 2
-    assert count_negatives(ex_of(None)) == 3
-    assert count_negatives(ex_of([1, 1])) == 0
+def test_negatives_are_the_examples_own():
+    """Samplers use Example.negatives / num_negatives (one definition, tested in test_data_errors.py)."""
+    assert TIED.num_negatives == 4 and list(TIED.negatives) == [3, 1, 2, 4]
+    assert HardSampler(num_negatives=9).select(TIED, RNG(0), 0.0).indices[1:] == TIED.negatives
+    assert RankingSampler().select(ex_of([1, 2, 3]), RNG(0), 0.0).num_negatives == 2
 
 
 # ---------------------------------------------------------------- γ schedules
