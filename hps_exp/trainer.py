@@ -157,10 +157,12 @@ def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World) -> torch.nn.M
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={cfg.strategy!r} is not allowed; choose one of {', '.join(STRATEGIES)}")
     if cfg.activation_checkpointing:
+        from hps_exp import models
+
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support it")
         # Non-reentrant checkpointing: works under DDP and FSDP2 and with frozen (LoRA) inputs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     if not world.distributed or cfg.strategy == "none":
         if world.distributed:
             raise DistributedError(f"{world.world_size} processes were launched but trainer.strategy=none; set "
@@ -384,16 +386,17 @@ class Trainer:
             return sd if self.world.is_main else None
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
 
-    def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None) -> None:
+    def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None, **save_kwargs) -> None:
         """Write the trained model as a plain HF directory (safetensors) on rank 0; every rank must call it.
-        `save_fn(model, tok, directory, state_dict)` defaults to hps_exp.models.save."""
+        `save_fn(model, tok, directory, state_dict=..., **save_kwargs)` defaults to hps_exp.models.save
+        (e.g. lora_save="adapter")."""
         from hps_exp import models
 
         save_fn = save_fn or models.save
         sharded = self.cfg.strategy == "fsdp2" and self.world.distributed
         sd = self.full_state_dict() if sharded else None
         if self.world.is_main:
-            save_fn(self.model, tok, Path(directory), state_dict=sd)
+            save_fn(self.model, tok, Path(directory), state_dict=sd, **save_kwargs)
         self.world.barrier()
 
 
