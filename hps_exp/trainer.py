@@ -229,6 +229,7 @@ class Trainer:
         self.step = 0
         self.total_steps = 0
         self.skipped = 0      # optimiser steps skipped for a non-finite loss/gradient (on_nonfinite=skip)
+        self._keys_checked = False
 
     def progress(self) -> float:
         return min(1.0, self.step / max(1, self.total_steps))
@@ -269,6 +270,7 @@ class Trainer:
                     out = self._optimizer_step(group, step_fn, opt, sched, stop)
                     if out is None:   # every rank's epoch ended
                         break
+                    stop_now = out.pop("_stop")
                     last = out
                     self.step += 1
                     bar.update(1)
@@ -276,7 +278,7 @@ class Trainer:
                     if self.logger is not None and world.is_main and (
                             self.step % cfg.log_every == 0 or self.step == self.total_steps):
                         self.logger.log({f"{self.stage}/{k}": v for k, v in last.items()}, step=self.step)
-                    if last.pop("_stop"):
+                    if stop_now:
                         self._save(opt)
                         bar.close()
                         raise TrainingInterrupted(self.stage, self.step, self.checkpoint, stop.signum or signal.SIGTERM)
@@ -333,6 +335,12 @@ class Trainer:
             for k, v in {"loss": value, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
         keys = sorted(sums)
+        if world.distributed and not self._keys_checked:   # once: the reduced vectors must line up
+            names = world.gather_all(keys)
+            if any(n != keys for n in names):
+                raise DistributedError(f"[{self.stage}] ranks returned different metric names from step_fn: "
+                                       f"{names} (by rank)")
+            self._keys_checked = True
         flags = [float(bad_loss), float(stop.signum is not None)]
         reduced = world.all_reduce_sum(torch.tensor([sums[k] for k in keys] + flags, dtype=torch.float64))
         out = {k: float(v) for k, v in zip(keys, reduced)}
