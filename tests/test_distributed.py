@@ -153,9 +153,14 @@ def worker(args: list[str]) -> None:
                       checkpoint=Path(opts["ckpt"]) if "ckpt" in opts else None, world=world)
     result = trainer.fit(make_epoch, -(-N_PROMPTS // GLOBAL_BATCH), step)
     sd = trainer.full_state_dict()
+    # The World's other collectives, as the stages use them (rank 0 merges, everyone agrees).
+    checks = {"mean": world.all_reduce_mean({"r": float(world.rank)}),
+              "bcast": world.broadcast_object({"from": world.rank}),
+              "gather": world.gather_object(world.rank * 10)}
     if world.is_main:
         torch.save(sd, out / "params.pt")
-        (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "seconds"}))
+        (out / "result.json").write_text(json.dumps({**{k: v for k, v in result.items() if k != "seconds"},
+                                                     "world": world.world_size, "checks": checks}))
     if opts.get("save_pretrained"):
         from transformers import PreTrainedTokenizerFast
 
@@ -224,10 +229,10 @@ def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
     r = _run(out, strategy, kind, 2, max_steps=4, save_pretrained=True)
     assert r.returncode == 0, r.stdout
     _assert_close(_params(out), _params(ref))
-    start = _params(ref)
-    # The reference did move (a test that could not fail otherwise).
     r0 = json.loads((ref / "result.json").read_text())
     assert r0["steps"] == 4
+    r2 = json.loads((out / "result.json").read_text())
+    assert r2["world"] == 2 and r2["checks"] == {"mean": {"r": 0.5}, "bcast": {"from": 0}, "gather": [0, 10]}
     # Metrics are all-reduced: rank 0's logged loss equals the one-process loss at every step.
     logs = [json.loads(x) for x in (out / "log-rank0.jsonl").read_text().splitlines()]
     ref_logs = [json.loads(x) for x in (ref / "log-rank0.jsonl").read_text().splitlines()]
@@ -238,9 +243,8 @@ def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
     assert sorted(p.name for p in out.iterdir()) == ["log-rank0.jsonl", "params.pt", "policy", "result.json"]
     from safetensors.torch import load_file
 
-    saved = load_file(out / "policy" / "model.safetensors")
-    for k, v in saved.items():
-        assert torch.allclose(v, start[k], atol=ATOL), k
+    saved, trained = load_file(out / "policy" / "model.safetensors"), _params(out)
+    assert saved and all(torch.equal(v, trained[k]) for k, v in saved.items())
 
 
 @pytest.mark.slow
