@@ -120,6 +120,12 @@ def worker(args: list[str]) -> None:
 
     model = build_tiny(OmegaConf.create({"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32}), 64, seed=0)
     disable_dropout(model)
+    if opts.get("lora"):
+        from hps_exp.models import configure
+
+        model = configure(model, OmegaConf.create({"lora": {"enabled": True, "r": 4, "alpha": 8}}))
+        if world.is_main:
+            torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "init.pt")
     loss_fn = _loss(kind)
     width = 2 if kind == "pair" else N_RESP
     prompts, responses, ref, scores = _data()
@@ -169,7 +175,7 @@ def worker(args: list[str]) -> None:
         from transformers import PreTrainedTokenizerFast
 
         tok = _tokenizer(PreTrainedTokenizerFast)
-        trainer.save_pretrained(tok, out / "policy")
+        trainer.save_pretrained(tok, out / "policy", lora_save="adapter")
     shutdown()
 
 
@@ -249,6 +255,19 @@ def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
 
     saved, trained = load_file(out / "policy" / "model.safetensors"), _params(out)
     assert saved and all(torch.equal(v, trained[k]) for k, v in saved.items())
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_matches_one_process_and_trains_only_adapters(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(one, "none", "pair", 1, max_steps=4, lora=True).returncode == 0
+    r = _run(two, "fsdp2", "pair", 2, max_steps=4, lora=True, save_pretrained=True)
+    assert r.returncode == 0, r.stdout
+    _assert_close(_params(two), _params(one))
+    init, final = torch.load(one / "init.pt", weights_only=True), _params(two)
+    changed = {k for k in init if not torch.allclose(init[k], final[k], atol=1e-7)}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
+    assert (two / "policy" / "adapter_model.safetensors").is_file()   # adapter-only save from sharded weights
 
 
 @pytest.mark.slow
