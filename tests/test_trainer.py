@@ -233,3 +233,19 @@ def test_signal_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, sig):
     final = torch.load(out, weights_only=True)
     for k, v in full.state_dict().items():
         assert torch.allclose(v, final[k], atol=1e-6)
+
+
+def test_strategy_choice_is_checked():
+    from hps_exp.distributed import DistributedError, World
+    from hps_exp.trainer import decoder_block_classes, wrap
+
+    with pytest.raises(DistributedError, match="2 processes were launched but trainer.strategy=none"):
+        wrap(fresh(), cfg(strategy="none"), World(rank=0, world_size=2))
+    with pytest.raises(ValueError, match="trainer.strategy='zero3' is not allowed"):
+        wrap(fresh(), cfg(strategy="zero3"), World())
+    one = fresh()
+    assert wrap(one, cfg(strategy="fsdp2"), World()) is one   # one process: nothing to shard or sync
+    with pytest.raises(ValueError, match="declares no _no_split_modules"):
+        decoder_block_classes(fresh())
+    with pytest.raises(ValueError, match="trainer.on_nonfinite='ignore'"):
+        Trainer(fresh(), cfg(on_nonfinite="ignore"), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
