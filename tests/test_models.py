@@ -30,3 +30,133 @@ def test_device_and_precision_choice():
     if not torch.cuda.is_available():
         with pytest.raises(models.ModelError, match="trainer.device=auto"):
             models.pick_device("cuda")
+
+
+# ---------------------------------------------------------------- dtype, LoRA, saving
+
+def tiny(tmp_path=None, **extra):
+    tok = models.train_tokenizer(["hello world, how are you? fine thanks"] * 10, vocab_size=300)
+    cfg = OmegaConf.create({"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, **extra})
+    model = models.build_tiny(cfg, len(tok), seed=0)
+    models.disable_dropout(model)
+    return tok, model
+
+
+def batch(tok):
+    from hps_exp import batching
+
+    prompt = tok("hello world,", add_special_tokens=False)["input_ids"]
+    resp = tok(" how are you?", add_special_tokens=False)["input_ids"]
+    resp2 = tok(" fine thanks", add_special_tokens=False)["input_ids"]
+    return batching.collate([(prompt, resp), (prompt, resp2)], tok.pad_token_id)
+
+
+def test_lora_reference_with_adapters_off_equals_the_base_model():
+    from hps_exp import batching
+
+    tok, base = tiny()
+    b = batch(tok)
+    with torch.no_grad():
+        expected = batching.sequence_logps(base, b)
+    lora = models.configure(base, OmegaConf.create({"lora": {"enabled": True, "r": 4, "alpha": 8}}))
+    # Make the adapters matter (peft initialises B = 0, i.e. an exact no-op).
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with torch.no_grad():
+        with models.adapters_disabled(lora):
+            ref = batching.sequence_logps(lora, b)
+        adapted = batching.sequence_logps(lora, b)
+    assert torch.allclose(ref, expected, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+
+
+def test_lora_training_step_changes_only_adapter_weights(tmp_path):
+    from hps_exp import batching
+
+    tok, base = tiny()
+    model = models.configure(base, OmegaConf.create({"lora": {"enabled": True, "r": 4, "alpha": 8}}))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):   # step 1 moves B off zero, step 2 moves A too
+        batching.sequence_nll(model, batch(tok)).backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("mode", ["merged", "adapter"])
+def test_lora_saving_merged_or_adapter_only(tmp_path, mode):
+    from hps_exp import batching
+
+    tok, base = tiny()
+    model = models.configure(base, OmegaConf.create({"lora": {"enabled": True, "r": 4, "alpha": 8}}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+        expected = batching.sequence_logps(model, batch(tok))
+    out = tmp_path / "policy"
+    models.save(model, tok, out, lora_save=mode)
+    names = sorted(p.name for p in out.iterdir())
+    assert not list(tmp_path.glob(".policy*"))   # temp dir renamed away
+    if mode == "merged":
+        assert "model.safetensors" in names and "adapter_config.json" not in names
+        _, loaded = models.load_saved(out)
+    else:
+        from peft import PeftModel
+
+        assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+        _, fresh_base = tiny()
+        loaded = PeftModel.from_pretrained(fresh_base, out)
+    assert models.is_lora(model)   # merging for the save left the live model's adapters in place
+    with torch.no_grad():
+        assert torch.allclose(batching.sequence_logps(loaded, batch(tok)), expected, atol=1e-4)
+
+
+def test_bad_lora_settings_are_named():
+    with pytest.raises(models.ModelError, match=r"model\.lora\.rank is not a LoRA setting"):
+        models.lora_settings({"enabled": True, "rank": 4})
+    with pytest.raises(models.ModelError, match=r"model\.lora\.save='full'"):
+        models.lora_settings({"save": "full"})
+
+
+def test_dtype_attention_and_remote_code_reach_from_pretrained(tmp_path, monkeypatch):
+    tok, model = tiny()
+    models.save(model, tok, tmp_path / "m")
+    tok2, m = models.load_pretrained(str(tmp_path / "m"), dtype="bf16", attn_implementation="eager")
+    assert m.dtype == torch.bfloat16 and m.config._attn_implementation == "eager"
+    seen = {}
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    models.load_pretrained(str(tmp_path / "m"))
+    assert "trust_remote_code" not in seen and seen["dtype"] == torch.float32
+    models.load_pretrained(str(tmp_path / "m"), trust_remote_code=True)
+    assert seen["trust_remote_code"] is True
+    with pytest.raises(models.ModelError, match=r"model\.dtype='fp16'"):
+        models.torch_dtype("fp16")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from hps_exp import batching
+
+    grads = []
+    for ckpt in (False, True):
+        tok, m = tiny()
+        m = models.configure(m, OmegaConf.create({"gradient_checkpointing": ckpt}))
+        m.train()
+        batching.sequence_nll(m, batch(tok)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert getattr(m, "is_activation_checkpointing", None) or m.is_gradient_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

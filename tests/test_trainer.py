@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from hps_exp.trainer import TrainConfig, Trainer, lr_lambda
+from hps_exp.config import TrainerConfig
+from hps_exp.trainer import Trainer, load_checkpoint, lr_lambda
 
 X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
@@ -27,7 +28,7 @@ def fresh():
 
 
 def cfg(**kw):
-    return TrainConfig(**{"lr": 0.2, "epochs": 3, "grad_accum": 2, "warmup_ratio": 0.1, "log_every": 1, **kw})
+    return TrainerConfig(**{"lr": 0.2, "epochs": 3, "grad_accum": 2, "warmup_ratio": 0.1, "log_every": 1, **kw})
 
 
 def test_training_reduces_loss_and_counts_steps():
@@ -54,12 +55,13 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
             raise Crash
         return step(model, batch)
 
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
         Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None,
                 checkpoint=ckpt).fit(make_epoch, 8, crashing_step)
-    assert ckpt.exists() and not list(tmp_path.glob("*.tmp"))
-    assert torch.load(ckpt, weights_only=False)["step"] == 5
+    assert ckpt.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left
+    probe = fresh()
+    assert load_checkpoint(ckpt, probe, torch.optim.AdamW(probe.parameters())) == 5
     resumed = fresh()  # a new process would start from scratch and find the checkpoint
     out = Trainer(resumed, cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(make_epoch, 8, step)
     assert out["steps"] == 12
@@ -73,3 +75,177 @@ def test_lr_schedules():
     g = lr_lambda("linear", warmup=0, total=10)
     assert g(5) == 0.5
     assert lr_lambda("constant", 0, 10)(7) == 1.0
+
+
+# ---------------------------------------------------------------- reliability: non-finite, weighting, signals
+
+class Rows:
+    """A micro-batch that names its source rows and its number of prompts."""
+
+    def __init__(self, x, y, sources, num_prompts=None):
+        self.x, self.y, self.sources = x, y, sources
+        if num_prompts is not None:
+            self.num_prompts = num_prompts
+
+
+def poisoned_epoch(bad_batch):
+    def make(epoch, progress):
+        for k, (x, y) in enumerate(make_epoch(epoch, progress)):
+            if k == bad_batch:
+                y = y.clone()
+                y[0] = float("nan")
+            yield Rows(x, y, [f"data.jsonl:{8 * k + i + 1}" for i in range(len(x))])
+    return make
+
+
+def rows_step(model, batch):
+    return step(model, (batch.x, batch.y))
+
+
+def test_nonfinite_loss_raises_naming_step_and_rows():
+    from hps_exp.trainer import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss.*rows: data\.jsonl:9, data\.jsonl:10,"):
+        Trainer(fresh(), cfg(grad_accum=1), device=torch.device("cpu"), autocast=None).fit(
+            poisoned_epoch(1), 8, rows_step)  # micro-batch 1 of epoch 0 -> step 2 (accum 1)
+
+
+def test_nonfinite_skip_counts_and_leaves_parameters_finite():
+    class Log:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append((step, metrics))
+
+    log = Log()
+    model = fresh()
+    out = Trainer(model, cfg(grad_accum=1, on_nonfinite="skip"), device=torch.device("cpu"), autocast=None,
+                  logger=log).fit(poisoned_epoch(1), 8, rows_step)
+    assert out["steps"] == 24 and out["nonfinite_skipped"] == 3.0   # one bad batch per epoch
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # steps 2, 10, 18 are the poisoned ones (8 steps per epoch)
+    assert [m.get("train/nonfinite_skipped", 0.0) for s, m in log.rows if s in (1, 2, 9, 10)] == [0, 1, 1, 2]
+
+
+def test_loss_weighted_by_num_prompts_equals_the_mean_over_prompts():
+    """Two accumulated micro-batches of 3 and 1 prompts: one step equals a step on the 4 prompts' mean."""
+    x, y = X[:4], Y[:4]
+    a, b = fresh(), fresh()
+    uneven = lambda e, p: iter([Rows(x[:3], y[:3], [], 3), Rows(x[3:], y[3:], [], 1)])  # noqa: E731
+    whole = lambda e, p: iter([Rows(x, y, [], 4)])  # noqa: E731
+    c = dict(epochs=1, warmup_ratio=0.0, max_grad_norm=1e9, schedule="constant")
+    Trainer(a, cfg(grad_accum=2, **c), device=torch.device("cpu"), autocast=None).fit(uneven, 2, rows_step)
+    Trainer(b, cfg(grad_accum=1, **c), device=torch.device("cpu"), autocast=None).fit(whole, 1, rows_step)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+    assert not torch.allclose(a.weight, fresh().weight)
+
+
+def test_resume_rewinds_the_logger(tmp_path):
+    class Log:
+        rewound = None
+
+        def log(self, metrics, step):
+            pass
+
+        def rewind(self, stage, step):
+            self.rewound = (stage, step)
+
+    ckpt = tmp_path / "ckpt"
+    Trainer(fresh(), cfg(max_steps=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(
+        make_epoch, 8, step)
+    log = Log()
+    Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, logger=log, stage="sft",
+            checkpoint=ckpt).fit(make_epoch, 8, step)
+    assert log.rewound == ("sft", 5)
+
+
+def test_old_single_file_checkpoint_loads_weights_only(tmp_path):
+    model = fresh()
+    opt = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    path = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, path)
+    target = fresh()
+    assert load_checkpoint(path, target, torch.optim.AdamW(target.parameters())) == 7
+    assert torch.equal(target.weight, model.weight)
+
+
+SIGNAL_WORKER = r"""
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from tests.test_trainer import make_epoch, step, fresh, cfg
+from hps_exp.trainer import Trainer, TrainingInterrupted
+from pathlib import Path
+ckpt, out, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+calls = 0
+def slow_step(model, batch):
+    global calls
+    calls += 1
+    if calls == 7:                 # inside optimiser step 4 (2 micro-batches per step)
+        marker.write_text("go")    # the parent sends the signal now, in the middle of the step
+        time.sleep(3)
+    return step(model, batch)
+model = fresh()
+try:
+    Trainer(model, cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(make_epoch, 8, slow_step)
+except TrainingInterrupted as e:
+    print("INTERRUPTED", e.step, flush=True)
+    sys.exit(3)
+torch.save(model.state_dict(), out)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "worker.py"
+    script.write_text(SIGNAL_WORKER.format(root=root))
+    ckpt, out, marker = tmp_path / "ckpt", tmp_path / "final.pt", tmp_path / "marker"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPS_EXP_NO_PROGRESS": "1"}
+    args = [sys.executable, str(script), str(ckpt), str(out), str(marker)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[0]
+    proc.send_signal(getattr(signal, sig))
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 3 and "INTERRUPTED 4" in text, text
+    probe = fresh()
+    assert load_checkpoint(ckpt, probe, torch.optim.AdamW(probe.parameters())) == 4
+    assert not out.exists()
+    marker.unlink()
+    rerun = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout
+    assert "resumed from" in rerun.stdout and "at step 4/12" in rerun.stdout
+    full = fresh()
+    Trainer(full, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    final = torch.load(out, weights_only=True)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, final[k], atol=1e-6)
+
+
+def test_strategy_choice_is_checked():
+    from hps_exp.distributed import DistributedError, World
+    from hps_exp.trainer import decoder_block_classes, wrap
+
+    with pytest.raises(DistributedError, match="2 processes were launched but trainer.strategy=none"):
+        wrap(fresh(), cfg(strategy="none"), World(rank=0, world_size=2))
+    with pytest.raises(ValueError, match="trainer.strategy='zero3' is not allowed"):
+        wrap(fresh(), cfg(strategy="zero3"), World())
+    one = fresh()
+    assert wrap(one, cfg(strategy="fsdp2"), World()) is one   # one process: nothing to shard or sync
+    with pytest.raises(ValueError, match="declares no _no_split_modules"):
+        decoder_block_classes(fresh())
+    with pytest.raises(ValueError, match="trainer.on_nonfinite='ignore'"):
+        Trainer(fresh(), cfg(on_nonfinite="ignore"), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
