@@ -95,13 +95,17 @@ def clean_stale(cache_dir: Path) -> list[Path]:
 
 
 def cached(cache_dir: Path, name: str, key: str, record: dict, build: Callable[[Path], None],
-           world=None) -> tuple[Path, bool]:
+           world=None, all_ranks: bool = False) -> tuple[Path, bool]:
     """Return (directory, hit) of the entry `<name>-<key>`. On a miss, `build(tmp_dir)` fills a temp dir that
     is renamed into place only when complete: a crash mid-stage never leaves a half-written entry. `record`
     (the key's inputs, readable) is stored beside the output as inputs.json. Under several processes (`world`),
-    the main process builds and the others wait at a barrier, then read the entry."""
+    the main process builds and the others wait at a barrier, then read the entry; with `all_ranks` (a build that
+    trains data-parallel) every process runs `build` on the main process's temp dir, and only the main process
+    writes into it. The cache dir must be on storage every process sees."""
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{key}"
+    if world is not None and world.world_size > 1 and all_ranks:
+        return _cached_all_ranks(cache_dir, final, name, record, build, world)
     if world is not None and not world.is_main:
         world.barrier()
         if not final.exists():
@@ -131,3 +135,35 @@ def cached(cache_dir: Path, name: str, key: str, record: dict, build: Callable[[
     finally:
         if world is not None and world.world_size > 1:
             world.barrier()
+
+
+def _cached_all_ranks(cache_dir: Path, final: Path, name: str, record: dict, build, world) -> tuple[Path, bool]:
+    hit = world.broadcast_object(final.exists())
+    if hit:
+        if world.is_main:
+            print(f"[cache] {name}: hit, reusing {final}")
+        return final, True
+    tmp = cache_dir / f".{final.name}.tmp-{_host()}-{os.getpid()}"
+    if world.is_main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(cache_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(world.broadcast_object(str(tmp)))
+    started = time.perf_counter()
+    try:
+        build(tmp)
+        world.barrier()
+        if world.is_main:
+            (tmp / "inputs.json").write_text(json.dumps(_canonical(record), indent=2, sort_keys=True))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.exists():
+                    raise
+            print(f"[cache] {name}: built in {time.perf_counter() - started:.1f}s -> {final}")
+    finally:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    world.barrier()
+    return final, False

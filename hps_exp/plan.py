@@ -181,6 +181,14 @@ def _params(target: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------- specs
 
+def _lora_spec(lora: dict) -> dict:
+    """What of model.lora changes training: nothing when disabled; `save` (the saved format) never does."""
+    from hps_exp.models import lora_settings
+
+    settings = lora_settings(lora)   # ModelError naming the key
+    return {k: v for k, v in settings.items() if k != "save"} if settings["enabled"] else {"enabled": False}
+
+
 def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     m, t, e = cfg.model, cfg.trainer, cfg.eval
     lengths = {"max_prompt_length": m.max_prompt_length, "max_length": m.max_length}
@@ -204,10 +212,11 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
         aug = AugmentSpec(knobs=knobs, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
     pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
-                          seed=cfg.seed, lora=plain(m.lora), **lengths)
+                          seed=cfg.seed, lora=_lora_spec(plain(m.lora)), **lengths)
     ev = EvalSpec(max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                   top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, **lengths)
-    runtime = Runtime(score_batch_size=e.batch_size,
+    runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,
+                      lora_save=m.lora.get("save", "merged"),
                       **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})
     return Plan(sft=sft, reward_model=rm, augment=aug, reference=ReferenceSpec(**lengths),
                 preference=pref, eval=ev, runtime=runtime)

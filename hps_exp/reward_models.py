@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from hps_exp.batching import SequenceBatch, collate
 from hps_exp.data.schema import Example, atomic_write_text
 from hps_exp.models import ModelError
-from hps_exp.trainer import TrainConfig, Trainer
+from hps_exp.config import TrainerConfig
+from hps_exp.trainer import Trainer
 
 RM_CONFIG = "hps_reward_model.json"
 
@@ -270,7 +271,7 @@ def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: i
         m = margin.detach()
         return loss, {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
 
-    cfg = TrainConfig(lr=lr, epochs=epochs, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
+    cfg = TrainerConfig(lr=lr, epochs=epochs, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, log_every=10, resume=checkpoint is not None)
     trainer = Trainer(model, cfg, device=device, autocast=autocast, logger=logger, stage=stage,
                       checkpoint=checkpoint)

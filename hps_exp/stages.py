@@ -68,6 +68,8 @@ class Runtime:
     on_nonfinite: str = "error"
     # Sequences per scoring forward (reference log-probs): changes a result only by float rounding.
     score_batch_size: int = 32
+    gradient_checkpointing: bool = False   # recompute activations in backward: same result, less memory
+    lora_save: str = "merged"              # how a LoRA policy is saved beside the merged one (docs/scaling.md)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,11 @@ class SFTResult:
     path: Path
     key: str
     seconds: float
+    dtype: str = "fp32"                 # how its weights load (model.dtype / attn_implementation)
+    attn_implementation: str = "sdpa"
+
+    def load(self):
+        return models.load_saved(self.path, dtype=self.dtype, attn_implementation=self.attn_implementation)
 
 
 @dataclass(frozen=True)
@@ -211,10 +218,14 @@ class RefLogps:
 
 @dataclass(frozen=True)
 class PolicyResult:
-    path: Path
+    path: Path            # a plain HF directory (LoRA merged)
     key: str
     seconds: float
     steps: int
+    sft: SFTResult | None = None   # how to load it: the SFT policy's dtype and attention
+
+    def load(self):
+        return models.load_saved(self.path, dtype=self.sft.dtype, attn_implementation=self.sft.attn_implementation)
 
 
 @dataclass(frozen=True)
@@ -254,30 +265,51 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
     """The SFT policy (and its tokenizer): built or loaded from spec.model, fine-tuned on the training responses.
     Checkpoints like the preference stage (trainer.save_every / resume); a killed SFT resumes where it stopped."""
     key = stage_key("sft", spec, {"train": train.key}, env.numeric())
+    load = {"dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation}
     if env.dry_run:
         env.plan("sft", key)
-        return SFTResult(Path(), key, 0.0)
+        return SFTResult(Path(), key, 0.0, **load)
 
     def build(out: Path) -> None:
         if spec.model.name_or_path:
-            tok, model = models.load_pretrained(spec.model.name_or_path)
+            tok, model = models.load_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code,
+                                                **load)
         else:
             texts = [e.prompt + r for e in train.items for r in e.responses]
             tok = models.train_tokenizer(texts, spec.model.vocab_size)
             model = models.build_tiny(spec.model, len(tok), spec.seed)
         if spec.enabled:
             torch.manual_seed(spec.seed)
-            _train_sft(spec, train.items, model, tok, env, _checkpoint(env, "sft", key))
-        models.save(model, tok, out)
+            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, "sft", key))
+            trainer.save_pretrained(tok, out / "model")
+        elif _is_main(env):
+            models.save(model, tok, out / "model")
 
     started = time.perf_counter()
     path, _ = cached(env.cache_dir, "sft", key, {"spec": spec, "train": train.key, **env.numeric()}, build,
-                     env.world)
-    _drop(_checkpoint(env, "sft", key))
-    return SFTResult(path, key, time.perf_counter() - started)
+                     env.world, all_ranks=spec.enabled)
+    if _is_main(env):
+        _drop(_checkpoint(env, "sft", key))
+    return SFTResult(path / "model", key, time.perf_counter() - started, **load)
 
 
-def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> None:
+def _is_main(env: Env) -> bool:
+    return env.world is None or env.world.is_main
+
+
+def _shard(env: Env, idx) -> tuple[list, int]:
+    """This rank's part of a global micro-batch (and how many of it are real, see World.shard_padded)."""
+    idx = list(idx)
+    return (idx, len(idx)) if env.world is None else env.world.shard_padded(idx)
+
+
+@dataclass
+class SFTBatch:
+    sequences: SequenceBatch
+    num_prompts: int    # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
+
+
+def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> Trainer:
     encoded = _encode(tok, train, spec.model.max_prompt_length, spec.model.max_length)
     if spec.targets == "best":
         pairs = [(enc.prompt, enc.responses[ex.best]) for ex, enc in zip(train, encoded)]
@@ -288,16 +320,20 @@ def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> 
     def make_epoch(epoch: int, progress):
         order = np.random.default_rng([spec.seed, 1, epoch]).permutation(len(pairs))
         for start in range(0, len(order), bs):
-            yield batching.collate([pairs[i] for i in order[start:start + bs]], tok.pad_token_id)
+            part, real = _shard(env, order[start:start + bs])
+            batch = batching.collate([pairs[i] for i in part], tok.pad_token_id)
+            yield SFTBatch(batch, int(batch.response_mask[:real, 1:].sum()) if real else 0)
 
-    def step(model, batch: SequenceBatch):
-        return batching.sequence_nll(model, batch.to(env.device)), {}
+    def step(model, batch: SFTBatch):
+        return batching.sequence_nll(model, batch.sequences.to(env.device)), {}
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=None)
-    Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="sft",
-            checkpoint=checkpoint).fit(make_epoch, -(-len(pairs) // bs), step)
+    trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="sft",
+                      checkpoint=checkpoint, world=env.world)
+    trainer.fit(make_epoch, -(-len(pairs) // bs), step)
     if env.logger is not None:
         env.logger.next_stage()
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------- reward models
@@ -312,7 +348,7 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
         return Scorer(None, key)
 
     def build(out: Path) -> None:
-        tok, _ = models.load_saved(sft_result.path)
+        tok, _ = sft_result.load()
         rm = train_reward_model(list(train.items), tok=tok, max_prompt_length=spec.max_prompt_length,
                                 max_length=spec.max_length, seed=spec.seed, device=env.device,
                                 autocast=env.autocast, logger=env.logger, **spec.knobs)
@@ -340,7 +376,7 @@ def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotat
         return AugmentResult(Examples(train.items, key), {})
 
     def build(out: Path) -> None:
-        tok, model = models.load_saved(sft_result.path)
+        tok, model = sft_result.load()
         model.to(env.device)
         stats: dict = {}
         examples = augment(list(train.items), generator_model=model, tok=tok, reward_model=annotator.model,
@@ -360,25 +396,42 @@ def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotat
 # ---------------------------------------------------------------------------------------------- reference
 
 def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, env: Env) -> RefLogps:
-    """log pi_ref(response | prompt) of every response (pi_ref = the SFT policy), computed once per data set."""
+    """log pi_ref(response | prompt) of every response (pi_ref = the SFT policy), computed once per data set.
+    Under several processes each computes its share of the prompts and the main process merges and writes."""
     key = stage_key("reference", spec, {"sft": sft_result.key, "examples": examples.key}, env.numeric())
     if env.dry_run:
         env.plan("reference", key)
         return RefLogps((), key, 0.0)
+    started = time.perf_counter()
+    world = env.world
+    final = Path(env.cache_dir) / f"reference-{key}"
+    parts = None
+    if world is not None and world.distributed and not world.broadcast_object(final.exists()):
+        mine = world.shard(list(range(len(examples))))
+        parts = world.gather_object((mine, _ref_logps(spec, sft_result, [examples.items[i] for i in mine], env)))
 
     def build(out: Path) -> None:
-        tok, model = models.load_saved(sft_result.path)
-        model.to(env.device)
-        enc = _encode(tok, examples.items, spec.max_prompt_length, spec.max_length)
-        logps = batching.all_response_logps(model, enc, tok.pad_token_id, env.runtime.score_batch_size,
-                                             env.device, env.autocast)
+        if parts is None:
+            logps = _ref_logps(spec, sft_result, examples.items, env)
+        else:   # merge the ranks' shares back into data order
+            logps = [None] * len(examples)
+            for idx, values in parts:
+                for i, v in zip(idx, values):
+                    logps[i] = v
         torch.save(logps, out / "ref_logps.pt")
 
-    started = time.perf_counter()
     path, _ = cached(env.cache_dir, "reference", key, {"spec": spec, "sft": sft_result.key,
-                                                       "examples": examples.key, **env.numeric()}, build, env.world)
+                                                       "examples": examples.key, **env.numeric()}, build, world)
     logps = torch.load(path / "ref_logps.pt", weights_only=True)
     return RefLogps(tuple(logps), key, time.perf_counter() - started)
+
+
+def _ref_logps(spec: ReferenceSpec, sft_result: SFTResult, items, env: Env) -> list[torch.Tensor]:
+    tok, model = sft_result.load()
+    model.to(env.device)
+    enc = _encode(tok, items, spec.max_prompt_length, spec.max_length)
+    return batching.all_response_logps(model, enc, tok.pad_token_id, env.runtime.score_batch_size, env.device,
+                                       env.autocast)
 
 
 # ---------------------------------------------------------------------------------------------- preference
@@ -391,10 +444,12 @@ class PreferenceBatch:
     scores: torch.Tensor          # [B, M] (NaN without scores)
     num_negatives: torch.Tensor   # [B]
     stats: dict[str, float]
+    num_prompts: int = 0          # real prompts (a rank's padding share has 0): the trainer's loss weight
+    sources: tuple = ()           # file:line of each row, named when a step goes non-finite
 
 
 def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
-                     selections, stats: list[dict], pad_id: int) -> PreferenceBatch:
+                     selections, stats: list[dict], pad_id: int, num_prompts: int | None = None) -> PreferenceBatch:
     B, M = len(selections), max(len(s.indices) for s in selections)
     mask = torch.zeros(B, M, dtype=torch.bool)
     ref_t = torch.zeros(B, M)
@@ -410,7 +465,8 @@ def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[
     keys = {k for s in stats for k in s}
     mean_stats = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
     return PreferenceBatch(batching.collate(pairs, pad_id), mask, ref_t, scores,
-                           torch.tensor([s.num_negatives for s in selections]), mean_stats)
+                           torch.tensor([s.num_negatives for s in selections]), mean_stats,
+                           B if num_prompts is None else num_prompts, tuple(e.source for e in examples))
 
 
 def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, train: Examples, ref: RefLogps,
@@ -421,9 +477,11 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
                     env.numeric())
     if env.dry_run:
         env.plan("preference", key, cached=False)
-        return PolicyResult(Path(), key, 0.0, 0)
-    tok, model = models.load_saved(sft_result.path)
+        return PolicyResult(Path(), key, 0.0, 0, sft_result)
+    tok, model = sft_result.load()
     models.disable_dropout(model)  # dropout would make the policy's log-probs noisy against the reference ones
+    # LoRA adapters (the cached reference log-probs are the SFT policy's: the policy with adapters off).
+    model = models.configure(model, {"gradient_checkpointing": env.runtime.gradient_checkpointing, "lora": spec.lora})
     torch.manual_seed(spec.seed)   # same stream whether or not SFT ran in this process (cache hit)
     items = train.items
     enc = _encode(tok, items, spec.max_prompt_length, spec.max_length)
@@ -436,10 +494,13 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             p = progress() if spec.resample == "step" else epoch_progress
-            sels = [sampler.select(items[i], rng, p) for i in idx]
-            stats = [sampler.stats(items[i], s) for i, s in zip(idx, sels)]
-            yield preference_batch([items[i] for i in idx], [enc[i] for i in idx], [ref.logps[i] for i in idx],
-                                   sels, stats, tok.pad_token_id)
+            # Draw for the whole global micro-batch on every rank (the draws never depend on the world size),
+            # then keep this rank's prompts.
+            sels = {i: sampler.select(items[i], rng, p) for i in idx}
+            stats = [sampler.stats(items[i], sels[i]) for i in idx]
+            part, real = _shard(env, idx)
+            yield preference_batch([items[i] for i in part], [enc[i] for i in part], [ref.logps[i] for i in part],
+                                   [sels[i] for i in part], stats, tok.pad_token_id, num_prompts=real)
 
     def step(model, batch: PreferenceBatch):
         dev = env.device
@@ -452,10 +513,13 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="train",
-                      checkpoint=run_dir / "checkpoints" / "preference.pt")
+                      checkpoint=run_dir / "checkpoints" / "preference", world=env.world)
     result = trainer.fit(make_epoch, -(-len(items) // bs), step)
-    models.save(model, tok, run_dir / "policy")
-    return PolicyResult(run_dir / "policy", key, result["seconds"], int(result["steps"]))
+    lora_adapter = models.is_lora(model) and env.runtime.lora_save == "adapter"
+    if lora_adapter:   # the small adapter for sharing; evaluation reads the merged policy below
+        trainer.save_pretrained(tok, run_dir / "policy_adapter", lora_save="adapter")
+    trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
+    return PolicyResult(run_dir / "policy", key, result["seconds"], int(result["steps"]), sft_result)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -471,7 +535,7 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
         return EvalResult({}, {}, [], 0.0)
 
     def build(out: Path) -> None:
-        tok, model = models.load_saved(sft_result.path)
+        tok, model = sft_result.load()
         model.to(env.device)
         result = _evaluate(spec, model, tok, eval_set, ref, ref.logps, scorer, env)
         atomic_write_text(out / "eval.json", json.dumps({"metrics": result.metrics, "per_prompt": result.per_prompt,
@@ -492,7 +556,7 @@ def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref
                                                   "scorer": scorer.key if scorer else None}, env.numeric()),
                  cached=False)
         return EvalResult({}, {}, [], 0.0)
-    tok, model = models.load_saved(policy.path)
+    tok, model = policy.load()
     model.to(env.device)
     return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin_beta)
 

@@ -88,7 +88,9 @@ def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: 
     model_sd, optim_sd = _state(module, opt)
     with warnings.catch_warnings():   # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process")
-        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}, checkpoint_id=str(tmp))
+        # The CPU RNG too: stages that train with dropout (SFT) resume to the same numbers.
+        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step), "rng": torch.get_rng_state()},
+                 checkpoint_id=str(tmp))
     world.barrier()
     if world.is_main:
         old = path.with_name(path.name + ".old")
@@ -129,11 +131,12 @@ def load_checkpoint(path: Path, module: torch.nn.Module, opt) -> int:
     import torch.distributed.checkpoint as dcp
 
     model_sd, optim_sd = _state(module, opt)
-    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0)}
+    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
