@@ -13,6 +13,7 @@ NAME is a file in sweeps/ (without .yaml) or a path to a sweep yaml. A sweep fil
       seed: [0, 1, 2]
     fixed: [dataset.n_train=200]   # overrides for every job
     requires: [dataset.path]       # optional: keys the command line must set (e.g. a local data file)
+    compare: {treatment: HPS}      # optional: the preference model the tables test against the best baseline
 
 Each arm runs as `python -m hps_exp -m <fixed> <grid> <arm> <extra> sweep=NAME hydra.sweep.dir=<jobs dir>
 hydra.sweep.subdir=<arm>/${hydra.job.num}`, so job k of arm A lands in `<jobs dir>/A/k/` (default jobs dir:
@@ -42,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = REPO / "sweeps"
 WANDB_DIR = SWEEPS_DIR / "wandb"
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-TOP_KEYS = {"description", "arms", "grid", "fixed", "requires"}
+TOP_KEYS = {"description", "arms", "grid", "fixed", "requires", "compare"}
+COMPARE_KEYS = {"treatment"}
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
 
 
@@ -59,6 +61,7 @@ class Sweep:
     grid: dict[str, list[str]]          # key -> values (as Hydra override value strings)
     fixed: list[str]
     requires: list[str] = field(default_factory=list)
+    compare: dict[str, str] = field(default_factory=dict)  # {"treatment": preference model}: the tables' paired test
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -137,9 +140,14 @@ def load(name: str) -> Sweep:
     requires = data.get("requires") or []
     if not isinstance(requires, list):
         raise SweepError(f"{path}: 'requires' must be a list of keys")
+    compare = data.get("compare") or {}
+    if not isinstance(compare, dict) or set(compare) - COMPARE_KEYS \
+            or not all(isinstance(v, str) and v for v in compare.values()):
+        raise SweepError(f"{path}: 'compare' must be a mapping like {{treatment: <preference model>}}; "
+                         f"got {compare!r}")
     stem = path.stem
     return Sweep(stem, path, str(data.get("description", "")), arms, grid,
-                 _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires])
+                 _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires], dict(compare))
 
 
 # ---------------------------------------------------------------------------------------------- expand
