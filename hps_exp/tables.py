@@ -506,10 +506,12 @@ def paired_comparison(t_runs: list[Run], b_runs: list[Run], eval_set: str, stage
             [[metric_of(b_seed[s], eval_set, stage, metric)] for s in common], False)
 
 
-def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned",
-                 metrics: Iterable[str] = MARGINS) -> list[PairedResult]:
+def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metrics: Iterable[str] = MARGINS,
+                 baselines: Iterable[str] | None = None) -> list[PairedResult]:
     """For each eval set and margin metric: each row whose preference model is `treatment` against the row of
-    the same framework (and same train set and n) with the best mean among the other preference models."""
+    the same framework (and same train set and n) with the best mean among the baseline preference models
+    (`baselines`; default: every other preference model)."""
+    allowed = set(baselines) if baselines else None
     done = [r for r in runs if r.ok]
     rows = build_rows(done)
     eval_sets = sorted({e for r in done for e in r.eval})
@@ -521,11 +523,12 @@ def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned",
             for t in rows:
                 if t.preference_model != treatment or t.label not in means:
                     continue
-                baselines = [b for b in rows if b.framework == t.framework and b.preference_model != treatment
-                             and b.comparable() == t.comparable() and b.label in means]
-                if not baselines:
+                candidates = [b for b in rows if b.framework == t.framework and b.preference_model != treatment
+                              and (allowed is None or b.preference_model in allowed)
+                              and b.comparable() == t.comparable() and b.label in means]
+                if not candidates:
                     continue
-                best = max(baselines, key=lambda b: means[b.label])
+                best = max(candidates, key=lambda b: means[b.label])
                 paired = paired_comparison(t.runs, best.runs, e, stage, metric)
                 if paired is None:
                     continue
@@ -536,14 +539,17 @@ def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned",
     return results
 
 
-def render_paired(results: list[PairedResult], treatment: str | None, decimals: int) -> str:
+def render_paired(results: list[PairedResult], treatment: str | None, decimals: int,
+                  baselines: list[str] | None = None) -> str:
     if treatment is None:
         return ("No treatment named: set `compare: {treatment: <preference model>}` in the sweep yaml or pass "
                 "`--compare <preference model>`.")
+    among = ", ".join(baselines) if baselines else "every other preference model"
     if not results:
-        return f"No row with preference model {treatment!r} has a baseline of the same framework to compare with."
+        return (f"No row with preference model {treatment!r} has a baseline ({among}) of the same framework to "
+                "compare with.")
     lines = [f"Two-sided paired sign-flip permutation test (hps_exp.stats.paired_test) of each {treatment} row "
-             "against the best other preference model of its framework (by mean); pairs = (seed, held-out "
+             f"against the best of its framework's baselines ({among}) by mean; pairs = (seed, held-out "
              "prompt) where the runs report per-prompt values, else seeds. Δ = treatment − baseline.", "",
              "| Eval set | Metric | Treatment | Best baseline | Δ | pairs | p | treatment better at p < 0.05 |",
              "|:---|:---|:---|:---|---:|---:|---:|:---|"]
@@ -658,6 +664,7 @@ class Report:
     timing: Table | None
     paired: list[PairedResult]
     treatment: str | None
+    baselines: list[str] | None
     never: list[NeverStarted]
     sweep_names: list[str]
     never_notes: list[str]
@@ -680,7 +687,8 @@ def render_markdown(report: Report, sweep_dirs: list[Path], command: str, decima
         render_table(report.main, decimals),
     ]
     parts += [f"- {note}" for note in report.main.notes]
-    parts += ["## Paired tests (reward margin)", render_paired(report.paired, report.treatment, decimals + 1)]
+    parts += ["## Paired tests (reward margin)",
+              render_paired(report.paired, report.treatment, decimals + 1, report.baselines)]
     if report.timing is not None:
         parts += [f"## {report.timing.title}", render_table(report.timing, decimals)]
     for table in report.ablations.values():
@@ -737,7 +745,9 @@ def series_styles(rows: list[Row]) -> dict[str, tuple[str, str]]:
 
 
 def _err(cells: list[Cell | None]) -> list[list[float]]:
-    return [[max(0.0, c.mean - c.lo) if c else 0.0 for c in cells], [max(0.0, c.hi - c.mean) if c else 0.0 for c in cells]]
+    """Asymmetric error bars (below, above the mean) from the intervals."""
+    return [[max(0.0, c.mean - c.lo) if c else 0.0 for c in cells],
+            [max(0.0, c.hi - c.mean) if c else 0.0 for c in cells]]
 
 
 def plot_main(plt, main: Table, margin: str, path: Path) -> None:
@@ -846,6 +856,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compare", default=None, metavar="PREFERENCE_MODEL",
                    help="preference model tested against the best baseline of each framework "
                         "(default: the sweep yaml's compare.treatment)")
+    p.add_argument("--baselines", default=None, metavar="PM[,PM...]",
+                   help="preference models the treatment is compared with (default: the sweep yaml's "
+                        "compare.baselines, else every other one)")
     p.add_argument("--sweep", action="append", default=None, metavar="NAME",
                    help="sweep yaml(s) whose grid lists the never-started jobs (default: run.sweep of the runs, "
                         "else the sweep dir name)")
@@ -853,21 +866,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def treatment_from_sweeps(names: list[str]) -> str | None:
+def compare_from_sweeps(names: list[str]) -> tuple[str | None, list[str] | None]:
+    """(treatment, baselines) from the sweep yamls' `compare` (None where no yaml names them)."""
     from hps_exp import sweep as sweep_mod
 
     found = set()
     for name in names:
         try:
-            t = sweep_mod.load(name).compare.get("treatment")
+            compare = sweep_mod.load(name).compare
         except sweep_mod.SweepError:
             continue
-        if t:
-            found.add(t)
+        if compare.get("treatment"):
+            found.add((compare["treatment"], tuple(compare.get("baselines") or ())))
     if len(found) > 1:
-        raise ValueError(f"sweeps {', '.join(names)} name different treatments ({', '.join(sorted(found))}): "
-                         "pass --compare")
-    return found.pop() if found else None
+        described = "; ".join(f"{t} vs {', '.join(b) or 'all others'}" for t, b in sorted(found))
+        raise ValueError(f"sweeps {', '.join(names)} name different comparisons ({described}): pass --compare")
+    if not found:
+        return None, None
+    treatment, baselines = found.pop()
+    return treatment, list(baselines) or None
 
 
 def build_report(runs: list[Run], sweep_dirs: list[Path], args: argparse.Namespace) -> Report:
@@ -875,10 +892,15 @@ def build_report(runs: list[Run], sweep_dirs: list[Path], args: argparse.Namespa
     ablations = {k: t for k in ABLATION_KEYS
                  if (t := ablation_table(runs, k, args.metric_margin, args.stage, args.n_boot))}
     names = args.sweep or sweep_names_of(runs, sweep_dirs)
-    treatment = args.compare or treatment_from_sweeps(names)
-    paired = paired_tests(runs, treatment, args.stage) if treatment else []
+    treatment, baselines = compare_from_sweeps(names)
+    if args.compare:  # the command line wins; its baselines too, else every other preference model
+        treatment, baselines = args.compare, None
+    if args.baselines:
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    paired = paired_tests(runs, treatment, args.stage, baselines=baselines) if treatment else []
     never, notes = never_started(runs, sweep_dirs, names)
-    return Report(runs, main_tab, ablations, timing_table(runs, args.n_boot), paired, treatment, never, names, notes)
+    return Report(runs, main_tab, ablations, timing_table(runs, args.n_boot), paired, treatment, baselines, never,
+                  names, notes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,8 @@ def test_every_job_composes_and_builds(compose, name):
                 assert cfg.model.name == "tiny" and cfg.dataset.n_train <= 200
     assert {seed for *_, seed in seen} == (PAPER_SEEDS if name in PAPER else SMALL_SEEDS)
     assert (s.compare.get("treatment") == "HPS") == (name in COMPARED)
+    if name in COMPARED:
+        assert s.compare["baselines"] == ["BT", "PL"]  # HPS-full is a variant of the treatment, not a baseline
 
 
 def test_main_small_is_the_full_product(compose):
@@ -112,10 +114,10 @@ def test_main_small_is_the_full_product(compose):
                    for pm in ("BT", "PL", "HPS") for sampler in samplers[pm] for seed in range(5)}
 
 
-@pytest.mark.parametrize("name, hps, full", [("main_small", "HPS", "HPS-full"), ("main_dpo_small", "DPO-HPS", "DPO-HPS-full"),
-                                              ("n_ablation_small", "DPO-HPS", "DPO-HPS-full"),
-                                              ("main_paper", "HPS", "HPS-full"),
-                                              ("n_ablation_paper", "DPO-HPS", "DPO-HPS-full")])
+@pytest.mark.parametrize("name, hps, full", [
+    ("main_small", "HPS", "HPS-full"), ("main_dpo_small", "DPO-HPS", "DPO-HPS-full"),
+    ("n_ablation_small", "DPO-HPS", "DPO-HPS-full"), ("main_paper", "HPS", "HPS-full"),
+    ("n_ablation_paper", "DPO-HPS", "DPO-HPS-full")])
 def test_hps_arm_is_the_papers_estimator_at_equal_steps(compose, name, hps, full):
     """The HPS row is the paper's one-sample estimator (hard sampler, one negative, log N); HPS-full is the full
     estimator; every arm of the grid trains on the same data, batch and epochs (equal preference steps)."""
@@ -175,6 +177,9 @@ def test_precedence_extra_over_arm_over_grid_over_fixed(tmp_path):
     ("arms: {A: [loss=bt]}\nfixed: [seed]\n", "list of key=value"),
     ("arms: {A: [loss=bt]}\ngrid: {seed: '0,,1'}\n", "empty value"),
     ("- 1\n", "mapping"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: [HPS]}\n", "'compare'"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: HPS, baselines: BT}\n", "'compare'"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: HPS, against: [BT]}\n", "'compare'"),
 ])
 def test_bad_sweep_file_is_an_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -207,8 +212,8 @@ def test_dry_run_prints_commands_and_launches_nothing(tmp_path, capsys):
     commands = [line.strip() for line in out.splitlines() if " -m hps_exp -m " in line]
     assert len(commands) == 4
     for arm, cmd in zip(("DPO-BT", "DPO-PL", "DPO-HPS", "DPO-HPS-full"), commands):
-        assert f"'hydra.sweep.subdir={arm}/${{hydra.job.num}}'" in cmd
-        assert f"hydra.sweep.dir={jobs_dir}" in cmd and "sweep=main_dpo_small" in cmd
+        assert cmd.endswith(f"hydra.sweep.dir={jobs_dir / arm} 'hydra.sweep.subdir=${{hydra.job.num}}'")
+        assert "sweep=main_dpo_small" in cmd
         assert "seed=0,1,2,3,4" in cmd and "trainer.lr=5e-4" in cmd
     assert not jobs_dir.exists()
 
@@ -297,7 +302,8 @@ def test_micro_sweep_end_to_end_then_tables(tmp_path):
                   f"cache_dir={tmp_path / 'cache'}"],
     }))
     jobs_dir = tmp_path / "jobs"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1"}
+    # PYTHONPATH: the subprocesses run this checkout's code, not whatever hps_exp is installed in the venv.
+    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "hps_exp.sweep", str(path), "--jobs-dir", str(jobs_dir)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -310,7 +316,7 @@ def test_micro_sweep_end_to_end_then_tables(tmp_path):
     t = subprocess.run([sys.executable, "-m", "hps_exp.tables", str(jobs_dir)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert t.returncode == 0, t.stderr
-    assert "| DPO-BT |" in t.stdout and "| DPO-HPS |" in t.stdout
+    assert "| DPO-BT |" in t.stdout and "| DPO-HPS" in t.stdout  # full HPS: "DPO-HPS" or "DPO-HPS-full"
     assert "2 completed run(s), 1 failed or missing, out of 3 job dir(s)" in t.stdout
     assert (jobs_dir / "table.md").is_file()
 
@@ -321,3 +327,115 @@ def test_main_paper_evaluates_each_policy_on_both_sets():
         for job in arm_jobs:
             assert "eval.datasets=[hh_rlhf,pku_safety]" in job
             assert not any(sw.key_of(o) == "eval.dataset" for o in job)  # no transfer axis: nothing trains twice
+
+
+# ------------------------------------------------------------------------------ cluster launcher, parallel arms
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", return_hydra_config=True,
+                            overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                                       "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    # one process per GPU: tasks follow gpus_per_node unless set; world = nodes x tasks_per_node
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.max_num_timeout >= 1
+    assert str(launcher.submitit_folder).endswith("/.submitit/%j")  # hidden from the tables
+
+
+def test_parallel_is_automatic_with_a_cluster_launcher(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["seed=1"]}}))
+    s = sw.load(str(path))
+    assert sw.launcher_of(s) == "basic" and not sw.wants_parallel(s, [], None)
+    assert sw.launcher_of(s, ["hydra/launcher=slurm"]) == "slurm"
+    assert sw.wants_parallel(s, ["hydra/launcher=slurm"], None)
+    assert not sw.wants_parallel(s, ["hydra/launcher=slurm"], False)
+    assert sw.wants_parallel(s, [], True)
+    assert not sw.wants_parallel(s, ["hydra/launcher=basic"], None)
+
+
+FAKE_PYTHON = """#!{python}
+# Stands in for `python -m hps_exp -m ...`: waits at a barrier until every arm has started (so it fails unless the
+# arms run concurrently), then writes job 0's metrics.json like the app.
+import json, os, pathlib, sys, time
+args = sys.argv[1:]
+assert args[:3] == ["-m", "hps_exp", "-m"], args
+sweep_dir = pathlib.Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")))
+arm = sweep_dir.name
+barrier = pathlib.Path(os.environ["FAKE_BARRIER"])
+barrier.mkdir(exist_ok=True)
+(barrier / arm).touch()
+deadline = time.time() + float(os.environ.get("FAKE_TIMEOUT", "60"))
+while len(list(barrier.iterdir())) < int(os.environ["FAKE_ARMS"]):
+    if time.time() > deadline:
+        print("barrier timeout: the arms did not run at the same time")
+        sys.exit(3)
+    time.sleep(0.05)
+(sweep_dir / "0").mkdir(parents=True, exist_ok=True)
+status = "failed" if arm == "broken" else "completed"
+(sweep_dir / "0" / "metrics.json").write_text(json.dumps({{"status": status}}))
+print("fake multirun", " ".join(args))
+sys.exit(1 if arm == "broken" else 0)
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path, monkeypatch):
+    exe = tmp_path / "fake_python"
+    exe.write_text(FAKE_PYTHON.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setenv("FAKE_BARRIER", str(tmp_path / "barrier"))
+    return exe
+
+
+def _three_arms(tmp_path):
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["seed=1"], "B": ["seed=2"], "broken": ["seed=3"]},
+                                    "fixed": ["trainer.epochs=1"]}))
+    return path
+
+
+def test_arms_start_together_under_a_cluster_launcher(tmp_path, fake_python, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_ARMS", "3")  # each fake waits for all three: a sequential runner would time out
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "hydra/launcher=slurm"])
+    out = capsys.readouterr().out
+    assert rc == 1, out  # the broken arm failed; the others completed
+    assert "arms run all at once" in out
+    assert "job broken/0: failed" in out and "total: 3 job(s), 2 completed" in out
+    for arm in ("A", "B"):
+        log = (jobs_dir / ".sweep_logs" / f"{arm}.log").read_text()
+        assert "fake multirun" in log and "hydra/launcher=slurm" in log and "barrier timeout" not in log
+        assert f"hydra.sweep.dir={jobs_dir / arm}" in log
+        assert json.loads((jobs_dir / arm / "0" / "metrics.json").read_text())["status"] == "completed"
+    from hps_exp import tables
+
+    assert sorted(p.relative_to(jobs_dir).as_posix() for p in tables.find_job_dirs(jobs_dir)) == \
+        ["A/0", "B/0", "broken/0"]  # the logs dir is not a job
+
+
+def test_no_parallel_runs_arms_one_after_another(tmp_path, fake_python, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_ARMS", "1")
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "hydra/launcher=slurm", "--no-parallel"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "arms run one after another" in out and "=== arm B" in out
+    assert not (jobs_dir / ".sweep_logs").exists()
+
+
+def test_the_barrier_fails_when_an_arm_is_missing(tmp_path, fake_python, monkeypatch, capsys):
+    """The concurrency check can fail: four arms expected, three started -> every arm times out."""
+    monkeypatch.setenv("FAKE_ARMS", "4")
+    monkeypatch.setenv("FAKE_TIMEOUT", "1")
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "--parallel"])
+    assert rc == 1
+    assert "barrier timeout" in (jobs_dir / ".sweep_logs" / "A.log").read_text()
+    assert "total: 3 job(s), 0 completed" in capsys.readouterr().out

@@ -125,7 +125,7 @@ def test_markdown_rows_cells_and_bold(sweep, capsys):
         bold = [r for r, cells in rows.items() if cells[i].startswith("**")]
         assert bold == [best], header
     assert not any(c.startswith("**") for c in rows["SFT (reference)"])
-    assert rows["SFT (reference)"][headers.index("hh · Reward ↑")] == "100.00 [100.00, 100.00]†"  # same in all seeds
+    assert rows["SFT (reference)"][headers.index("hh · Reward ↑")] == "100.00 [100.00, 100.00]†"  # all seeds
     assert "python -m hps_exp.tables " + str(sweep) in md
 
 
@@ -411,6 +411,8 @@ def test_paired_test_against_the_best_baseline(paired_sweep):
     assert ipo.baseline == "IPO-BT" and ipo.diff == pytest.approx(0.0, abs=1e-12) and ipo.p > 0.5
     assert results[("reward_margin_hardest", "DPO-HPS")].p < 0.05
     # Another treatment: PL against the best of BT/HPS in its framework.
+    only_bt = [r for r in tables.paired_tests(runs, "HPS", baselines=["BT"]) if r.eval_set == "hh"]
+    assert {r.baseline for r in only_bt} == {"DPO-BT", "IPO-BT"}  # the sweep's baselines restrict the choice
     pl = {r.treatment: r for r in tables.paired_tests(runs, "PL")
           if r.metric == "reward_margin" and r.eval_set == "hh"}
     assert pl["DPO-PL"].baseline == "DPO-HPS" and pl["DPO-PL"].diff < 0
@@ -419,7 +421,8 @@ def test_paired_test_against_the_best_baseline(paired_sweep):
 
 def test_treatment_from_sweep_yaml_or_flag(paired_sweep, tmp_path):
     grid = tmp_path / "g.yaml"
-    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]}, "compare": {"treatment": "HPS"}}))
+    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]},
+                               "compare": {"treatment": "HPS", "baselines": ["BT", "PL"]}}))
     assert tables.main([str(paired_sweep), "--sweep", str(grid), "--n-boot", "100"]) == 0
     md = (paired_sweep / "table.md").read_text()
     section = md.split("## Paired tests", 1)[1].split("\n## ", 1)[0]
@@ -434,6 +437,9 @@ def test_treatment_from_sweep_yaml_or_flag(paired_sweep, tmp_path):
     assert "| Reward margin | DPO-PL | DPO-HPS |" in (tmp_path / "o" / "table.md").read_text()
     assert tables.main([str(paired_sweep), "--out", str(tmp_path / "n"), "--n-boot", "100"]) == 0
     assert "No treatment named" in (tmp_path / "n" / "table.md").read_text()
+    assert tables.main([str(paired_sweep), "--sweep", str(grid), "--baselines", "BT", "--out", str(tmp_path / "b"),
+                        "--n-boot", "100"]) == 0
+    assert "| Reward margin | DPO-HPS | DPO-BT |" in (tmp_path / "b" / "table.md").read_text()
 
 
 def yaml_text(data):
@@ -444,7 +450,7 @@ def yaml_text(data):
 
 def test_timing_table(paired_sweep):
     timing = tables.timing_table(tables.collect_runs([paired_sweep]), n_boot=200)
-    assert [h for h in timing.headers] == ["Preference stage (s) ↓", "Per preference step (s) ↓", "Whole job (s) ↓"]
+    assert timing.headers == ["Preference stage (s) ↓", "Per preference step (s) ↓", "Whole job (s) ↓"]
     cell = timing.cell("DPO-HPS", ("timing", "pref_s"))
     assert cell.mean == pytest.approx(30.0 + 2.0) and cell.n == 5 and not cell.per_prompt  # 30 + mean seed
     assert (cell.lo, cell.hi) != (cell.mean, cell.mean)
