@@ -7,10 +7,10 @@ NAME is a file in sweeps/ (without .yaml) or a path to a sweep yaml. A sweep fil
 
     description: "..."
     arms:                  # method arm -> overrides that go together (a loss and its sampler, ...);
-      DPO-BT:  [loss=bt]   # an arm may itself sweep a key (loss.gamma=0,1,2)
-      DPO-HPS: [loss=hps]
+      ARM-A: [loss=<name>]                    # an arm may itself sweep a key (loss.gamma=0,1,2)
+      ARM-B: [loss=<name>, loss.<knob>=<value>]
     grid:                  # sweep axes applied to every arm (a comma string or a YAML list)
-      loss.framework: dpo,ipo
+      loss.framework: <f1>,<f2>
       seed: [0, 1, 2]
     fixed: [dataset.n_train=200]   # overrides for every job
     requires: [dataset.path]       # optional: keys the command line must set (e.g. a local data file)
@@ -386,22 +386,22 @@ def _split_override(o: str) -> tuple[str, list[Any]]:
 def wandb_sweeps(sweep: Sweep) -> dict[str, dict]:
     """W&B grid sweep configs driving `python -m hps_exp key=value ...` with the same jobs as the Hydra grid.
 
-    One config when every arm sets only one and the same key (e.g. loss=bt|pl|hps): that key becomes a grid
+    One config when every arm sets only one and the same key (e.g. loss=a|b|c): that key becomes a grid
     parameter. Otherwise one config per arm (file stem `<name>.<arm>`), since W&B cannot couple parameters."""
     arm_keys = {arm: [key_of(o) for o in ovs] for arm, ovs in sweep.arms.items()}
-    single = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
+    one_key = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
         and all(len(_split_override(ovs[0])[1]) == 1 for ovs in sweep.arms.values())
-    groups = {sweep.name: list(sweep.arms)} if single else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
+    groups = {sweep.name: list(sweep.arms)} if one_key else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
     out = {}
     for stem, arms in groups.items():
         params: dict[str, dict] = {}
         for o in arm_overrides(sweep, arms[0]):
             key, values = _split_override(o)
             params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
-        if single:
+        if one_key:
             key = arm_keys[arms[0]][0]
             params[key] = {"values": [_split_override(sweep.arms[a][0])[1][0] for a in arms]}
-        desc = sweep.description.strip() + ("" if single else f" (arm {arms[0]})")
+        desc = sweep.description.strip() + ("" if one_key else f" (arm {arms[0]})")
         out[stem] = {"program": "hps_exp", "name": stem, "description": desc, "method": "grid",
                      "parameters": params, "command": list(WANDB_COMMAND)}
     return out

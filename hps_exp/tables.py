@@ -56,6 +56,8 @@ LEVEL = 0.95
 # Per-prompt values are used for an interval only when their mean reproduces the run's scalar (a corpus-level
 # metric such as corpus BLEU is not the mean of its per-prompt sentence scores).
 PER_PROMPT_RTOL = 1e-6
+# Per-prompt lists stored under another name than their scalar (metrics.json: per_prompt.aligned.win).
+PER_PROMPT_ALIASES = {"win_rate": "win"}
 # Okabe-Ito (colour-blind safe) then tab10-like extras: one colour per series, never reused; past the end,
 # colours repeat with a hatch, so (colour, hatch) stays unique.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000",
@@ -163,7 +165,9 @@ def per_prompt_of(run: Run, eval_set: str, stage: str, metric: str) -> list[floa
     stages = run.eval.get(eval_set)
     pp = stages.get("per_prompt") if isinstance(stages, dict) else None
     pp = pp.get(stage) if isinstance(pp, dict) else None
-    values = pp.get(metric) if isinstance(pp, dict) else None
+    values = None
+    if isinstance(pp, dict):
+        values = pp.get(metric, pp.get(PER_PROMPT_ALIASES.get(metric, metric)))
     if not isinstance(values, list) or not values:
         return None
     nums = [_number(v) for v in values]
@@ -917,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no completed runs under {where} ({len(runs)} job dir(s) found)", file=sys.stderr)
         if runs:
             print(render_failed(runs), file=sys.stderr)
+        names = args.sweep or sweep_names_of(runs, sweep_dirs)
+        never, notes = never_started(runs, sweep_dirs, names)
+        if never or notes:
+            print("Jobs of the grid that never started:\n" + render_never_started(never, names, notes),
+                  file=sys.stderr)
         return 1
     try:
         report = build_report(runs, sweep_dirs, args)

@@ -388,6 +388,21 @@ def test_cells_use_per_prompt_bootstrap_when_available(paired_sweep):
     assert not main.cell("DPO-HPS", ("hh", "bleu")).per_prompt  # no per-prompt BLEU: over seeds
 
 
+def test_win_rate_reads_its_per_prompt_list_named_win(tmp_path):
+    root = tmp_path / "win"
+    for seed, wins in enumerate(([1, 0.5, 0, 1], [1, 1, 0, 0.5])):
+        m = completed("DPO-HPS", seed, 1.0, 1.0)
+        m["eval"]["hh"]["aligned"]["win_rate"] = sum(wins) / 4
+        m["eval"]["hh"]["per_prompt"] = {"aligned": {"win": wins}}
+        write_job(root / str(seed), m)
+    runs = tables.collect_runs([root])
+    assert tables.per_prompt_of(runs[0], "hh", "aligned", "win_rate") == [1, 0.5, 0, 1]
+    main = tables.main_table(runs, n_boot=200)
+    assert ("hh", "win_rate") in main.columns and "hh · Win rate vs SFT ↑" in main.headers
+    cell = main.cell("DPO-HPS", ("hh", "win_rate"))
+    assert cell.per_prompt and cell.mean == pytest.approx(0.625) and cell.lo < 0.625 < cell.hi
+
+
 def test_per_prompt_values_that_do_not_reproduce_the_scalar_are_ignored(paired_sweep):
     path = paired_sweep / "0" / "metrics.json"
     m = json.loads(path.read_text())
@@ -479,6 +494,16 @@ def test_never_started_jobs_are_listed(tmp_path):
     # A sweep name with no yaml: said, not fatal.
     missing, notes = tables.never_started(runs, [root], ["no_such_sweep_xyz"])
     assert missing == [] and "no_such_sweep_xyz" in notes[0]
+
+
+def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]}, "grid": {"seed": "0,1"}}))
+    empty = tmp_path / "jobs"
+    empty.mkdir()
+    assert tables.main([str(empty), "--sweep", str(grid)]) == 1
+    err = capsys.readouterr().err
+    assert "no completed runs" in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
 
 
 def test_series_colours_never_collide():
