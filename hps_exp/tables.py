@@ -732,6 +732,9 @@ def _save_png(fig, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getvalue())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a plot is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -765,7 +768,7 @@ def plot_main(plt, main: Table, margin: str, path: Path) -> None:
     series = list(styles)
     width = 0.8 / max(len(series), 1)
     fig, axes = plt.subplots(len(eval_sets), len(metrics), squeeze=False,
-                             figsize=(max(4.5, 0.45 * len(series) * len(frameworks) + 1.5) * len(metrics),
+                             figsize=(max(4.5, 0.3 * len(series) * len(frameworks) + 1.5) * len(metrics),
                                       3.8 * len(eval_sets)))
     for i, e in enumerate(eval_sets):
         for j, m in enumerate(metrics):
@@ -781,9 +784,13 @@ def plot_main(plt, main: Table, margin: str, path: Path) -> None:
                 if not cells:
                     continue
                 colour, hatch = styles[s]
-                bars = ax.bar(xs, [c.mean for c in cells], width, yerr=_err(cells), capsize=2, color=colour,
+                ax.bar(xs, [c.mean for c in cells], width, yerr=_err(cells), capsize=2, color=colour,
                               hatch=hatch, edgecolor="white" if not hatch else "black", linewidth=0.5, label=s)
-                ax.bar_label(bars, labels=[f"{c.mean:.2f}" for c in cells], fontsize=6, rotation=90, padding=2)
+                for x, c in zip(xs, cells):  # value label past the end of the error bar, not hidden by it
+                    up = c.mean >= 0
+                    ax.annotate(f"{c.mean:.2f}", (x, c.hi if up else c.lo), xytext=(0, 2 if up else -2),
+                                textcoords="offset points", ha="center", va="bottom" if up else "top",
+                                fontsize=6, rotation=90)
             sft = [main.cell(r, (e, m)) for r in main.rows if r in main.reference_rows]
             if sft and sft[0] is not None and m != margin:
                 ax.axhline(sft[0].mean, color="0.4", linestyle="--", linewidth=1, label=SFT_LABEL)
