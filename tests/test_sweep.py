@@ -35,6 +35,22 @@ SMALL_SEEDS, PAPER_SEEDS = {0, 1, 2, 3, 4}, {0, 1, 2}
 COMPARED = {"main_small", "main_dpo_small", "n_ablation_small", "main_paper", "n_ablation_paper"}
 
 
+_COMPOSED: dict = {}
+
+
+@pytest.fixture
+def compose(compose):
+    """conftest's compose, memoised: the grids' jobs are composed by several tests (100 jobs in main_small)."""
+    import copy
+
+    def cached(overrides=()):
+        key = tuple(sorted(overrides))  # merge() leaves one override per key, so the order carries no meaning
+        if key not in _COMPOSED:
+            _COMPOSED[key] = compose(list(overrides))
+        return copy.deepcopy(_COMPOSED[key])  # callers resolve the sampler in place
+    return cached
+
+
 def config_has(compose, dotted):
     """Whether the app's config has a key (a key the lead adds may not be merged into this branch yet)."""
     from omegaconf import OmegaConf
