@@ -14,8 +14,21 @@ import yaml
 
 from hps_exp import sweep as sw
 from hps_exp.config import build
-from hps_exp.pipeline import resolve_auto_sampler
 from hps_exp.samplers import check_compatible
+
+try:  # the staged layout: sampler=auto is resolved by the plan
+    from hps_exp.plan import loss_and_sampler
+except ImportError:  # the layout before hps_exp/plan.py (drop once merged)
+    from hps_exp.pipeline import resolve_auto_sampler
+
+    def loss_and_sampler(cfg):
+        resolve_auto_sampler(cfg)
+        return build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+
+
+def preference_model(loss, cfg):
+    """The table row's preference model: the loss describes itself (else its config says it)."""
+    return getattr(loss, "preference_model", None) or cfg.loss.preference_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,8 +110,7 @@ def test_every_job_composes_and_builds(compose, name):
         for job in arm_jobs:
             cfg = _compose_job(compose, name, job)
             assert cfg.sweep == name
-            resolve_auto_sampler(cfg)
-            loss, sampler = build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+            loss, sampler = loss_and_sampler(cfg)  # resolves sampler=auto in cfg
             if cfg.dataset.name == "synthetic":
                 max_n = cfg.dataset.n_responses
             else:  # paper scale: ranked files with n scored responses per prompt
@@ -119,15 +131,20 @@ def test_every_job_composes_and_builds(compose, name):
 
 def test_main_small_is_the_full_product(compose):
     s = sw.load("main_small")
-    got = set()
-    for arm_jobs in sw.jobs(s).values():
+    got: dict = {}
+    for arm, arm_jobs in sw.jobs(s).items():
         for job in arm_jobs:
             cfg = compose(job)
-            resolve_auto_sampler(cfg)
-            got.add((cfg.loss.framework, cfg.loss.preference_model, cfg.sampler.name, cfg.seed))
-    samplers = {"BT": {"best_worst"}, "PL": {"all"}, "HPS": {"hard", "all"}}  # HPS: one-sample and full
-    assert got == {(fw, pm, sampler, seed) for fw in ("dpo", "ipo", "exo", "sppo", "nca")
-                   for pm in ("BT", "PL", "HPS") for sampler in samplers[pm] for seed in range(5)}
+            loss, _ = loss_and_sampler(cfg)
+            got.setdefault(arm, set()).add((cfg.loss.framework, preference_model(loss, cfg), cfg.sampler.name,
+                                            cfg.seed))
+    frameworks = ("dpo", "ipo", "exo", "sppo", "nca")
+    for arm, (pm, sampler) in {"BT": ("BT", "best_worst"), "PL": ("PL", "all"), "HPS": ("HPS", "hard")}.items():
+        assert got[arm] == {(fw, pm, sampler, seed) for fw in frameworks for seed in range(5)}, arm
+    # Full HPS: all responses; its row is "HPS-full" where the loss labels itself so.
+    assert {(fw, sampler, seed) for fw, _, sampler, seed in got["HPS-full"]} == {
+        (fw, "all", seed) for fw in frameworks for seed in range(5)}
+    assert {pm for _, pm, _, _ in got["HPS-full"]} <= {"HPS", "HPS-full"}
 
 
 @pytest.mark.parametrize("name, hps, full", [
@@ -143,11 +160,11 @@ def test_hps_arm_is_the_papers_estimator_at_equal_steps(compose, name, hps, full
     strip = [o for o in s.fixed if sw.key_of(o) == "eval.datasets"]  # composes only once the app has the key
     first = {arm: compose(sw.merge([o for o in j[0] if o not in strip], extra)) for arm, j in jobs.items()}
     cfg = first[hps]
-    resolve_auto_sampler(cfg)
-    assert (cfg.loss.preference_model, cfg.loss.estimator, cfg.loss.log_n) == ("HPS", "single", True)
+    loss, _ = loss_and_sampler(cfg)
+    assert (preference_model(loss, cfg), cfg.loss.estimator, cfg.loss.log_n) == ("HPS", "single", True)
     assert (cfg.sampler.name, cfg.sampler.num_negatives) == ("hard", 1)
     full_cfg = first[full]
-    resolve_auto_sampler(full_cfg)
+    loss_and_sampler(full_cfg)
     assert (full_cfg.loss.estimator, full_cfg.sampler.name) == ("full", "all")
     steps = {(c.dataset.get("n_train"), c.dataset.get("path"), c.trainer.batch_size, c.trainer.grad_accum,
               c.trainer.epochs) for c in first.values()}
