@@ -179,9 +179,13 @@ def test_gamma_and_authors_arms_couple_their_overrides(compose):
     assert (single.loss.estimator, single.sampler.name, single.sampler.schedule) == ("single", "hard", "step")
     a = sw.jobs(sw.load("authors_small"))
     authors = compose(a["DPO-authors"][0])
-    assert (authors.loss.name, authors.sampler.name, authors.sampler.schedule) == ("dpo", "hard", "step")
+    assert (authors.loss.name, authors.sampler.name, authors.sampler.num_negatives) == ("dpo", "hard", 1)
     assert (authors.loss.beta, authors.loss.label_smoothing) == (0.25, 0.1)
-    assert (authors.sampler.gamma_start, authors.sampler.gamma_end, authors.trainer.resample) == (-5, 5, "step")
+    # The arm is the preset itself: the grid's fixed overrides leave its loss, sampler and resampling alone.
+    preset = compose(["+experiment=hps_released"])
+    assert (authors.loss, authors.sampler, authors.trainer.resample) == (preset.loss, preset.sampler,
+                                                                         preset.trainer.resample)
+    assert authors.sampler.schedule != "constant"
     plain = compose(a["DPO"][0])
     assert (plain.loss.beta, plain.loss.label_smoothing, plain.sampler.name) == (0.1, 0.0, "auto")
 
