@@ -57,7 +57,7 @@ LEVEL = 0.95
 # metric such as corpus BLEU is not the mean of its per-prompt sentence scores).
 PER_PROMPT_RTOL = 1e-6
 # Per-prompt lists stored under another name than their scalar (metrics.json: per_prompt.aligned.win).
-PER_PROMPT_ALIASES = {"win_rate": "win"}
+PER_PROMPT_ALIASES = {"win_rate": "win", "harmful_rate": "harmful"}
 # Okabe-Ito (colour-blind safe) then tab10-like extras: one colour per series, never reused; past the end,
 # colours repeat with a hatch, so (colour, hatch) stays unique.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000",
