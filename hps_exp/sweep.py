@@ -1,24 +1,32 @@
 """Run a grid from `sweeps/NAME.yaml`: one Hydra multirun per method arm, all jobs under one sweep dir.
 
-    python -m hps_exp.sweep NAME [--dry-run] [--jobs-dir DIR] [--write-wandb] [key=value ...]
+    python -m hps_exp.sweep NAME [--dry-run] [--jobs-dir DIR] [--parallel | --no-parallel] [--python EXE]
+                                 [--write-wandb] [key=value ...]
 
 NAME is a file in sweeps/ (without .yaml) or a path to a sweep yaml. A sweep file:
 
     description: "..."
     arms:                  # method arm -> overrides that go together (a loss and its sampler, ...);
-      DPO-BT:  [loss=bt]   # an arm may itself sweep a key (loss.gamma=0,1,2)
-      DPO-HPS: [loss=hps]
+      ARM-A: [loss=<name>]                    # an arm may itself sweep a key (loss.gamma=0,1,2)
+      ARM-B: [loss=<name>, loss.<knob>=<value>]
     grid:                  # sweep axes applied to every arm (a comma string or a YAML list)
-      loss.framework: dpo,ipo
+      loss.framework: <f1>,<f2>
       seed: [0, 1, 2]
     fixed: [dataset.n_train=200]   # overrides for every job
     requires: [dataset.path]       # optional: keys the command line must set (e.g. a local data file)
+    compare: {treatment: X, baselines: [A, B]}  # optional: the tables' paired test of preference model X against
+                                                # the best of A, B (default: every other one) in each framework
 
-Each arm runs as `python -m hps_exp -m <fixed> <grid> <arm> <extra> sweep=NAME hydra.sweep.dir=<jobs dir>
-hydra.sweep.subdir=<arm>/${hydra.job.num}`, so job k of arm A lands in `<jobs dir>/A/k/` (default jobs dir:
+Each arm runs as `python -m hps_exp -m <fixed> <grid> <arm> <extra> sweep=NAME hydra.sweep.dir=<jobs dir>/<arm>
+hydra.sweep.subdir=${hydra.job.num}`, so job k of arm A lands in `<jobs dir>/A/k/` (default jobs dir:
 outputs/sweeps/NAME; `python -m hps_exp.tables` finds the jobs there). When two overrides set the same key the
-more specific one wins: extra (command line) > arm > grid > fixed. Arms run one after another; a failed job or
-arm does not stop the others; the exit status is non-zero when any job failed.
+more specific one wins: extra (command line) > arm > grid > fixed. A failed job or arm does not stop the others;
+the exit status is non-zero when any job failed.
+
+Arms run one after another with Hydra's basic launcher (the jobs share this machine). With a cluster launcher
+(`hydra/launcher=slurm`, conf/hydra/launcher/slurm.yaml) a multirun submits its jobs and then blocks until they
+finish, so the arms' multiruns are started all at once (`--parallel`, the default whenever a hydra/launcher other
+than basic is set), each logging to `<jobs dir>/.sweep_logs/<arm>.log`; `--no-parallel` forces one at a time.
 
 `--write-wandb` (re)writes the W&B sweep files of the grid under sweeps/wandb/ (one file per sweep, or one per
 arm when an arm couples several overrides, which a W&B grid cannot express).
@@ -42,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = REPO / "sweeps"
 WANDB_DIR = SWEEPS_DIR / "wandb"
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-TOP_KEYS = {"description", "arms", "grid", "fixed", "requires"}
+TOP_KEYS = {"description", "arms", "grid", "fixed", "requires", "compare"}
+COMPARE_KEYS = {"treatment", "baselines"}
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
 
 
@@ -59,6 +68,8 @@ class Sweep:
     grid: dict[str, list[str]]          # key -> values (as Hydra override value strings)
     fixed: list[str]
     requires: list[str] = field(default_factory=list)
+    # The tables' paired test: {"treatment": preference model, "baselines": [preference models] (default: all others)}
+    compare: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -109,6 +120,14 @@ def _overrides(where: str, raw: Any) -> list[str]:
     return list(raw)
 
 
+def _valid_compare(compare: Any) -> bool:
+    if not isinstance(compare, dict) or set(compare) - COMPARE_KEYS:
+        return False
+    baselines = compare.get("baselines", [])
+    return isinstance(compare.get("treatment"), str) and bool(compare["treatment"]) \
+        and isinstance(baselines, list) and all(isinstance(b, str) and b for b in baselines)
+
+
 def load(name: str) -> Sweep:
     import yaml
 
@@ -137,9 +156,13 @@ def load(name: str) -> Sweep:
     requires = data.get("requires") or []
     if not isinstance(requires, list):
         raise SweepError(f"{path}: 'requires' must be a list of keys")
+    compare = data.get("compare") or {}
+    if compare and not _valid_compare(compare):
+        raise SweepError(f"{path}: 'compare' must be a mapping like {{treatment: <preference model>, baselines: "
+                         f"[<preference model>, ...]}} (baselines optional); got {compare!r}")
     stem = path.stem
     return Sweep(stem, path, str(data.get("description", "")), arms, grid,
-                 _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires])
+                 _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires], dict(compare))
 
 
 # ---------------------------------------------------------------------------------------------- expand
@@ -200,8 +223,20 @@ def _hydra_str(value: str) -> str:
 
 
 def command(sweep: Sweep, arm: str, jobs_dir: Path, extra: list[str] = (), python: str = sys.executable) -> list[str]:
+    # One sweep dir per arm: concurrent arms then never write the same multirun.yaml / .submitit folder.
     return [python, "-m", "hps_exp", "-m", *arm_overrides(sweep, arm, extra),
-            f"hydra.sweep.dir={_hydra_str(str(jobs_dir))}", f"hydra.sweep.subdir={arm}/${{hydra.job.num}}"]
+            f"hydra.sweep.dir={_hydra_str(str(jobs_dir / arm))}", "hydra.sweep.subdir=${hydra.job.num}"]
+
+
+def launcher_of(sweep: Sweep, extra: list[str] = ()) -> str:
+    """The hydra/launcher the jobs use ("basic" unless the sweep file or the command line sets one)."""
+    chosen = [o.split("=", 1)[1] for o in merge(sweep.fixed, list(extra)) if key_of(o) == "hydra/launcher"]
+    return chosen[-1] if chosen else "basic"
+
+
+def wants_parallel(sweep: Sweep, extra: list[str], parallel: bool | None) -> bool:
+    """Explicit --parallel / --no-parallel, else concurrent arms exactly when a non-basic launcher is used."""
+    return parallel if parallel is not None else launcher_of(sweep, extra) != "basic"
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -220,10 +255,90 @@ def existing_jobs(jobs_dir: Path, arms: list[str]) -> list[Path]:
     return [p for arm in arms if (jobs_dir / arm).is_dir() for p in (jobs_dir / arm).iterdir() if p.is_dir()]
 
 
-def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, out=None) -> int:
+@dataclass
+class ArmResult:
+    arm: str
+    n_jobs: int
+    rc: int
+    seconds: float
+    statuses: list[str]
+
+    @property
+    def done(self) -> int:
+        return self.statuses.count("completed")
+
+
+def _arm_result(arm: str, n_jobs: int, rc: int, seconds: float, jobs_dir: Path) -> ArmResult:
+    return ArmResult(arm, n_jobs, rc, seconds, [job_status(jobs_dir / arm / str(k)) for k in range(n_jobs)])
+
+
+def run_sequential(commands: dict[str, list[str]], n_jobs: dict[str, int], jobs_dir: Path, out) -> list[ArmResult]:
+    results = []
+    for arm, cmd in commands.items():
+        t0 = time.perf_counter()
+        print(f"[sweep] === arm {arm} ({n_jobs[arm]} job(s)) ===", file=out, flush=True)
+        rc = subprocess.call(cmd, cwd=os.getcwd())
+        results.append(_arm_result(arm, n_jobs[arm], rc, time.perf_counter() - t0, jobs_dir))
+    return results
+
+
+def run_parallel(commands: dict[str, list[str]], n_jobs: dict[str, int], jobs_dir: Path, out,
+                 poll_s: float = 0.5) -> list[ArmResult]:
+    """Start every arm's multirun at once (each submits its jobs, then waits on them); output to log files."""
+    log_dir = jobs_dir / ".sweep_logs"  # hidden: the tables never take it for a job dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    finished: dict[str, ArmResult] = {}
+    try:
+        for arm, cmd in commands.items():
+            log = open(log_dir / f"{arm}.log", "w", encoding="utf-8")
+            running[arm] = (subprocess.Popen(cmd, cwd=os.getcwd(), stdout=log, stderr=subprocess.STDOUT),
+                            log, time.perf_counter())
+            print(f"[sweep] started arm {arm} ({n_jobs[arm]} job(s)), pid {running[arm][0].pid}, "
+                  f"log {log_dir / f'{arm}.log'}", file=out, flush=True)
+        while running:
+            for arm in list(running):
+                proc, log, t0 = running[arm]
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[arm]
+                finished[arm] = _arm_result(arm, n_jobs[arm], rc, time.perf_counter() - t0, jobs_dir)
+                print(f"[sweep] arm {arm} finished: exit {rc}, {finished[arm].done}/{n_jobs[arm]} job(s) "
+                      "completed", file=out, flush=True)
+            if running:
+                time.sleep(poll_s)
+    finally:
+        for proc, log, _ in running.values():  # interrupted: stop only the processes started here
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return [finished[arm] for arm in commands]
+
+
+def print_summary(sweep: Sweep, jobs_dir: Path, results: list[ArmResult], total: int, wall: float, out) -> bool:
+    print(f"\n[sweep] summary of {sweep.name} ({jobs_dir}):", file=out)
+    print(f"  {'arm':<24} {'jobs':>5} {'done':>5} {'failed':>6} {'exit':>5} {'wall':>9}", file=out)
+    any_failed = False
+    for r in results:
+        failed = r.n_jobs - r.done
+        any_failed |= failed > 0 or r.rc != 0
+        print(f"  {r.arm:<24} {r.n_jobs:>5} {r.done:>5} {failed:>6} {r.rc:>5} {r.seconds:>8.0f}s", file=out)
+        for k, status in enumerate(r.statuses):
+            if status != "completed":
+                print(f"    job {r.arm}/{k}: {status}", file=out)
+    print(f"  total: {total} job(s), {sum(r.done for r in results)} completed, wall {wall:.0f}s", file=out)
+    print(f"[sweep] tables: python -m hps_exp.tables {shlex.quote(str(jobs_dir))}", file=out)
+    return any_failed
+
+
+def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, out=None,
+        parallel: bool | None = None, python: str = sys.executable) -> int:
     out = out or sys.stdout
     all_jobs = jobs(sweep, extra)
     total = sum(len(j) for j in all_jobs.values())
+    concurrent = wants_parallel(sweep, extra, parallel)
     print(f"[sweep] {sweep.name}: {len(all_jobs)} arm(s), {total} job(s) -> {jobs_dir}", file=out)
     if sweep.description:
         print(f"[sweep] {sweep.description.strip()}", file=out)
@@ -233,9 +348,12 @@ def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, o
         if not dry_run:
             raise SweepError(msg)
         print(f"[sweep] note: {msg}", file=out)
+    print(f"[sweep] launcher {launcher_of(sweep, extra)}: arms run "
+          + ("all at once" if concurrent else "one after another"), file=out)
+    commands = {arm: command(sweep, arm, jobs_dir, extra, python) for arm in all_jobs}
     for arm, arm_jobs in all_jobs.items():
         print(f"[sweep] arm {arm}: {len(arm_jobs)} job(s)", file=out)
-        print("  " + shlex.join(command(sweep, arm, jobs_dir, extra)), file=out)
+        print("  " + shlex.join(commands[arm]), file=out)
     if dry_run:
         print(f"[sweep] dry run: {total} job(s) in {len(all_jobs)} arm(s); nothing launched", file=out)
         return 0
@@ -244,27 +362,11 @@ def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, o
         print(f"[sweep] warning: {jobs_dir} already holds {len(old)} job dir(s) of these arms; jobs with the same "
               "number are overwritten and resume from their checkpoints (trainer.resume=true). Use --jobs-dir "
               "or delete the dir for a fresh sweep.", file=out)
-    summary = []
+    n_jobs = {arm: len(j) for arm, j in all_jobs.items()}
     started = time.perf_counter()
-    for arm, arm_jobs in all_jobs.items():
-        t0 = time.perf_counter()
-        print(f"[sweep] === arm {arm} ({len(arm_jobs)} job(s)) ===", file=out, flush=True)
-        rc = subprocess.call(command(sweep, arm, jobs_dir, extra), cwd=os.getcwd())
-        statuses = [job_status(jobs_dir / arm / str(k)) for k in range(len(arm_jobs))]
-        summary.append((arm, len(arm_jobs), statuses.count("completed"), rc, time.perf_counter() - t0, statuses))
-    wall = time.perf_counter() - started
-    print(f"\n[sweep] summary of {sweep.name} ({jobs_dir}):", file=out)
-    print(f"  {'arm':<24} {'jobs':>5} {'done':>5} {'failed':>6} {'exit':>5} {'wall':>9}", file=out)
-    any_failed = False
-    for arm, n, done, rc, secs, statuses in summary:
-        failed = n - done
-        any_failed |= failed > 0 or rc != 0
-        print(f"  {arm:<24} {n:>5} {done:>5} {failed:>6} {rc:>5} {secs:>8.0f}s", file=out)
-        for k, s in enumerate(statuses):
-            if s != "completed":
-                print(f"    job {arm}/{k}: {s}", file=out)
-    print(f"  total: {total} job(s), {sum(s[2] for s in summary)} completed, wall {wall:.0f}s", file=out)
-    print(f"[sweep] tables: python -m hps_exp.tables {shlex.quote(str(jobs_dir))}", file=out)
+    runner = run_parallel if concurrent else run_sequential
+    results = runner(commands, n_jobs, jobs_dir, out)
+    any_failed = print_summary(sweep, jobs_dir, results, total, time.perf_counter() - started, out)
     return 1 if any_failed else 0
 
 
@@ -284,22 +386,22 @@ def _split_override(o: str) -> tuple[str, list[Any]]:
 def wandb_sweeps(sweep: Sweep) -> dict[str, dict]:
     """W&B grid sweep configs driving `python -m hps_exp key=value ...` with the same jobs as the Hydra grid.
 
-    One config when every arm sets only one and the same key (e.g. loss=bt|pl|hps): that key becomes a grid
+    One config when every arm sets only one and the same key (e.g. loss=a|b|c): that key becomes a grid
     parameter. Otherwise one config per arm (file stem `<name>.<arm>`), since W&B cannot couple parameters."""
     arm_keys = {arm: [key_of(o) for o in ovs] for arm, ovs in sweep.arms.items()}
-    single = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
+    one_key = len({tuple(k) for k in arm_keys.values()}) == 1 and all(len(k) == 1 for k in arm_keys.values()) \
         and all(len(_split_override(ovs[0])[1]) == 1 for ovs in sweep.arms.values())
-    groups = {sweep.name: list(sweep.arms)} if single else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
+    groups = {sweep.name: list(sweep.arms)} if one_key else {f"{sweep.name}.{arm}": [arm] for arm in sweep.arms}
     out = {}
     for stem, arms in groups.items():
         params: dict[str, dict] = {}
         for o in arm_overrides(sweep, arms[0]):
             key, values = _split_override(o)
             params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
-        if single:
+        if one_key:
             key = arm_keys[arms[0]][0]
             params[key] = {"values": [_split_override(sweep.arms[a][0])[1][0] for a in arms]}
-        desc = sweep.description.strip() + ("" if single else f" (arm {arms[0]})")
+        desc = sweep.description.strip() + ("" if one_key else f" (arm {arms[0]})")
         out[stem] = {"program": "hps_exp", "name": stem, "description": desc, "method": "grid",
                      "parameters": params, "command": list(WANDB_COMMAND)}
     return out
@@ -344,6 +446,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the commands and job counts; launch nothing")
     p.add_argument("--jobs-dir", default=None, help="sweep output dir (default: outputs/sweeps/NAME)")
     p.add_argument("--write-wandb", action="store_true", help="(re)write sweeps/wandb/ files for this grid")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="start all arms' multiruns at once (default: only with a non-basic hydra/launcher, e.g. "
+                        "hydra/launcher=slurm)")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m hps_exp` (default: this one)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every job")
     args = p.parse_intermixed_args(argv)  # options may come after key=value overrides
     bad = [o for o in args.overrides if "=" not in o]
@@ -360,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             write_wandb(sweep)
             return 0
         jobs_dir = Path(args.jobs_dir) if args.jobs_dir else Path("outputs") / "sweeps" / sweep.name
-        return run(sweep, jobs_dir, extra, dry_run=args.dry_run)
+        return run(sweep, jobs_dir, extra, dry_run=args.dry_run, parallel=args.parallel, python=args.python)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

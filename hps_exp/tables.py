@@ -1,9 +1,18 @@
 """Collect a sweep's `metrics.json` files into the paper's tables (Markdown + CSV) and plots.
 
-    python -m hps_exp.tables SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--metric-margin reward_margin] [--stage aligned]
+    python -m hps_exp.tables SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--metric-margin reward_margin]
+                             [--stage aligned] [--compare PREFERENCE_MODEL] [--sweep NAME]
 
-Pipeline: collect_runs (every job dir, completed or not) -> main_table / ablation_table (mean ± std over
-seeds) -> render_markdown / render_csv -> make_plots. Failed and missing runs are listed, never dropped.
+Pipeline: collect_runs (every job dir, completed or not) -> rows (a method, split by settings that vary within
+it; sorted by the loss's `run.row_order`) -> main_table / timing_table / ablation_table, every cell
+"mean [lo, hi]" with a 95 % bootstrap interval (held-out prompts within seeds where the run reports per-prompt
+values, else over seeds: hps_exp.stats) -> paired tests of the treatment preference model against the best
+baseline of its framework -> render_markdown / render_csv -> make_plots. Failed and missing runs, and the grid's
+jobs that never started (from the sweep yaml), are listed, never dropped.
+
+No framework or preference-model name is known here: rows are ordered by `run.row_order` (supplied by the loss),
+plots grouped by `run.framework` and coloured by `run.preference_model`, and the treatment of the paired test
+comes from the sweep yaml (`compare: {treatment: X}`) or `--compare X`.
 """
 from __future__ import annotations
 
@@ -23,19 +32,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from hps_exp import stats
 from hps_exp.data.schema import atomic_write_text
 
-FRAMEWORKS = ("DPO", "IPO", "EXO", "SPPO", "NCA")
-PREFERENCE_MODELS = ("BT", "PL", "HPS")
 # Run settings that split one method into several rows when they vary within it.
-GROUP_KEYS = ("train_dataset", "n_responses", "gamma", "beta")
+GROUP_KEYS = ("train_dataset", "sampler", "n_responses", "gamma", "beta")
 ABLATION_KEYS = ("n_responses", "gamma", "beta")
+# Rows of the paired test are compared only when these agree (same data, same n).
+COMPARABLE_KEYS = ("train_dataset", "n_responses")
 KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", "beta": "β"}
-METRIC_LABELS = {"bleu": "BLEU", "reward": "Reward", "reward_margin": "Reward margin",
-                 "reward_margin_hardest": "Reward margin (hardest)", "harmful_rate": "Harmful rate"}
+METRIC_LABELS = {"bleu": "BLEU", "bleu_char": "BLEU (char)", "reward": "Reward", "reward_top1": "Reward top-1",
+                 "reward_margin": "Reward margin", "reward_margin_hardest": "Reward margin (hardest)",
+                 "win_rate": "Win rate vs SFT", "harmful_rate": "Harmful rate"}
+TIMING_LABELS = {"pref_s": "Preference stage (s)", "pref_step_s": "Per preference step (s)",
+                 "total_s": "Whole job (s)"}
+MARGINS = ("reward_margin", "reward_margin_hardest")
+# Main-table columns per eval set, in order; the optional ones only where some run reports them.
+OPTIONAL_METRICS = ("bleu_char", "reward_top1", "win_rate", "harmful_rate")
 LOWER_IS_BETTER = {"harmful_rate"}
 MAX_DEPTH = 3
 SFT_LABEL = "SFT (reference)"
+LEVEL = 0.95
+# Per-prompt values are used for an interval only when their mean reproduces the run's scalar (a corpus-level
+# metric such as corpus BLEU is not the mean of its per-prompt sentence scores).
+PER_PROMPT_RTOL = 1e-6
+# Per-prompt lists stored under another name than their scalar (metrics.json: per_prompt.aligned.win).
+PER_PROMPT_ALIASES = {"win_rate": "win", "harmful_rate": "harmful"}
+# Okabe-Ito (colour-blind safe) then tab10-like extras: one colour per series, never reused; past the end,
+# colours repeat with a hatch, so (colour, hatch) stays unique.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000",
+           "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF")
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
 
 
 # ---------------------------------------------------------------------------------------------- collect
@@ -49,6 +76,7 @@ class Run:
     eval: dict = field(default_factory=dict)
     error: str | None = None
     overrides: list[str] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -107,16 +135,48 @@ def load_run(job_dir: Path) -> Run:
     if not isinstance(data, dict):
         return Run(job_dir, "unreadable", error="metrics.json is not a JSON object", overrides=overrides)
     status = str(data.get("status", "unknown"))
-    run, ev = data.get("run"), data.get("eval")
+    run, ev, timing = data.get("run"), data.get("eval"), data.get("timing")
     if status == "completed" and not (isinstance(run, dict) and run.get("method") and isinstance(ev, dict)):
         return Run(job_dir, "unreadable", error="metrics.json says completed but lacks run.method or eval",
                    overrides=overrides)
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
-               data.get("error"), overrides)
+               data.get("error"), overrides, timing if isinstance(timing, dict) else {})
 
 
 def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:
     return [load_run(d) for root in sweep_dirs for d in find_job_dirs(Path(root))]
+
+
+# ------------------------------------------------------------------------------------------ read values
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def metric_of(run: Run, eval_set: str, stage: str, metric: str) -> float | None:
+    stages = run.eval.get(eval_set)
+    values = stages.get(stage) if isinstance(stages, dict) else None
+    return _number(values.get(metric)) if isinstance(values, dict) else None
+
+
+def per_prompt_of(run: Run, eval_set: str, stage: str, metric: str) -> list[float] | None:
+    """eval.<set>.per_prompt.<stage>.<metric> when it is a non-empty list of finite numbers whose mean is the
+    run's scalar for that metric; None otherwise (old runs, corpus-level metrics)."""
+    stages = run.eval.get(eval_set)
+    pp = stages.get("per_prompt") if isinstance(stages, dict) else None
+    pp = pp.get(stage) if isinstance(pp, dict) else None
+    values = None
+    if isinstance(pp, dict):
+        values = pp.get(metric, pp.get(PER_PROMPT_ALIASES.get(metric, metric)))
+    if not isinstance(values, list) or not values:
+        return None
+    nums = [_number(v) for v in values]
+    if any(v is None for v in nums):
+        return None
+    scalar = metric_of(run, eval_set, stage, metric)
+    if scalar is None or abs(statistics.fmean(nums) - scalar) > PER_PROMPT_RTOL * max(1.0, abs(scalar)):
+        return None
+    return nums
 
 
 # -------------------------------------------------------------------------------------------- aggregate
@@ -124,30 +184,49 @@ def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:
 @dataclass
 class Cell:
     mean: float
-    std: float | None  # sample std (ddof=1); None with one seed
-    n: int
+    lo: float
+    hi: float
+    n: int                  # samples (seeds) behind the cell
+    per_prompt: bool        # interval over prompts within seeds (True) or over seeds only (False)
+    std: float | None = None  # sample std over seeds (ddof=1), for the CSV; None with one seed
 
 
-def summarize(values: Iterable[Any]) -> Cell | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
+@dataclass
+class Sample:
+    """One seed's contribution to a cell: its scalar and, where usable, its per-prompt values."""
+    value: float
+    prompts: list[float] | None = None
+
+
+def summarize_samples(samples: list[Sample], n_boot: int = stats.DEFAULT_N_BOOT, level: float = LEVEL) -> Cell | None:
+    """Mean [lo, hi]: the two-level bootstrap when every sample has per-prompt values, else over seeds."""
+    if not samples:
         return None
-    return Cell(statistics.fmean(vals), statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
+    values = [s.value for s in samples]
+    std = statistics.stdev(values) if len(values) >= 2 else None
+    if all(s.prompts for s in samples):
+        _, lo, hi = stats.bootstrap_ci([s.prompts for s in samples], level, n_boot)
+        per_prompt = True
+    else:
+        _, lo, hi = stats.bootstrap_ci_seeds(values, level, n_boot)
+        per_prompt = False
+    # The displayed mean is the mean of the scalars (equal to the bootstrap's point estimate when per-prompt
+    # values are used, since they were checked to reproduce each scalar).
+    return Cell(statistics.fmean(values), lo, hi, len(values), per_prompt, std)
 
 
-def metric_of(run: Run, eval_set: str, stage: str, metric: str) -> float | None:
-    stages = run.eval.get(eval_set)
-    values = stages.get(stage) if isinstance(stages, dict) else None
-    v = values.get(metric) if isinstance(values, dict) else None
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def summarize(values: Iterable[Any], n_boot: int = stats.DEFAULT_N_BOOT) -> Cell | None:
+    """Seeds-only cell from plain numbers (None entries skipped)."""
+    return summarize_samples([Sample(v) for v in (_number(x) for x in values) if v is not None], n_boot)
 
 
-def method_sort_key(method: str) -> tuple:
-    """DPO, IPO, EXO, SPPO, NCA, then BT, PL, HPS; anything unknown after, alphabetically."""
-    fw, _, pm = method.partition("-")
-    fw_rank = FRAMEWORKS.index(fw) if fw in FRAMEWORKS else len(FRAMEWORKS)
-    pm_rank = PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)
-    return (fw_rank, pm_rank, method)
+def samples_of(runs: list[Run], eval_set: str, stage: str, metric: str) -> list[Sample]:
+    out = []
+    for r in runs:
+        v = metric_of(r, eval_set, stage, metric)
+        if v is not None:
+            out.append(Sample(v, per_prompt_of(r, eval_set, stage, metric)))
+    return out
 
 
 def value_key(v: Any) -> tuple:
@@ -167,6 +246,14 @@ def _hashable(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, sort_keys=True)
 
 
+def row_order_of(run: Run) -> tuple:
+    """The loss's [framework rank, preference-model rank]; runs without one sort after, alphabetically."""
+    order = run.run.get("row_order")
+    if isinstance(order, (list, tuple)) and order and all(_number(x) is not None for x in order):
+        return (0, tuple(float(x) for x in order))
+    return (1, ())
+
+
 def varying_keys(runs: list[Run], keys: Iterable[str] = GROUP_KEYS) -> dict[str, list[str]]:
     """Per method, the setting keys that take two or more values among its runs."""
     keys = list(keys)
@@ -177,16 +264,48 @@ def varying_keys(runs: list[Run], keys: Iterable[str] = GROUP_KEYS) -> dict[str,
     return {m: [k for k in keys if len(vs[k]) > 1] for m, vs in seen.items()}
 
 
-def group_rows(runs: list[Run], exclude: Iterable[str] = ()) -> dict[str, list[Run]]:
-    """Row label -> runs (the seeds). A row is a method, split by the settings that vary within it
-    (e.g. "DPO-HPS (γ=0.5)") so different hyperparameters are never averaged together."""
-    vary = {m: [k for k in ks if k not in set(exclude)] for m, ks in varying_keys(runs).items()}
+@dataclass
+class Row:
+    label: str
+    method: str
+    settings: tuple            # ((key, value), ...) that split this method
+    runs: list[Run]
+
+    def _common(self, key: str) -> Any:
+        return self.runs[0].run.get(key) if self.runs else None
+
+    @property
+    def framework(self) -> str:
+        return str(self._common("framework") or "")
+
+    @property
+    def preference_model(self) -> str:
+        return str(self._common("preference_model") or self.method)
+
+    @property
+    def series(self) -> str:
+        """What the plots colour by: the preference model plus the settings that split the row."""
+        return row_label(self.preference_model, self.settings)
+
+    def comparable(self) -> tuple:
+        return tuple(_hashable(self._common(k)) for k in COMPARABLE_KEYS)
+
+
+def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
+    """A row is a method, split by the settings that vary within it (e.g. "DPO-HPS (γ=0.5)") so different
+    hyperparameters are never averaged together; rows sorted by run.row_order, then method, then settings."""
+    excluded = set(exclude)
+    vary = {m: [k for k in ks if k not in excluded] for m, ks in varying_keys(runs).items()}
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         settings = tuple((k, _hashable(r.run.get(k))) for k in vary[r.method])
         groups[(r.method, settings)].append(r)
-    ordered = sorted(groups, key=lambda g: (method_sort_key(g[0]), [value_key(v) for _, v in g[1]]))
-    return {row_label(m, s): groups[(m, s)] for m, s in ordered}
+    ordered = sorted(groups, key=lambda g: (row_order_of(groups[g][0]), g[0], [value_key(v) for _, v in g[1]]))
+    return [Row(row_label(m, s), m, s, groups[(m, s)]) for m, s in ordered]
+
+
+def group_rows(runs: list[Run], exclude: Iterable[str] = ()) -> dict[str, list[Run]]:
+    return {row.label: row.runs for row in build_rows(runs, exclude)}
 
 
 def row_label(method: str, settings: tuple) -> str:
@@ -206,6 +325,7 @@ class Table:
     reference_rows: set[str] = field(default_factory=set)  # shown, not ranked (SFT)
     ranked: bool = True             # bold the best cell of each column
     notes: list[str] = field(default_factory=list)
+    row_info: dict[str, Row] = field(default_factory=dict)
 
     def cell(self, row: str, col: tuple[str, Any]) -> Cell | None:
         return self.cells.get((row, col))
@@ -217,22 +337,30 @@ def _seed_notes(label: str, runs: list[Run]) -> list[str]:
     return [f"{label}: seed(s) {', '.join(dup)} appear more than once; each run counts as one sample."] if dup else []
 
 
-def _sft_rows(done: list[Run], columns: list[tuple[str, str]]) -> tuple[dict, dict]:
-    """SFT metrics, one row per train set. Every method's run re-reports the same SFT policy, so average
-    within a seed first, then mean ± std over seeds (n = seeds, not runs)."""
+def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
+    out: dict[Any, list[Run]] = defaultdict(list)
+    for r in runs:
+        out[_hashable(r.run.get("seed"))].append(r)
+    return out
+
+
+def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int) -> tuple[dict, dict]:
+    """SFT metrics, one row per train set. Every method's run re-reports the same SFT policy of its seed, so one
+    sample per seed: the mean of the runs' scalars, with the first run's per-prompt values."""
     by_train: dict[Any, list[Run]] = defaultdict(list)
     for r in done:
         by_train[_hashable(r.run.get("train_dataset"))].append(r)
     cells, n = {}, {}
     for train in sorted(by_train, key=value_key):
-        runs = by_train[train]
         label = SFT_LABEL if len(by_train) == 1 else f"SFT (reference, train={fmt_value(train)})"
-        by_seed: dict[Any, list[Run]] = defaultdict(list)
-        for r in runs:
-            by_seed[_hashable(r.run.get("seed"))].append(r)
+        by_seed = _by_seed(by_train[train])
         for col in columns:
-            per_seed = [summarize(metric_of(r, col[0], "sft", col[1]) for r in rs) for rs in by_seed.values()]
-            cell = summarize(c.mean for c in per_seed if c is not None)
+            samples = []
+            for rs in by_seed.values():
+                seed_samples = samples_of(rs, col[0], "sft", col[1])
+                if seed_samples:
+                    samples.append(Sample(statistics.fmean(s.value for s in seed_samples), seed_samples[0].prompts))
+            cell = summarize_samples(samples, n_boot)
             if cell is not None:
                 cells[(label, col)] = cell
         if any(key[0] == label for key in cells):
@@ -240,46 +368,78 @@ def _sft_rows(done: list[Run], columns: list[tuple[str, str]]) -> tuple[dict, di
     return cells, n
 
 
-def main_table(runs: list[Run], stage: str = "aligned", margin: str = "reward_margin") -> Table:
-    """Rows = methods (+ the SFT reference), columns = per eval set: BLEU, Reward, margin [, Harmful rate]."""
-    done = [r for r in runs if r.ok]
+def main_columns(done: list[Run], stage: str, margin: str) -> list[tuple[str, str]]:
     eval_sets = sorted({e for r in done for e in r.eval})
     columns: list[tuple[str, str]] = []
     for e in eval_sets:
-        metrics = ["bleu", "reward", margin]
-        if any(metric_of(r, e, s, "harmful_rate") is not None for r in done for s in (stage, "sft")):
-            metrics.append("harmful_rate")  # only sets with safety labels have it
+        present = {m for m in OPTIONAL_METRICS
+                   if any(metric_of(r, e, s, m) is not None for r in done for s in (stage, "sft"))}
+        metrics = ["bleu"] + [m for m in ("bleu_char",) if m in present] + ["reward"] \
+            + [m for m in ("reward_top1",) if m in present] + [margin] \
+            + [m for m in ("win_rate", "harmful_rate") if m in present]
         columns += [(e, m) for m in metrics]
+    return columns
+
+
+def main_table(runs: list[Run], stage: str = "aligned", margin: str = "reward_margin",
+               n_boot: int = stats.DEFAULT_N_BOOT) -> Table:
+    """Rows = methods (+ the SFT reference), columns = per eval set: BLEU [, BLEU (char)], Reward [, top-1],
+    margin [, win rate] [, harmful rate]."""
+    done = [r for r in runs if r.ok]
+    columns = main_columns(done, stage, margin)
     headers = [f"{e} · {METRIC_LABELS.get(m, m)} {'↓' if m in LOWER_IS_BETTER else '↑'}" for e, m in columns]
     table = Table(f"Main results ({stage} policy)", [], columns, headers, {}, {})
     if stage != "sft":
-        sft_cells, sft_n = _sft_rows(done, columns)
+        sft_cells, sft_n = _sft_rows(done, columns, n_boot)
         table.cells.update(sft_cells)
         table.n.update(sft_n)
         table.rows += list(sft_n)
         table.reference_rows = set(sft_n)
-    for label, rs in group_rows(done).items():
-        table.rows.append(label)
-        table.n[label] = len(rs)
-        table.notes += _seed_notes(label, rs)
+    for row in build_rows(done):
+        table.rows.append(row.label)
+        table.row_info[row.label] = row
+        table.n[row.label] = len(row.runs)
+        table.notes += _seed_notes(row.label, row.runs)
         for col in columns:
-            cell = summarize(metric_of(r, col[0], stage, col[1]) for r in rs)
+            cell = summarize_samples(samples_of(row.runs, col[0], stage, col[1]), n_boot)
             if cell is not None:
-                table.cells[(label, col)] = cell
+                table.cells[(row.label, col)] = cell
     return table
 
 
-def ablation_table(runs: list[Run], key: str, metric: str = "reward_margin", stage: str = "aligned") -> Table | None:
+def timing_table(runs: list[Run], n_boot: int = stats.DEFAULT_N_BOOT) -> Table | None:
+    """The paper's cost table: preference-stage time and time per preference step per row (over seeds)."""
+    done = [r for r in runs if r.ok]
+    keys = [k for k in TIMING_LABELS if any(_number(r.timing.get(k)) is not None for r in done)]
+    if not keys:
+        return None
+    columns = [("timing", k) for k in keys]
+    table = Table("Training cost (wall-clock seconds)", [], columns, [f"{TIMING_LABELS[k]} ↓" for k in keys],
+                  {}, {}, ranked=False)
+    for row in build_rows(done):
+        table.rows.append(row.label)
+        table.row_info[row.label] = row
+        table.n[row.label] = len(row.runs)
+        for col in columns:
+            cell = summarize((r.timing.get(col[1]) for r in row.runs), n_boot)
+            if cell is not None:
+                table.cells[(row.label, col)] = cell
+    return table
+
+
+def ablation_table(runs: list[Run], key: str, metric: str = "reward_margin", stage: str = "aligned",
+                   n_boot: int = stats.DEFAULT_N_BOOT) -> Table | None:
     """`metric` vs the values of `key` (n_responses, gamma, beta, ...): rows = methods in which `key` takes
     two or more values, columns = (eval set, value). None when no method varies `key`."""
     done = [r for r in runs if r.ok]
     rows: dict[str, dict[Any, list[Run]]] = {}
-    for label, rs in group_rows(done, exclude=[key]).items():
+    info: dict[str, Row] = {}
+    for row in build_rows(done, exclude=[key]):
         by_value: dict[Any, list[Run]] = defaultdict(list)
-        for r in rs:
+        for r in row.runs:
             by_value[_hashable(r.run.get(key))].append(r)
         if len(by_value) > 1:
-            rows[label] = by_value
+            rows[row.label], info[row.label] = by_value, row
     if not rows:
         return None
     eval_sets = sorted({e for by_value in rows.values() for rs in by_value.values() for r in rs for e in r.eval})
@@ -288,11 +448,11 @@ def ablation_table(runs: list[Run], key: str, metric: str = "reward_margin", sta
     name = KEY_LABELS.get(key, key)
     headers = [f"{e} · {name}={fmt_value(v)}" for e, v in columns]
     table = Table(f"{METRIC_LABELS.get(metric, metric)} vs {name} ({stage} policy)", list(rows), columns,
-                  headers, {}, {}, ranked=False)
+                  headers, {}, {}, ranked=False, row_info=info)
     for label, by_value in rows.items():
         table.n[label] = max(len(rs) for rs in by_value.values())  # seeds per value; cells with fewer say so
         for col in columns:
-            cell = summarize(metric_of(r, col[0], stage, metric) for r in by_value.get(col[1], []))
+            cell = summarize_samples(samples_of(by_value.get(col[1], []), col[0], stage, metric), n_boot)
             if cell is not None:
                 table.cells[(label, col)] = cell
     return table
@@ -309,6 +469,153 @@ def best_rows(table: Table, col: tuple[str, Any], decimals: int) -> set[str]:
     return {row for row, m in means.items() if m == best}
 
 
+# ------------------------------------------------------------------------------------------ paired tests
+
+@dataclass
+class PairedResult:
+    eval_set: str
+    metric: str
+    framework: str
+    treatment: str      # row label
+    baseline: str       # row label: the best other preference model of the framework by mean
+    diff: float         # mean over pairs of treatment - baseline
+    n_seeds: int
+    n_pairs: int
+    per_prompt: bool    # paired by (seed, prompt); False: by seed only
+    p: float
+
+
+def _one_per_seed(runs: list[Run]) -> dict[Any, Run]:
+    out: dict[Any, Run] = {}
+    for r in runs:
+        out.setdefault(_hashable(r.run.get("seed")), r)  # duplicates of a seed: the first run (noted elsewhere)
+    return out
+
+
+def paired_comparison(t_runs: list[Run], b_runs: list[Run], eval_set: str, stage: str, metric: str,
+                      ) -> tuple[list[list[float]], list[list[float]], bool] | None:
+    """Treatment and baseline values paired by (seed, prompt) over their common seeds, or by seed when a seed
+    lacks per-prompt values of equal length on both sides. None without a common seed."""
+    t_seed, b_seed = _one_per_seed(t_runs), _one_per_seed(b_runs)
+    common = [s for s in sorted(t_seed, key=value_key) if s in b_seed
+              and metric_of(t_seed[s], eval_set, stage, metric) is not None
+              and metric_of(b_seed[s], eval_set, stage, metric) is not None]
+    if not common:
+        return None
+    tp = [per_prompt_of(t_seed[s], eval_set, stage, metric) for s in common]
+    bp = [per_prompt_of(b_seed[s], eval_set, stage, metric) for s in common]
+    if all(x is not None and y is not None and len(x) == len(y) for x, y in zip(tp, bp)):
+        return tp, bp, True
+    return ([[metric_of(t_seed[s], eval_set, stage, metric)] for s in common],
+            [[metric_of(b_seed[s], eval_set, stage, metric)] for s in common], False)
+
+
+def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metrics: Iterable[str] = MARGINS,
+                 baselines: Iterable[str] | None = None) -> list[PairedResult]:
+    """For each eval set and margin metric: each row whose preference model is `treatment` against the row of
+    the same framework (and same train set and n) with the best mean among the baseline preference models
+    (`baselines`; default: every other preference model)."""
+    allowed = set(baselines) if baselines else None
+    done = [r for r in runs if r.ok]
+    rows = build_rows(done)
+    eval_sets = sorted({e for r in done for e in r.eval})
+    results = []
+    for metric in metrics:
+        for e in eval_sets:
+            means = {row.label: statistics.fmean(s.value for s in samples) for row in rows
+                     if (samples := samples_of(row.runs, e, stage, metric))}
+            for t in rows:
+                if t.preference_model != treatment or t.label not in means:
+                    continue
+                candidates = [b for b in rows if b.framework == t.framework and b.preference_model != treatment
+                              and (allowed is None or b.preference_model in allowed)
+                              and b.comparable() == t.comparable() and b.label in means]
+                if not candidates:
+                    continue
+                best = max(candidates, key=lambda b: means[b.label])
+                paired = paired_comparison(t.runs, best.runs, e, stage, metric)
+                if paired is None:
+                    continue
+                a, b, per_prompt = paired
+                diffs = [x - y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+                results.append(PairedResult(e, metric, t.framework, t.label, best.label, statistics.fmean(diffs),
+                                            len(a), len(diffs), per_prompt, stats.paired_test(a, b)))
+    return results
+
+
+def render_paired(results: list[PairedResult], treatment: str | None, decimals: int,
+                  baselines: list[str] | None = None) -> str:
+    if treatment is None:
+        return ("No treatment named: set `compare: {treatment: <preference model>}` in the sweep yaml or pass "
+                "`--compare <preference model>`.")
+    among = ", ".join(baselines) if baselines else "every other preference model"
+    if not results:
+        return (f"No row with preference model {treatment!r} has a baseline ({among}) of the same framework to "
+                "compare with.")
+    lines = [f"Two-sided paired sign-flip permutation test (hps_exp.stats.paired_test) of each {treatment} row "
+             f"against the best of its framework's baselines ({among}) by mean; pairs = (seed, held-out "
+             "prompt) where the runs report per-prompt values, else seeds. Δ = treatment − baseline.", "",
+             "| Eval set | Metric | Treatment | Best baseline | Δ | pairs | p | treatment better at p < 0.05 |",
+             "|:---|:---|:---|:---|---:|---:|---:|:---|"]
+    for r in results:
+        pairs = f"{r.n_pairs}" + ("" if r.per_prompt else " (seeds)")
+        better = "yes" if r.diff > 0 and r.p < 0.05 else "no"
+        lines.append(f"| {_md(r.eval_set)} | {_md(METRIC_LABELS.get(r.metric, r.metric))} | {_md(r.treatment)} | "
+                     f"{_md(r.baseline)} | {r.diff:+.{decimals}f} | {pairs} | {stats.fmt_p(r.p)} | {better} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- never-started jobs
+
+@dataclass
+class NeverStarted:
+    sweep: str
+    arm: str
+    number: int
+    overrides: list[str]
+
+
+def never_started(runs: list[Run], sweep_dirs: list[Path], sweep_names: Iterable[str]) -> tuple[list, list[str]]:
+    """The grid's jobs (hps_exp.sweep.jobs of each sweep yaml) with no job dir. A job counts as started when a
+    job dir's overrides contain all of its overrides, or when `<sweep dir>/<arm>/<job number>` exists (the
+    runner's layout; covers jobs whose overrides were changed on the command line). Returns (jobs, notes)."""
+    from hps_exp import sweep as sweep_mod
+
+    seen = [set(r.overrides) for r in runs]
+    missing, notes = [], []
+    for name in sweep_names:
+        try:
+            grid = sweep_mod.jobs(sweep_mod.load(name))
+        except sweep_mod.SweepError as e:
+            notes.append(f"sweep {name!r}: cannot list its grid ({e})")
+            continue
+        for arm, arm_jobs in grid.items():
+            for k, job in enumerate(arm_jobs):
+                if any(set(job) <= s for s in seen) or any((d / arm / str(k)).is_dir() for d in sweep_dirs):
+                    continue
+                missing.append(NeverStarted(name, arm, k, job))
+    return missing, notes
+
+
+def sweep_names_of(runs: list[Run], sweep_dirs: list[Path]) -> list[str]:
+    """The sweeps the runs say they belong to (run.sweep), else the sweep dirs' names."""
+    names = sorted({str(r.run["sweep"]) for r in runs if r.run.get("sweep")})
+    return names or [d.resolve().name for d in sweep_dirs]
+
+
+def render_never_started(missing: list[NeverStarted], names: list[str], notes: list[str]) -> str:
+    parts = [f"- {n}" for n in notes]
+    if not missing:
+        parts.append(f"None: every job of the grid ({', '.join(names) or 'no sweep yaml found'}) has a job dir."
+                     if not notes else "No other grid to check.")
+        return "\n".join(parts)
+    parts += ["| Sweep | Arm | Job | Overrides |", "|:---|:---|---:|:---|"]
+    for m in missing:
+        parts.append(f"| {_md(m.sweep)} | {_md(m.arm)} | {m.number} | "
+                     f"{_md(' '.join(f'`{o}`' for o in m.overrides))} |")
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------- render
 
 def _md(text: str) -> str:
@@ -318,9 +625,9 @@ def _md(text: str) -> str:
 def fmt_cell(cell: Cell | None, decimals: int, row_n: int | None = None, bold: bool = False) -> str:
     if cell is None:
         return "–"
-    text = f"{cell.mean:.{decimals}f}"
-    if cell.std is not None:
-        text += f" ± {cell.std:.{decimals}f}"
+    text = f"{cell.mean:.{decimals}f} [{cell.lo:.{decimals}f}, {cell.hi:.{decimals}f}]"
+    if not cell.per_prompt:
+        text += "†"  # interval over seeds only
     if row_n is not None and cell.n != row_n:
         text += f" (n={cell.n})"  # fewer seeds than the row's other cells
     return f"**{text}**" if bold else text
@@ -353,38 +660,65 @@ def render_failed(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(runs: list[Run], main: Table, ablations: dict[str, Table], sweep_dirs: list[Path],
-                    command: str, decimals: int = 2) -> str:
+@dataclass
+class Report:
+    runs: list[Run]
+    main: Table
+    ablations: dict[str, Table]
+    timing: Table | None
+    paired: list[PairedResult]
+    treatment: str | None
+    baselines: list[str] | None
+    never: list[NeverStarted]
+    sweep_names: list[str]
+    never_notes: list[str]
+
+
+def render_markdown(report: Report, sweep_dirs: list[Path], command: str, decimals: int = 2) -> str:
+    runs = report.runs
     done, bad = [r for r in runs if r.ok], problem_runs(runs)
     parts = [
         f"# Results: {', '.join(str(d) for d in sweep_dirs)}",
-        f"{len(done)} completed run(s), {len(bad)} failed or missing, out of {len(runs)} job dir(s).",
-        "Cells: mean ± sample std (ddof=1) over seeds; a cell without ± has a single seed. "
+        f"{len(done)} completed run(s), {len(bad)} failed or missing, out of {len(runs)} job dir(s); "
+        f"{len(report.never)} job(s) of the grid never started.",
+        f"Cells: mean [lo, hi] with a {LEVEL:.0%} percentile bootstrap interval: seeds resampled, then held-out "
+        "prompts within each seed, where the runs report per-prompt values; † = interval over seeds only (no "
+        "per-prompt values, e.g. corpus BLEU or timings; with one seed it collapses to the mean). "
         "n = completed runs (seeds) behind the row; a cell with fewer says so as (n=k). "
         "**Bold** = best mean of the column as displayed (highest for ↑, lowest for ↓; ties all bold); "
         "SFT reference rows are not ranked.",
-        f"## {main.title}",
-        render_table(main, decimals),
+        f"## {report.main.title}",
+        render_table(report.main, decimals),
     ]
-    parts += [f"- {note}" for note in main.notes]
-    for table in ablations.values():
+    parts += [f"- {note}" for note in report.main.notes]
+    parts += ["## Paired tests (reward margin)",
+              render_paired(report.paired, report.treatment, decimals + 1, report.baselines)]
+    if report.timing is not None:
+        parts += [f"## {report.timing.title}", render_table(report.timing, decimals)]
+    for table in report.ablations.values():
         parts += [f"## Ablation: {table.title}", render_table(table, decimals)]
     parts += ["## Failed or missing runs", render_failed(runs),
+              "## Jobs of the grid that never started",
+              render_never_started(report.never, report.sweep_names, report.never_notes),
               "## Command", f"```\n{command}\n```"]
     return "\n\n".join(parts) + "\n"
 
 
-def render_csv(table: Table) -> str:
-    """Tidy format: one row per cell of the main table."""
+def render_csv(table: Table, timing: Table | None = None) -> str:
+    """Tidy format: one row per cell of the main table (and of the timing table, eval_set = "timing")."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "eval_set", "metric", "mean", "std", "n_seeds"])
-    for row in table.rows:
-        for col in table.columns:
-            cell = table.cell(row, col)
-            if cell is not None:
-                writer.writerow([row, col[0], col[1], repr(cell.mean),
-                                 "" if cell.std is None else repr(cell.std), cell.n])
+    writer.writerow(["method", "eval_set", "metric", "mean", "lo", "hi", "interval", "std", "n_seeds"])
+    for t in (table, timing):
+        if t is None:
+            continue
+        for row in t.rows:
+            for col in t.columns:
+                cell = t.cell(row, col)
+                if cell is not None:
+                    writer.writerow([row, col[0], col[1], repr(cell.mean), repr(cell.lo), repr(cell.hi),
+                                     "prompts_x_seeds" if cell.per_prompt else "seeds",
+                                     "" if cell.std is None else repr(cell.std), cell.n])
     return buf.getvalue()
 
 
@@ -398,6 +732,9 @@ def _save_png(fig, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getvalue())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a plot is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -405,44 +742,95 @@ def _save_png(fig, path: Path) -> None:
         raise
 
 
-def plot_margin(plt, main: Table, margin: str, path: Path) -> None:
-    """Grouped bars: one group per eval set, one bar per method, std as error bars."""
-    eval_sets = [e for e, m in main.columns if m == margin]
-    width = 0.8 / max(len(main.rows), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.5 * len(main.rows) * len(eval_sets)), 4.0))
-    for i, row in enumerate(main.rows):
-        cells = [main.cell(row, (e, margin)) for e in eval_sets]
-        xs = [g + (i - (len(main.rows) - 1) / 2) * width for g in range(len(eval_sets))]
-        ax.bar(xs, [c.mean if c else math.nan for c in cells], width,
-               yerr=[(c.std or 0.0) if c else 0.0 for c in cells], capsize=3, label=row,
-               color="0.7" if row in main.reference_rows else None)
-    ax.set_xticks(range(len(eval_sets)), eval_sets)
-    ax.set_ylabel(METRIC_LABELS.get(margin, margin))
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_title(f"{METRIC_LABELS.get(margin, margin)} by method (mean ± std over seeds)")
+def series_styles(rows: list[Row]) -> dict[str, tuple[str, str]]:
+    """Series (preference model + split settings) -> (colour, hatch), in row order: never two alike."""
+    def key(row: Row) -> tuple:  # by preference-model rank (row_order[1:]), then name
+        flag, order = row_order_of(row.runs[0]) if row.runs else (1, ())
+        return (flag, order[1:], row.series)
+    series = list(dict.fromkeys(row.series for row in sorted(rows, key=key)))
+    return {s: (PALETTE[i % len(PALETTE)], HATCHES[(i // len(PALETTE)) % len(HATCHES)]) for i, s in enumerate(series)}
+
+
+def _err(cells: list[Cell | None]) -> list[list[float]]:
+    """Asymmetric error bars (below, above the mean) from the intervals."""
+    return [[max(0.0, c.mean - c.lo) if c else 0.0 for c in cells],
+            [max(0.0, c.hi - c.mean) if c else 0.0 for c in cells]]
+
+
+def plot_main(plt, main: Table, margin: str, path: Path) -> None:
+    """One panel per (eval set, metric) for BLEU, reward and the margin: bars grouped by framework, one colour
+    per preference model, value labels, the intervals as error bars, SFT as a dashed line."""
+    rows = [main.row_info[r] for r in main.rows if r in main.row_info]
+    eval_sets = sorted({e for e, m in main.columns if m == margin})
+    metrics = [m for m in ("bleu", "reward", margin) if any(c[1] == m for c in main.columns)]
+    frameworks = list(dict.fromkeys(row.framework for row in rows))
+    styles = series_styles(rows)
+    series = list(styles)
+    width = 0.8 / max(len(series), 1)
+    fig, axes = plt.subplots(len(eval_sets), len(metrics), squeeze=False,
+                             figsize=(max(4.5, 0.3 * len(series) * len(frameworks) + 1.5) * len(metrics),
+                                      3.8 * len(eval_sets)))
+    for i, e in enumerate(eval_sets):
+        for j, m in enumerate(metrics):
+            ax = axes[i][j]
+            for k, s in enumerate(series):
+                xs, cells = [], []
+                for g, fw in enumerate(frameworks):
+                    match = [row for row in rows if row.framework == fw and row.series == s]
+                    cell = main.cell(match[0].label, (e, m)) if match else None
+                    if cell is not None:
+                        xs.append(g + (k - (len(series) - 1) / 2) * width)
+                        cells.append(cell)
+                if not cells:
+                    continue
+                colour, hatch = styles[s]
+                ax.bar(xs, [c.mean for c in cells], width, yerr=_err(cells), capsize=2, color=colour,
+                              hatch=hatch, edgecolor="white" if not hatch else "black", linewidth=0.5, label=s)
+                for x, c in zip(xs, cells):  # value label past the end of the error bar, not hidden by it
+                    up = c.mean >= 0
+                    ax.annotate(f"{c.mean:.2f}", (x, c.hi if up else c.lo), xytext=(0, 2 if up else -2),
+                                textcoords="offset points", ha="center", va="bottom" if up else "top",
+                                fontsize=6, rotation=90)
+            sft = [main.cell(r, (e, m)) for r in main.rows if r in main.reference_rows]
+            if sft and sft[0] is not None and m != margin:
+                ax.axhline(sft[0].mean, color="0.4", linestyle="--", linewidth=1, label=SFT_LABEL)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_xticks(range(len(frameworks)), [fw.upper() or "–" for fw in frameworks])
+            ax.set_title(f"{e} · {METRIC_LABELS.get(m, m)}", fontsize=9)
+            ax.margins(y=0.15)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:  # the union of legends, once
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0 + 0.04 / max(1, len(eval_sets))))
+    fig.suptitle(f"Mean over seeds, error bars = {LEVEL:.0%} bootstrap interval", y=1.06, fontsize=9)
+    fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
 
 
 def plot_ablation(plt, table: Table, key: str, metric: str, path: Path) -> None:
-    """Metric vs the ablation value, one line per method, one panel per eval set."""
+    """Metric vs the ablation value, one line per method, one panel per eval set, intervals as error bars."""
     eval_sets = sorted({e for e, _ in table.columns})
     values = [v for e, v in table.columns if e == eval_sets[0]]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     fig, axes = plt.subplots(1, len(eval_sets), figsize=(5.0 * len(eval_sets), 3.8), squeeze=False)
+    markers = "osD^v<>p"
     for ax, e in zip(axes[0], eval_sets):
-        for row in table.rows:
+        for i, row in enumerate(table.rows):
             pts = [(v, c) for v in values if (c := table.cell(row, (e, v))) is not None]
             xs = [v if numeric else values.index(v) for v, _ in pts]
-            ax.errorbar(xs, [c.mean for _, c in pts], yerr=[c.std or 0.0 for _, c in pts],
-                        marker="o", capsize=3, label=row)
+            ax.errorbar(xs, [c.mean for _, c in pts], yerr=_err([c for _, c in pts]), marker=markers[i % len(markers)],
+                        capsize=3, label=row, color=PALETTE[i % len(PALETTE)])  # one colour per line
         ax.set_xticks(values if numeric else range(len(values)), [fmt_value(v) for v in values])
         ax.set_xlabel(KEY_LABELS.get(key, key))
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.set_title(e)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(table.title)
+    fig.suptitle(f"{table.title}; error bars = {LEVEL:.0%} bootstrap interval", fontsize=9)
     _save_png(fig, path)
     plt.close(fig)
 
@@ -456,8 +844,8 @@ def make_plots(main: Table, ablations: dict[str, Table], out: Path, margin: str)
         print("[tables] matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
     written = []
-    if any(m == margin for _, m in main.columns):
-        plot_margin(plt, main, margin, out / f"{margin}.png")
+    if any(m == margin for _, m in main.columns) and main.row_info:
+        plot_main(plt, main, margin, out / f"{margin}.png")
         written.append(out / f"{margin}.png")
     for key, table in ablations.items():
         plot_ablation(plt, table, key, margin, out / f"vs_{key}.png")
@@ -476,7 +864,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="margin metric for the tables and plots (e.g. reward_margin_hardest)")
     p.add_argument("--stage", default="aligned", choices=("aligned", "sft"), help="which policy's metrics to table")
     p.add_argument("--decimals", type=int, default=2, help="decimals shown in the Markdown tables")
+    p.add_argument("--compare", default=None, metavar="PREFERENCE_MODEL",
+                   help="preference model tested against the best baseline of each framework "
+                        "(default: the sweep yaml's compare.treatment)")
+    p.add_argument("--baselines", default=None, metavar="PM[,PM...]",
+                   help="preference models the treatment is compared with (default: the sweep yaml's "
+                        "compare.baselines, else every other one)")
+    p.add_argument("--sweep", action="append", default=None, metavar="NAME",
+                   help="sweep yaml(s) whose grid lists the never-started jobs (default: run.sweep of the runs, "
+                        "else the sweep dir name)")
+    p.add_argument("--n-boot", type=int, default=stats.DEFAULT_N_BOOT, help="bootstrap replicates per cell")
     return p.parse_args(argv)
+
+
+def compare_from_sweeps(names: list[str]) -> tuple[str | None, list[str] | None]:
+    """(treatment, baselines) from the sweep yamls' `compare` (None where no yaml names them)."""
+    from hps_exp import sweep as sweep_mod
+
+    found = set()
+    for name in names:
+        try:
+            compare = sweep_mod.load(name).compare
+        except sweep_mod.SweepError:
+            continue
+        if compare.get("treatment"):
+            found.add((compare["treatment"], tuple(compare.get("baselines") or ())))
+    if len(found) > 1:
+        described = "; ".join(f"{t} vs {', '.join(b) or 'all others'}" for t, b in sorted(found))
+        raise ValueError(f"sweeps {', '.join(names)} name different comparisons ({described}): pass --compare")
+    if not found:
+        return None, None
+    treatment, baselines = found.pop()
+    return treatment, list(baselines) or None
+
+
+def build_report(runs: list[Run], sweep_dirs: list[Path], args: argparse.Namespace) -> Report:
+    main_tab = main_table(runs, args.stage, args.metric_margin, args.n_boot)
+    ablations = {k: t for k in ABLATION_KEYS
+                 if (t := ablation_table(runs, k, args.metric_margin, args.stage, args.n_boot))}
+    names = args.sweep or sweep_names_of(runs, sweep_dirs)
+    treatment, baselines = compare_from_sweeps(names)
+    if args.compare:  # the command line wins; its baselines too, else every other preference model
+        treatment, baselines = args.compare, None
+    if args.baselines:
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    paired = paired_tests(runs, treatment, args.stage, baselines=baselines) if treatment else []
+    never, notes = never_started(runs, sweep_dirs, names)
+    return Report(runs, main_tab, ablations, timing_table(runs, args.n_boot), paired, treatment, baselines, never,
+                  names, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,16 +928,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no completed runs under {where} ({len(runs)} job dir(s) found)", file=sys.stderr)
         if runs:
             print(render_failed(runs), file=sys.stderr)
+        names = args.sweep or sweep_names_of(runs, sweep_dirs)
+        never, notes = never_started(runs, sweep_dirs, names)
+        if never or notes:
+            print("Jobs of the grid that never started:\n" + render_never_started(never, names, notes),
+                  file=sys.stderr)
         return 1
-    main_tab = main_table(runs, args.stage, args.metric_margin)
-    ablations = {k: t for k in ABLATION_KEYS if (t := ablation_table(runs, k, args.metric_margin, args.stage))}
+    try:
+        report = build_report(runs, sweep_dirs, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     command = "python -m hps_exp.tables " + shlex.join(argv)
-    markdown = render_markdown(runs, main_tab, ablations, sweep_dirs, command, args.decimals)
+    markdown = render_markdown(report, sweep_dirs, command, args.decimals)
     out = Path(args.out) if args.out else sweep_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", markdown)
-    atomic_write_text(out / "table.csv", render_csv(main_tab))
-    plots = make_plots(main_tab, ablations, out, args.metric_margin)
+    atomic_write_text(out / "table.csv", render_csv(report.main, report.timing))
+    plots = make_plots(report.main, report.ablations, out, args.metric_margin)
     print(markdown)
     print(f"[tables] wrote {out / 'table.md'}, {out / 'table.csv'}"
           + "".join(f", {p}" for p in plots), file=sys.stderr)

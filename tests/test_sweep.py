@@ -14,22 +14,61 @@ import yaml
 
 from hps_exp import sweep as sw
 from hps_exp.config import build
-from hps_exp.pipeline import resolve_auto_sampler
 from hps_exp.samplers import check_compatible
+
+try:  # the staged layout: sampler=auto is resolved by the plan
+    from hps_exp.plan import loss_and_sampler
+except ImportError:  # the layout before hps_exp/plan.py (drop once merged)
+    from hps_exp.pipeline import resolve_auto_sampler
+
+    def loss_and_sampler(cfg):
+        resolve_auto_sampler(cfg)
+        return build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+
+
+def preference_model(loss, cfg):
+    """The table row's preference model: the loss describes itself (else its config says it)."""
+    return getattr(loss, "preference_model", None) or cfg.loss.preference_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> (jobs per arm); a new sweep file needs an entry here.
 EXPECTED = {
-    "main_small": {"BT": 15, "PL": 15, "HPS": 15},
-    "main_dpo_small": {"DPO-BT": 3, "DPO-PL": 3, "DPO-HPS": 3},
-    "n_ablation_small": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
-    "gamma_ablation_small": {"HPS-full": 45, "HPS-single-step": 9},
-    "authors_small": {"DPO": 3, "DPO-authors": 3},
-    "main_paper": {"BT": 30, "PL": 30, "HPS": 30},
-    "n_ablation_paper": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12},
+    "main_small": {"BT": 25, "PL": 25, "HPS": 25, "HPS-full": 25},
+    "main_dpo_small": {"DPO-BT": 5, "DPO-PL": 5, "DPO-HPS": 5, "DPO-HPS-full": 5},
+    "n_ablation_small": {"DPO-BT": 20, "DPO-PL": 20, "DPO-HPS": 20, "DPO-HPS-full": 20},
+    "gamma_ablation_small": {"HPS-full": 75, "HPS-single-step": 15},
+    "authors_small": {"DPO": 5, "DPO-authors": 5},
+    "main_paper": {"BT": 15, "PL": 15, "HPS": 15, "HPS-full": 15},
+    "n_ablation_paper": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12, "DPO-HPS-full": 12},
 }
 PAPER = {"main_paper", "n_ablation_paper"}
+SMALL_SEEDS, PAPER_SEEDS = {0, 1, 2, 3, 4}, {0, 1, 2}
+# Grids that compare preference models name the treatment of the tables' paired test.
+COMPARED = {"main_small", "main_dpo_small", "n_ablation_small", "main_paper", "n_ablation_paper"}
+
+
+_COMPOSED: dict = {}
+
+
+@pytest.fixture
+def compose(compose):
+    """conftest's compose, memoised: the grids' jobs are composed by several tests (100 jobs in main_small)."""
+    import copy
+
+    def cached(overrides=()):
+        key = tuple(sorted(overrides))  # merge() leaves one override per key, so the order carries no meaning
+        if key not in _COMPOSED:
+            _COMPOSED[key] = compose(list(overrides))
+        return copy.deepcopy(_COMPOSED[key])  # callers resolve the sampler in place
+    return cached
+
+
+def config_has(compose, dotted):
+    """Whether the app's config has a key (a key the lead adds may not be merged into this branch yet)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(compose([]), dotted, default="__absent__") != "__absent__"
 # Values for `requires` keys when composing (compose never opens the file).
 REQUIRED_VALUES = {"dataset.path": "/data/hh_ranked/train.jsonl"}
 
@@ -56,6 +95,8 @@ def test_sweep_parses_and_expands_to_expected_jobs(name):
 
 def _compose_job(compose, name, job):
     s = sw.load(name)
+    if any(sw.key_of(o) == "eval.datasets" for o in job) and not config_has(compose, "eval.datasets"):
+        pytest.skip("eval.datasets is not in this config yet (added by the evaluation stage)")
     extra = [f"{k}={REQUIRED_VALUES[k]}" for k in s.requires]
     return compose(sw.merge(job, extra))
 
@@ -69,8 +110,7 @@ def test_every_job_composes_and_builds(compose, name):
         for job in arm_jobs:
             cfg = _compose_job(compose, name, job)
             assert cfg.sweep == name
-            resolve_auto_sampler(cfg)
-            loss, sampler = build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+            loss, sampler = loss_and_sampler(cfg)  # resolves sampler=auto in cfg
             if cfg.dataset.name == "synthetic":
                 max_n = cfg.dataset.n_responses
             else:  # paper scale: ranked files with n scored responses per prompt
@@ -83,20 +123,52 @@ def test_every_job_composes_and_builds(compose, name):
                 assert cfg.trainer.device == "cuda" and cfg.model.name_or_path
             else:
                 assert cfg.model.name == "tiny" and cfg.dataset.n_train <= 200
-    assert {seed for *_, seed in seen} == {0, 1, 2}
+    assert {seed for *_, seed in seen} == (PAPER_SEEDS if name in PAPER else SMALL_SEEDS)
+    assert (s.compare.get("treatment") == "HPS") == (name in COMPARED)
+    if name in COMPARED:
+        assert s.compare["baselines"] == ["BT", "PL"]  # HPS-full is a variant of the treatment, not a baseline
 
 
 def test_main_small_is_the_full_product(compose):
     s = sw.load("main_small")
-    got = set()
-    for arm_jobs in sw.jobs(s).values():
+    got: dict = {}
+    for arm, arm_jobs in sw.jobs(s).items():
         for job in arm_jobs:
             cfg = compose(job)
-            resolve_auto_sampler(cfg)
-            got.add((cfg.loss.framework, cfg.loss.preference_model, cfg.sampler.name, cfg.seed))
-    samplers = {"BT": "best_worst", "PL": "all", "HPS": "all"}
-    assert got == {(fw, pm, samplers[pm], seed) for fw in ("dpo", "ipo", "exo", "sppo", "nca")
-                   for pm in ("BT", "PL", "HPS") for seed in (0, 1, 2)}
+            loss, _ = loss_and_sampler(cfg)
+            got.setdefault(arm, set()).add((cfg.loss.framework, preference_model(loss, cfg), cfg.sampler.name,
+                                            cfg.seed))
+    frameworks = ("dpo", "ipo", "exo", "sppo", "nca")
+    for arm, (pm, sampler) in {"BT": ("BT", "best_worst"), "PL": ("PL", "all"), "HPS": ("HPS", "hard")}.items():
+        assert got[arm] == {(fw, pm, sampler, seed) for fw in frameworks for seed in range(5)}, arm
+    # Full HPS: all responses; its row is "HPS-full" where the loss labels itself so.
+    assert {(fw, sampler, seed) for fw, _, sampler, seed in got["HPS-full"]} == {
+        (fw, "all", seed) for fw in frameworks for seed in range(5)}
+    assert {pm for _, pm, _, _ in got["HPS-full"]} <= {"HPS", "HPS-full"}
+
+
+@pytest.mark.parametrize("name, hps, full", [
+    ("main_small", "HPS", "HPS-full"), ("main_dpo_small", "DPO-HPS", "DPO-HPS-full"),
+    ("n_ablation_small", "DPO-HPS", "DPO-HPS-full"), ("main_paper", "HPS", "HPS-full"),
+    ("n_ablation_paper", "DPO-HPS", "DPO-HPS-full")])
+def test_hps_arm_is_the_papers_estimator_at_equal_steps(compose, name, hps, full):
+    """The HPS row is the paper's one-sample estimator (hard sampler, one negative, log N); HPS-full is the full
+    estimator; every arm of the grid trains on the same data, batch and epochs (equal preference steps)."""
+    s = sw.load(name)
+    jobs = sw.jobs(s)
+    extra = [f"{k}={REQUIRED_VALUES[k]}" for k in s.requires]
+    strip = [o for o in s.fixed if sw.key_of(o) == "eval.datasets"]  # composes only once the app has the key
+    first = {arm: compose(sw.merge([o for o in j[0] if o not in strip], extra)) for arm, j in jobs.items()}
+    cfg = first[hps]
+    loss, _ = loss_and_sampler(cfg)
+    assert (preference_model(loss, cfg), cfg.loss.estimator, cfg.loss.log_n) == ("HPS", "single", True)
+    assert (cfg.sampler.name, cfg.sampler.num_negatives) == ("hard", 1)
+    full_cfg = first[full]
+    loss_and_sampler(full_cfg)
+    assert (full_cfg.loss.estimator, full_cfg.sampler.name) == ("full", "all")
+    steps = {(c.dataset.get("n_train"), c.dataset.get("path"), c.trainer.batch_size, c.trainer.grad_accum,
+              c.trainer.epochs) for c in first.values()}
+    assert len(steps) == 1, steps
 
 
 def test_gamma_and_authors_arms_couple_their_overrides(compose):
@@ -107,9 +179,13 @@ def test_gamma_and_authors_arms_couple_their_overrides(compose):
     assert (single.loss.estimator, single.sampler.name, single.sampler.schedule) == ("single", "hard", "step")
     a = sw.jobs(sw.load("authors_small"))
     authors = compose(a["DPO-authors"][0])
-    assert (authors.loss.name, authors.sampler.name, authors.sampler.schedule) == ("dpo", "hard", "step")
+    assert (authors.loss.name, authors.sampler.name, authors.sampler.num_negatives) == ("dpo", "hard", 1)
     assert (authors.loss.beta, authors.loss.label_smoothing) == (0.25, 0.1)
-    assert (authors.sampler.gamma_start, authors.sampler.gamma_end, authors.trainer.resample) == (-5, 5, "step")
+    # The arm is the preset itself: the grid's fixed overrides leave its loss, sampler and resampling alone.
+    preset = compose(["+experiment=hps_released"])
+    assert (authors.loss, authors.sampler, authors.trainer.resample) == (preset.loss, preset.sampler,
+                                                                         preset.trainer.resample)
+    assert authors.sampler.schedule != "constant"
     plain = compose(a["DPO"][0])
     assert (plain.loss.beta, plain.loss.label_smoothing, plain.sampler.name) == (0.1, 0.0, "auto")
 
@@ -138,6 +214,9 @@ def test_precedence_extra_over_arm_over_grid_over_fixed(tmp_path):
     ("arms: {A: [loss=bt]}\nfixed: [seed]\n", "list of key=value"),
     ("arms: {A: [loss=bt]}\ngrid: {seed: '0,,1'}\n", "empty value"),
     ("- 1\n", "mapping"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: [HPS]}\n", "'compare'"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: HPS, baselines: BT}\n", "'compare'"),
+    ("arms: {A: [loss=bt]}\ncompare: {treatment: HPS, against: [BT]}\n", "'compare'"),
 ])
 def test_bad_sweep_file_is_an_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -166,13 +245,13 @@ def test_dry_run_prints_commands_and_launches_nothing(tmp_path, capsys):
     jobs_dir = tmp_path / "jobs"
     assert sw.main(["main_dpo_small", "--dry-run", "--jobs-dir", str(jobs_dir), "trainer.lr=5e-4"]) == 0
     out = capsys.readouterr().out
-    assert "9 job(s)" in out and "nothing launched" in out
+    assert "20 job(s)" in out and "nothing launched" in out
     commands = [line.strip() for line in out.splitlines() if " -m hps_exp -m " in line]
-    assert len(commands) == 3
-    for arm, cmd in zip(("DPO-BT", "DPO-PL", "DPO-HPS"), commands):
-        assert f"'hydra.sweep.subdir={arm}/${{hydra.job.num}}'" in cmd
-        assert f"hydra.sweep.dir={jobs_dir}" in cmd and "sweep=main_dpo_small" in cmd
-        assert "seed=0,1,2" in cmd and "trainer.lr=5e-4" in cmd
+    assert len(commands) == 4
+    for arm, cmd in zip(("DPO-BT", "DPO-PL", "DPO-HPS", "DPO-HPS-full"), commands):
+        assert cmd.endswith(f"hydra.sweep.dir={jobs_dir / arm} 'hydra.sweep.subdir=${{hydra.job.num}}'")
+        assert "sweep=main_dpo_small" in cmd
+        assert "seed=0,1,2,3,4" in cmd and "trainer.lr=5e-4" in cmd
     assert not jobs_dir.exists()
 
 
@@ -182,7 +261,7 @@ def test_required_keys(capsys):
     assert sw.main(["main_paper", "--dry-run"]) == 0
     assert "needs dataset.path=..." in capsys.readouterr().out
     assert sw.main(["main_paper", "--dry-run", "dataset.path=/x.jsonl"]) == 0
-    assert "90 job(s)" in capsys.readouterr().out
+    assert "60 job(s)" in capsys.readouterr().out
 
 
 def test_make_sweep_target_runs_the_runner():
@@ -191,7 +270,7 @@ def test_make_sweep_target_runs_the_runner():
     r = subprocess.run(["make", "-s", "sweep", "SWEEP=authors_small", "ARGS=--dry-run"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "6 job(s) in 2 arm(s)" in r.stdout
+    assert "10 job(s) in 2 arm(s)" in r.stdout
     r = subprocess.run(["make", "-n", "table", "SWEEP=authors_small"], cwd=REPO, capture_output=True, text=True)
     assert "-m hps_exp.tables outputs/sweeps/authors_small" in r.stdout
 
@@ -260,7 +339,8 @@ def test_micro_sweep_end_to_end_then_tables(tmp_path):
                   f"cache_dir={tmp_path / 'cache'}"],
     }))
     jobs_dir = tmp_path / "jobs"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1"}
+    # PYTHONPATH: the subprocesses run this checkout's code, not whatever hps_exp is installed in the venv.
+    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "hps_exp.sweep", str(path), "--jobs-dir", str(jobs_dir)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -273,6 +353,126 @@ def test_micro_sweep_end_to_end_then_tables(tmp_path):
     t = subprocess.run([sys.executable, "-m", "hps_exp.tables", str(jobs_dir)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert t.returncode == 0, t.stderr
-    assert "| DPO-BT |" in t.stdout and "| DPO-HPS |" in t.stdout
+    assert "| DPO-BT |" in t.stdout and "| DPO-HPS" in t.stdout  # full HPS: "DPO-HPS" or "DPO-HPS-full"
     assert "2 completed run(s), 1 failed or missing, out of 3 job dir(s)" in t.stdout
     assert (jobs_dir / "table.md").is_file()
+
+
+def test_main_paper_evaluates_each_policy_on_both_sets():
+    s = sw.load("main_paper")
+    for arm_jobs in sw.jobs(s, ["dataset.path=/x.jsonl"]).values():
+        for job in arm_jobs:
+            assert "eval.datasets=[hh_rlhf,pku_safety]" in job
+            assert not any(sw.key_of(o) == "eval.dataset" for o in job)  # no transfer axis: nothing trains twice
+
+
+# ------------------------------------------------------------------------------ cluster launcher, parallel arms
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", return_hydra_config=True,
+                            overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                                       "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    # one process per GPU: tasks follow gpus_per_node unless set; world = nodes x tasks_per_node
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.max_num_timeout >= 1
+    assert str(launcher.submitit_folder).endswith("/.submitit/%j")  # hidden from the tables
+
+
+def test_parallel_is_automatic_with_a_cluster_launcher(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["seed=1"]}}))
+    s = sw.load(str(path))
+    assert sw.launcher_of(s) == "basic" and not sw.wants_parallel(s, [], None)
+    assert sw.launcher_of(s, ["hydra/launcher=slurm"]) == "slurm"
+    assert sw.wants_parallel(s, ["hydra/launcher=slurm"], None)
+    assert not sw.wants_parallel(s, ["hydra/launcher=slurm"], False)
+    assert sw.wants_parallel(s, [], True)
+    assert not sw.wants_parallel(s, ["hydra/launcher=basic"], None)
+
+
+FAKE_PYTHON = """#!{python}
+# Stands in for `python -m hps_exp -m ...`: waits at a barrier until every arm has started (so it fails unless the
+# arms run concurrently), then writes job 0's metrics.json like the app.
+import json, os, pathlib, sys, time
+args = sys.argv[1:]
+assert args[:3] == ["-m", "hps_exp", "-m"], args
+sweep_dir = pathlib.Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")))
+arm = sweep_dir.name
+barrier = pathlib.Path(os.environ["FAKE_BARRIER"])
+barrier.mkdir(exist_ok=True)
+(barrier / arm).touch()
+deadline = time.time() + float(os.environ.get("FAKE_TIMEOUT", "60"))
+while len(list(barrier.iterdir())) < int(os.environ["FAKE_ARMS"]):
+    if time.time() > deadline:
+        print("barrier timeout: the arms did not run at the same time")
+        sys.exit(3)
+    time.sleep(0.05)
+(sweep_dir / "0").mkdir(parents=True, exist_ok=True)
+status = "failed" if arm == "broken" else "completed"
+(sweep_dir / "0" / "metrics.json").write_text(json.dumps({{"status": status}}))
+print("fake multirun", " ".join(args))
+sys.exit(1 if arm == "broken" else 0)
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path, monkeypatch):
+    exe = tmp_path / "fake_python"
+    exe.write_text(FAKE_PYTHON.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setenv("FAKE_BARRIER", str(tmp_path / "barrier"))
+    return exe
+
+
+def _three_arms(tmp_path):
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["seed=1"], "B": ["seed=2"], "broken": ["seed=3"]},
+                                    "fixed": ["trainer.epochs=1"]}))
+    return path
+
+
+def test_arms_start_together_under_a_cluster_launcher(tmp_path, fake_python, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_ARMS", "3")  # each fake waits for all three: a sequential runner would time out
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "hydra/launcher=slurm"])
+    out = capsys.readouterr().out
+    assert rc == 1, out  # the broken arm failed; the others completed
+    assert "arms run all at once" in out
+    assert "job broken/0: failed" in out and "total: 3 job(s), 2 completed" in out
+    for arm in ("A", "B"):
+        log = (jobs_dir / ".sweep_logs" / f"{arm}.log").read_text()
+        assert "fake multirun" in log and "hydra/launcher=slurm" in log and "barrier timeout" not in log
+        assert f"hydra.sweep.dir={jobs_dir / arm}" in log
+        assert json.loads((jobs_dir / arm / "0" / "metrics.json").read_text())["status"] == "completed"
+    from hps_exp import tables
+
+    assert sorted(p.relative_to(jobs_dir).as_posix() for p in tables.find_job_dirs(jobs_dir)) == \
+        ["A/0", "B/0", "broken/0"]  # the logs dir is not a job
+
+
+def test_no_parallel_runs_arms_one_after_another(tmp_path, fake_python, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_ARMS", "1")
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "hydra/launcher=slurm", "--no-parallel"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "arms run one after another" in out and "=== arm B" in out
+    assert not (jobs_dir / ".sweep_logs").exists()
+
+
+def test_the_barrier_fails_when_an_arm_is_missing(tmp_path, fake_python, monkeypatch, capsys):
+    """The concurrency check can fail: four arms expected, three started -> every arm times out."""
+    monkeypatch.setenv("FAKE_ARMS", "4")
+    monkeypatch.setenv("FAKE_TIMEOUT", "1")
+    jobs_dir = tmp_path / "jobs"
+    rc = sw.main([str(_three_arms(tmp_path)), "--jobs-dir", str(jobs_dir), "--python", str(fake_python),
+                  "--parallel"])
+    assert rc == 1
+    assert "barrier timeout" in (jobs_dir / ".sweep_logs" / "A.log").read_text()
+    assert "total: 3 job(s), 0 completed" in capsys.readouterr().out

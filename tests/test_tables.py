@@ -17,6 +17,8 @@ HH_MARGIN = {"DPO-HPS": [1.0, 1.5, 2.0], "DPO-BT": [0.2, 0.4], "DPO-PL": [0.5, 0
 # Everything else: a per-method level plus a small per-seed wobble.
 LEVEL = {"DPO-HPS": 3.0, "DPO-BT": 1.0, "DPO-PL": 2.0, "IPO-HPS": 4.0, "CUSTOM": 0.5}
 SFT = {"bleu": 10.0, "reward": 100.0, "reward_margin": 0.0, "reward_margin_hardest": 0.0}
+# The loss supplies [framework rank, preference-model rank]; CUSTOM has none (an old run): it sorts last.
+ROW_ORDER = {"DPO-BT": [0, 0], "DPO-PL": [0, 1], "DPO-HPS": [0, 2], "IPO-HPS": [1, 2]}
 
 
 def write_job(job_dir, metrics=None, overrides=None):
@@ -32,6 +34,8 @@ def completed(method, seed, hh_margin, level, n_responses=8, gamma=1.0, beta=0.1
     fw, _, pm = method.partition("-")
     run = {"method": method, "framework": fw.lower(), "preference_model": pm, "train_dataset": "synthetic",
            "seed": seed, "n_responses": n_responses, "gamma": gamma, "beta": beta, "sweep": "t"}
+    if method in ROW_ORDER:
+        run["row_order"] = ROW_ORDER[method]
     wobble = 0.1 * seed
     hh = {"sft": {**SFT, "harmful_rate": None},
           "aligned": {"bleu": 10 + level + wobble, "reward": level + wobble, "reward_margin": hh_margin,
@@ -106,9 +110,10 @@ def test_markdown_rows_cells_and_bold(sweep, capsys):
     # Harmful rate only where an eval set has labels (pku), marked as lower-is-better.
     assert "pku · Harmful rate ↓" in headers and "hh · Harmful rate ↓" not in headers
     col = headers.index("hh · Reward margin ↑")
-    assert rows["DPO-HPS"][col] == "**1.50 ± 0.50**"
-    assert rows["DPO-BT"][col] == "0.30 ± 0.14"
-    assert rows["CUSTOM"][col] == "0.10"  # one seed: no ±
+    # Seeds-only bootstrap (†): P(all three draws = 1.0) = 1/27 > 2.5 %, so the interval ends are 1.0 and 2.0.
+    assert rows["DPO-HPS"][col] == "**1.50 [1.00, 2.00]†**"
+    assert rows["DPO-BT"][col] == "0.30 [0.20, 0.40]†"
+    assert rows["CUSTOM"][col] == "0.10 [0.10, 0.10]†"  # one seed: the interval collapses
     assert [rows[r][1] for r in rows] == ["3", "2", "2", "3", "2", "1"]  # SFT n = distinct seeds
     # Exactly one bold cell per column, in the expected row; SFT (reward 100) is never ranked.
     expected_best = {"hh · BLEU ↑": "IPO-HPS", "hh · Reward ↑": "IPO-HPS", "hh · Reward margin ↑": "DPO-HPS",
@@ -120,7 +125,7 @@ def test_markdown_rows_cells_and_bold(sweep, capsys):
         bold = [r for r, cells in rows.items() if cells[i].startswith("**")]
         assert bold == [best], header
     assert not any(c.startswith("**") for c in rows["SFT (reference)"])
-    assert rows["SFT (reference)"][headers.index("hh · Reward ↑")] == "100.00 ± 0.00"  # same in all 3 seeds
+    assert rows["SFT (reference)"][headers.index("hh · Reward ↑")] == "100.00 [100.00, 100.00]†"  # all seeds
     assert "python -m hps_exp.tables " + str(sweep) in md
 
 
@@ -156,13 +161,15 @@ def test_csv_is_long_format(sweep):
     assert tables.main([str(sweep)]) == 0
     with open(sweep / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["method", "eval_set", "metric", "mean", "std", "n_seeds"]
-    # 6 rows (SFT + 5 methods) x (hh: 3 metrics + pku: 4 with the harmful rate).
-    assert len(rows) == 6 * 7
+    assert list(rows[0]) == ["method", "eval_set", "metric", "mean", "lo", "hi", "interval", "std", "n_seeds"]
+    # 6 rows (SFT + 5 methods) x (hh: 3 metrics + pku: 4 with the harmful rate) + timing (total_s) of 5 methods.
+    assert len(rows) == 6 * 7 + 5
+    assert {(r["eval_set"], r["metric"]) for r in rows[-5:]} == {("timing", "total_s")}
+    rows = rows[:-5]
     by_key = {(r["method"], r["eval_set"], r["metric"]): r for r in rows}
     r = by_key[("DPO-HPS", "hh", "reward_margin")]
     assert float(r["mean"]) == pytest.approx(1.5) and float(r["std"]) == pytest.approx(0.5)
-    assert r["n_seeds"] == "3"
+    assert (float(r["lo"]), float(r["hi"]), r["interval"], r["n_seeds"]) == (1.0, 2.0, "seeds", "3")
     r = by_key[("CUSTOM", "pku", "harmful_rate")]
     assert float(r["mean"]) == pytest.approx(1.0) and r["std"] == "" and r["n_seeds"] == "1"
     assert float(by_key[("SFT (reference)", "pku", "harmful_rate")]["mean"]) == pytest.approx(0.5)
@@ -176,13 +183,23 @@ def test_margin_metric_option(sweep, tmp_path):
     assert tables.main([str(sweep), "--out", str(out), "--metric-margin", "reward_margin_hardest"]) == 0
     assert not (sweep / "table.md").exists()
     headers, rows = parse_md_table((out / "table.md").read_text(), "## Main results")
-    assert rows["DPO-HPS"][headers.index("hh · Reward margin (hardest) ↑")] == "**0.75 ± 0.25**"
+    assert rows["DPO-HPS"][headers.index("hh · Reward margin (hardest) ↑")] == "**0.75 [0.50, 1.00]†**"
 
 
-def test_method_sort_order():
-    methods = ["NCA-BT", "CUSTOM", "DPO-HPS", "SPPO-PL", "DPO-BT", "IPO-HPS", "EXO-BT", "ABC-X", "DPO-PL"]
-    assert sorted(methods, key=tables.method_sort_key) == [
-        "DPO-BT", "DPO-PL", "DPO-HPS", "IPO-HPS", "EXO-BT", "SPPO-PL", "NCA-BT", "ABC-X", "CUSTOM"]
+def test_rows_follow_row_order_not_names(tmp_path):
+    """Rows sort by the loss's row_order; runs without one come last, alphabetically; names carry no rank."""
+    root = tmp_path / "order"
+    order = {"Zeta-A": [0, 1], "Alpha-B": [1, 0], "Mid-C": [0, 0], "Old-2": None, "Old-1": None}
+    for i, (method, row_order) in enumerate(order.items()):
+        metrics = completed(method, 0, 1.0, 1.0)
+        if row_order is None:
+            metrics["run"].pop("row_order", None)
+        else:
+            metrics["run"]["row_order"] = row_order
+        write_job(root / str(i), metrics)
+    main = tables.main_table(tables.collect_runs([root]), n_boot=50)
+    assert main.rows[1:] == ["Mid-C", "Zeta-A", "Alpha-B", "Old-1", "Old-2"]
+    assert not hasattr(tables, "method_sort_key") and not hasattr(tables, "FRAMEWORKS")
 
 
 @pytest.fixture
@@ -239,7 +256,7 @@ def test_ablation_section_and_plots(n_sweep, capsys):
     md = (n_sweep / "table.md").read_text()
     headers, rows = parse_md_table(md, "## Ablation: Reward margin vs n_resp")
     assert headers[2:5] == ["hh · n_resp=2", "hh · n_resp=4", "hh · n_resp=8"]
-    assert rows["DPO-HPS"][2:5] == ["1.21 ± 0.01", "1.41 ± 0.01", "1.81 ± 0.01"]
+    assert rows["DPO-HPS"][2:5] == ["1.21 [1.20, 1.22]†", "1.41 [1.40, 1.42]†", "1.81 [1.80, 1.82]†"]
     for name in ("reward_margin.png", "vs_n_responses.png"):
         assert (n_sweep / name).read_bytes()[:8] == PNG_MAGIC, name
     assert not (n_sweep / "vs_gamma.png").exists()
@@ -311,3 +328,228 @@ def test_unreadable_metrics_are_listed(tmp_path):
     assert [r.status for r in runs] == ["unreadable", "unreadable"]
     text = tables.render_failed(runs)
     assert "metrics.json" in text and "lacks run.method" in text
+
+
+# ------------------------------------------------------------------ intervals, paired tests, timing, grid
+
+N_PROMPTS = 20
+
+
+def with_prompts(method, seed, margins, row_order, timing=None):
+    """A completed run whose hh margin has per-prompt values (the scalar is their mean, as the app writes it)."""
+    fw, _, pm = method.partition("-")
+    m = completed(method, seed, statistics.fmean(margins), 1.0)
+    m["run"]["row_order"] = row_order
+    hh = m["eval"]["hh"]
+    hh["per_prompt"] = {"aligned": {"reward_margin": list(margins), "reward_margin_hardest": [x / 2 for x in margins]},
+                        "sft": {"reward_margin": [0.0] * len(margins)}}
+    hh["aligned"]["reward_margin_hardest"] = statistics.fmean(margins) / 2
+    if timing is not None:
+        m["timing"] = timing
+    return m
+
+
+@pytest.fixture
+def paired_sweep(tmp_path):
+    """dpo: HPS = base + 1, PL = base + 0.5 (best baseline), BT = base + 0.2 -> HPS clearly better.
+    ipo: HPS = BT (best baseline) +/- 0.1 alternating -> mean difference exactly 0. 5 seeds x 20 prompts."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "paired"
+    num = 0
+    fw_rank, pm_rank = {"DPO": 0, "IPO": 1}, {"BT": 0, "PL": 1, "HPS": 2}
+    for seed in range(5):
+        base = rng.normal(0.0, 1.0, N_PROMPTS)
+        wiggle = 0.1 * (-1.0) ** np.arange(N_PROMPTS)
+        margins = {"DPO-HPS": base + 1.0 + rng.normal(0, 0.3, N_PROMPTS), "DPO-PL": base + 0.5,
+                   "DPO-BT": base + 0.2, "IPO-HPS": base + wiggle, "IPO-BT": base, "IPO-PL": base - 1.0}
+        for method, values in margins.items():
+            fw, _, pm = method.partition("-")
+            timing = {"pref_s": 10.0 * (pm_rank[pm] + 1) + seed, "pref_step_s": 0.1 * (pm_rank[pm] + 1),
+                      "total_s": 100.0}
+            write_job(root / str(num), with_prompts(method, seed, values.tolist(), [fw_rank[fw], pm_rank[pm]],
+                                                    timing))
+            num += 1
+    return root
+
+
+def test_cells_use_per_prompt_bootstrap_when_available(paired_sweep):
+    from hps_exp import stats
+
+    runs = tables.collect_runs([paired_sweep])
+    main = tables.main_table(runs, n_boot=500)
+    cell = main.cell("DPO-HPS", ("hh", "reward_margin"))
+    lists = [r.eval["hh"]["per_prompt"]["aligned"]["reward_margin"]
+             for r in sorted(runs, key=lambda r: r.run["seed"]) if r.method == "DPO-HPS"]
+    mean, lo, hi = stats.bootstrap_ci(lists, n_boot=500)
+    assert cell.per_prompt and (cell.mean, cell.lo, cell.hi) == (pytest.approx(mean), lo, hi)
+    assert lo < mean < hi
+    assert not main.cell("DPO-HPS", ("hh", "bleu")).per_prompt  # no per-prompt BLEU: over seeds
+
+
+def test_win_rate_reads_its_per_prompt_list_named_win(tmp_path):
+    root = tmp_path / "win"
+    for seed, wins in enumerate(([1, 0.5, 0, 1], [1, 1, 0, 0.5])):
+        m = completed("DPO-HPS", seed, 1.0, 1.0)
+        m["eval"]["hh"]["aligned"]["win_rate"] = sum(wins) / 4
+        m["eval"]["hh"]["per_prompt"] = {"aligned": {"win": wins}}
+        write_job(root / str(seed), m)
+    runs = tables.collect_runs([root])
+    assert tables.per_prompt_of(runs[0], "hh", "aligned", "win_rate") == [1, 0.5, 0, 1]
+    main = tables.main_table(runs, n_boot=200)
+    assert ("hh", "win_rate") in main.columns and "hh · Win rate vs SFT ↑" in main.headers
+    cell = main.cell("DPO-HPS", ("hh", "win_rate"))
+    assert cell.per_prompt and cell.mean == pytest.approx(0.625) and cell.lo < 0.625 < cell.hi
+
+
+def test_per_prompt_values_that_do_not_reproduce_the_scalar_are_ignored(paired_sweep):
+    path = paired_sweep / "0" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["eval"]["hh"]["per_prompt"]["aligned"]["reward_margin"][0] += 5.0  # mean no longer equals the scalar
+    path.write_text(json.dumps(m))
+    runs = tables.collect_runs([paired_sweep])
+    assert tables.per_prompt_of(runs[0], "hh", "aligned", "reward_margin") is None
+    assert tables.per_prompt_of(runs[1], "hh", "aligned", "reward_margin") is not None
+    main = tables.main_table(runs, n_boot=200)
+    assert not main.cell(runs[0].method, ("hh", "reward_margin")).per_prompt  # one seed lacks them: over seeds
+    assert main.cell("IPO-HPS", ("hh", "reward_margin")).per_prompt
+
+
+def test_paired_test_against_the_best_baseline(paired_sweep):
+    runs = tables.collect_runs([paired_sweep])
+    results = {(r.metric, r.treatment): r for r in tables.paired_tests(runs, "HPS") if r.eval_set == "hh"}
+    dpo = results[("reward_margin", "DPO-HPS")]
+    assert dpo.baseline == "DPO-PL" and dpo.per_prompt and dpo.n_pairs == 5 * N_PROMPTS and dpo.n_seeds == 5
+    assert dpo.diff == pytest.approx(0.5, abs=0.15) and dpo.p < 0.05
+    ipo = results[("reward_margin", "IPO-HPS")]
+    assert ipo.baseline == "IPO-BT" and ipo.diff == pytest.approx(0.0, abs=1e-12) and ipo.p > 0.5
+    assert results[("reward_margin_hardest", "DPO-HPS")].p < 0.05
+    # Another treatment: PL against the best of BT/HPS in its framework.
+    only_bt = [r for r in tables.paired_tests(runs, "HPS", baselines=["BT"]) if r.eval_set == "hh"]
+    assert {r.baseline for r in only_bt} == {"DPO-BT", "IPO-BT"}  # the sweep's baselines restrict the choice
+    pl = {r.treatment: r for r in tables.paired_tests(runs, "PL")
+          if r.metric == "reward_margin" and r.eval_set == "hh"}
+    assert pl["DPO-PL"].baseline == "DPO-HPS" and pl["DPO-PL"].diff < 0
+    assert pl["IPO-PL"].diff == pytest.approx(-1.0)  # IPO-BT and IPO-HPS tie at 1 above IPO-PL
+
+
+def test_treatment_from_sweep_yaml_or_flag(paired_sweep, tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]},
+                               "compare": {"treatment": "HPS", "baselines": ["BT", "PL"]}}))
+    assert tables.main([str(paired_sweep), "--sweep", str(grid), "--n-boot", "100"]) == 0
+    md = (paired_sweep / "table.md").read_text()
+    section = md.split("## Paired tests", 1)[1].split("\n## ", 1)[0]
+    headers, rows = parse_md_table(md, "## Paired tests")
+    assert headers[-1] == "treatment better at p < 0.05"
+    lines = [ln for ln in section.splitlines() if ln.startswith("| hh |")]
+    assert len(lines) == 4  # 2 frameworks x 2 margins
+    dpo = next(ln for ln in lines if "| Reward margin | DPO-HPS | DPO-PL |" in ln)
+    ipo = next(ln for ln in lines if "| Reward margin | IPO-HPS | IPO-BT |" in ln)
+    assert dpo.endswith("| yes |") and ipo.endswith("| 1.000 | no |")
+    assert tables.main([str(paired_sweep), "--compare", "PL", "--out", str(tmp_path / "o"), "--n-boot", "100"]) == 0
+    assert "| Reward margin | DPO-PL | DPO-HPS |" in (tmp_path / "o" / "table.md").read_text()
+    assert tables.main([str(paired_sweep), "--out", str(tmp_path / "n"), "--n-boot", "100"]) == 0
+    assert "No treatment named" in (tmp_path / "n" / "table.md").read_text()
+    assert tables.main([str(paired_sweep), "--sweep", str(grid), "--baselines", "BT", "--out", str(tmp_path / "b"),
+                        "--n-boot", "100"]) == 0
+    assert "| Reward margin | DPO-HPS | DPO-BT |" in (tmp_path / "b" / "table.md").read_text()
+
+
+def yaml_text(data):
+    import yaml
+
+    return yaml.safe_dump(data)
+
+
+def test_timing_table(paired_sweep):
+    timing = tables.timing_table(tables.collect_runs([paired_sweep]), n_boot=200)
+    assert timing.headers == ["Preference stage (s) ↓", "Per preference step (s) ↓", "Whole job (s) ↓"]
+    cell = timing.cell("DPO-HPS", ("timing", "pref_s"))
+    assert cell.mean == pytest.approx(30.0 + 2.0) and cell.n == 5 and not cell.per_prompt  # 30 + mean seed
+    assert (cell.lo, cell.hi) != (cell.mean, cell.mean)
+    assert timing.cell("IPO-BT", ("timing", "pref_step_s")).mean == pytest.approx(0.1)
+
+
+def test_never_started_jobs_are_listed(tmp_path):
+    from hps_exp import sweep as sw
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"], "B": ["trainer.lr=0.2"]}, "grid": {"seed": "0,1"}}))
+    jobs = sw.jobs(sw.load(str(grid)))
+    root = tmp_path / "jobs"
+    write_job(root / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0), jobs["A"][0])
+    write_job(root / "A" / "1", overrides=["seed=5"])                       # started (by its place), crashed
+    write_job(root / "elsewhere", completed("DPO-BT", 0, 1.0, 1.0), jobs["B"][0] + ["dataset.path=x"])
+    runs = tables.collect_runs([root])
+    missing, notes = tables.never_started(runs, [root], [str(grid)])
+    assert notes == [] and [(m.arm, m.number) for m in missing] == [("B", 1)]
+    assert missing[0].overrides == jobs["B"][1]
+    assert tables.main([str(root), "--sweep", str(grid), "--n-boot", "50"]) == 0
+    md = (root / "table.md").read_text()
+    assert "1 job(s) of the grid never started" in md
+    section = md.split("## Jobs of the grid that never started", 1)[1].split("\n## ", 1)[0]
+    assert f"| {grid} | B | 1 |" in section and "`trainer.lr=0.2`" in section and "`seed=1`" in section
+    # A sweep name with no yaml: said, not fatal.
+    missing, notes = tables.never_started(runs, [root], ["no_such_sweep_xyz"])
+    assert missing == [] and "no_such_sweep_xyz" in notes[0]
+
+
+def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]}, "grid": {"seed": "0,1"}}))
+    empty = tmp_path / "jobs"
+    empty.mkdir()
+    assert tables.main([str(empty), "--sweep", str(grid)]) == 1
+    err = capsys.readouterr().err
+    assert "no completed runs" in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
+
+
+def test_series_colours_never_collide():
+    runs = []
+    for i in range(15):  # more series than palette colours
+        r = tables.Run(tables.Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
+                                                                 "preference_model": f"P{i}", "row_order": [i % 3, i]})
+        runs.append(r)
+    runs.append(tables.Run(tables.Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
+                                                                "preference_model": "P0", "row_order": [1, 0]}))
+    rows = tables.build_rows(runs)
+    styles = tables.series_styles(rows)
+    assert len(styles) == 15 and len(set(styles.values())) == 15
+    assert list(styles)[:3] == ["P0", "P1", "P2"]  # in preference-model rank
+    by_label = {row.label: styles[row.series] for row in rows}
+    assert by_label["F0-P0"] == by_label["F1-P0"]  # same preference model, same colour in every framework
+
+
+def test_main_plot_panels(paired_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = tables.main_table(tables.collect_runs([paired_sweep]), n_boot=100)
+    captured = {}
+    real_close = plt.close
+
+    def keep(fig):  # look at the figure before it is closed
+        captured["fig"] = fig
+    plt.close = keep
+    try:
+        tables.plot_main(plt, main, "reward_margin", tmp_path / "m.png")
+    finally:
+        plt.close = real_close
+    fig = captured["fig"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["hh · BLEU", "hh · Reward", "hh · Reward margin",
+                      "pku · BLEU", "pku · Reward", "pku · Reward margin"]
+    margin_ax = fig.axes[2]
+    labels = [t.get_text() for t in margin_ax.texts]
+    hps = main.cell("DPO-HPS", ("hh", "reward_margin"))
+    assert f"{hps.mean:.2f}" in labels and len(labels) == 6  # one value label per bar (2 frameworks x 3)
+    assert [t.get_text() for t in margin_ax.get_xticklabels()] == ["DPO", "IPO"]
+    colours = {tuple(p.get_facecolor()) for p in margin_ax.patches}
+    assert len(colours) == 3  # one colour per preference model
+    real_close(fig)
+    assert (tmp_path / "m.png").read_bytes()[:8] == PNG_MAGIC
