@@ -5,9 +5,12 @@ stages in order, each a call with typed inputs and a typed result (hps_exp/stage
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,11 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, models, plan, stages
+from hps_exp import config, distributed, evaluate, models, plan, stages
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
+from hps_exp.trainer import TrainingInterrupted
 
 log = logging.getLogger("hps_exp")
 config.register()
@@ -73,7 +77,7 @@ class Prepared:
     eval_by_annotator: bool
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     """Config, components and data, all checked: bad input fails here, before any training."""
     config.check_values(cfg)
     loss_fn, sampler = plan.loss_and_sampler(cfg)
@@ -83,7 +87,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     plan.check_model_source(cfg.model.name_or_path, "model.name_or_path")
     if cfg.reward_model.get("_target_") and "name_or_path" in cfg.reward_model:
         plan.check_model_source(cfg.reward_model.name_or_path, "reward_model.name_or_path")
-    device = models.pick_device(cfg.trainer.device)
+    device = device or models.pick_device(cfg.trainer.device)
     eval_node = cfg.eval.reward_model
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
         raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")
@@ -92,6 +96,9 @@ def prepare(cfg: DictConfig) -> Prepared:
                     if "_target_" in cfg.reward_model and p.reward_model is None else None)
     evaluator = None if eval_node in (None, "annotation") else plan.scorer_from_node(eval_node, "eval.reward_model",
                                                                                       device)
+    if cfg.eval.protocol == "paper" and evaluator is None and eval_node != "annotation":
+        raise ConfigError("eval.protocol=paper ranks generations and references by reward: set eval.reward_model "
+                          "(or eval.reward_model=annotation with reward_model=train|hf)")
     return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device, dataset_scorer, hf_annotator, evaluator,
                     eval_node == "annotation")
 
@@ -110,10 +117,14 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
     evaluator = annotator if r.eval_by_annotator else r.evaluator
     results, samples = {}, []
+    if env.world is not None and not env.world.is_main:   # one process evaluates (never inside FSDP)
+        return {}
+    env = dataclasses.replace(env, world=None)
     for eval_set in r.eval_sets:
         ref = stages.reference(p.reference, sft, eval_set.examples, env)
         before = stages.evaluate_sft(p.eval, sft, eval_set, ref, evaluator, env)
         after = stages.evaluate_policy(p.eval, policy, eval_set, ref, evaluator, env, r.loss_fn.margin_beta)
+        evaluate.add_win_rate(after.metrics, after.per_prompt, before.per_prompt)
         results[eval_set.name] = {"sft": before.metrics, "aligned": after.metrics,
                                   "per_prompt": {"sft": before.per_prompt, "aligned": after.per_prompt}}
         samples += [{"eval_set": eval_set.name, **s} for s in after.samples]
@@ -133,28 +144,39 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     quiet_libraries()
     torch.set_num_threads(plan.environment_threads(cfg.trainer.num_threads))
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    r = prepare(cfg)
-    env_args = dict(device=r.device, autocast=models.autocast_dtype(cfg.trainer.precision, r.device),
-                    cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime)
+    world = distributed.init_world(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    if world.distributed and cfg.trainer.strategy == "none":
+        raise ConfigError(f"launched as {world.world_size} processes but trainer.strategy=none (each would train "
+                          f"alone): set trainer.strategy=ddp or fsdp2")
+    # Every process must use the main process's run dir (Hydra's timestamp may differ by a second).
+    run_dir = Path(world.broadcast_object(str(HydraConfig.get().runtime.output_dir)))
+    r = prepare(cfg, world.device)
+    env_args = dict(device=world.device, autocast=models.autocast_dtype(cfg.trainer.precision, world.device),
+                    cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime,
+                    world=world if world.distributed else None)
     if cfg.dry_run:
         env = stages.Env(**env_args, dry_run=True)
         execute(cfg, r, env, run_dir)
         for name, key, status in env.planned:
             print(f"[plan] {name:<13} {key}  {status}")
         return {"status": "planned", "stages": env.planned}
-    if warning := plan.oversubscribed():
+    if world.is_main and (warning := plan.oversubscribed()):
         print(warning)
     seed_everything(cfg.seed)
-    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
+    logger = None
+    if world.is_main:   # the main process alone writes the config, W&B and metrics
+        atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
     env = stages.Env(**env_args, logger=logger)
     try:
-        print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) on "
-              f"{cfg.dataset.name}: {len(r.train)} train prompts, eval on "
-              f"{', '.join(f'{s.name} ({len(s.examples)})' for s in r.eval_sets)}, device={r.device}, "
-              f"run dir {run_dir}")
+        if world.is_main:
+            print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) "
+                  f"on {cfg.dataset.name}: {len(r.train)} train prompts, eval on "
+                  f"{', '.join(f'{s.name} ({len(s.examples)})' for s in r.eval_sets)}, device={world.device}"
+                  f"{f' x {world.world_size} processes' if world.distributed else ''}, run dir {run_dir}")
         out = execute(cfg, r, env, run_dir)
+        if not world.is_main:
+            return {}
         write_jsonl(run_dir / "samples.jsonl", out.pop("samples"))
         out["timing"]["total_s"] = time.perf_counter() - started
         result = {"status": "completed", **out}
@@ -165,21 +187,35 @@ def run(cfg: DictConfig) -> dict:
         print(f"[hps_exp] wrote {run_dir / 'metrics.json'} ({out['timing']['total_s']:.0f}s)")
         logger.finish()
         return result
+    except TrainingInterrupted as e:   # preemption: the checkpoint is saved; a rerun resumes
+        if logger is not None:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(
+                {"status": "interrupted", "error": str(e), "stage": e.stage, "step": e.step}, indent=2))
+            logger.finish(exit_code=128 + e.signum)
+        print(f"[hps_exp] {e}; rerun with hydra.run.dir={run_dir} to resume", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     except BaseException:
-        logger.finish(exit_code=1)
+        if logger is not None:
+            logger.finish(exit_code=1)
         raise
+    finally:
+        distributed.shutdown()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+COLUMNS = [("BLEU", "bleu"), ("char BLEU", "bleu_char"), ("reward", "reward"), ("reward@top1", "reward_top1"),
+           ("margin", "reward_margin"), ("margin(hardest)", "reward_margin_hardest"), ("harmful", "harmful_rate"),
+           ("win rate", "win_rate")]
+
+
 def results_table(eval_set: str, sft: dict, aligned: dict, method: str) -> str:
-    cols = [("BLEU", "bleu"), ("reward", "reward"), ("margin", "reward_margin"),
-            ("margin(hardest)", "reward_margin_hardest"), ("harmful", "harmful_rate")]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = [(f"[{eval_set}] policy", [c for c, _ in cols]), ("SFT", [fmt(sft.get(k)) for _, k in cols]),
-            (f"aligned ({method})", [fmt(aligned.get(k)) for _, k in cols])]
+    cols = [(c, k) for c, k in COLUMNS if k in sft or k in aligned]
+    fmt = lambda v: "n/a" if v is None else "-" if v == "" else f"{v:.3f}"  # noqa: E731
+    rows = [(f"[{eval_set}] policy", [c for c, _ in cols]), ("SFT", [fmt(sft.get(k, "")) for _, k in cols]),
+            (f"aligned ({method})", [fmt(aligned.get(k, "")) for _, k in cols])]
     width = max(len(r[0]) for r in rows)
     lines = [f"{name:<{width}}  " + "  ".join(f"{v:>15}" for v in vals) for name, vals in rows]
     return "\n".join(lines)
@@ -192,9 +228,10 @@ def main(cfg: DictConfig) -> dict:
         return run(cfg)
     except Exception as e:  # record the failure for the tables, then report it
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        atomic_write_text(run_dir / "metrics.json",
-                          json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
-        if isinstance(e, (ConfigError, DataError, models.ModelError)):
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            atomic_write_text(run_dir / "metrics.json",
+                              json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
+        if isinstance(e, (ConfigError, DataError, models.ModelError, distributed.DistributedError)):
             raise RunFailed(f"error: {e}") from None
         raise
 

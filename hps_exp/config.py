@@ -72,15 +72,18 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
+    protocol: str = "default"             # default | paper (K samples, top-1 reward, best-vs-best BLEU)
+    num_samples: int = 0                  # samples per prompt; 0 = the protocol's (default 1, paper 5)
     max_prompts: int = 100
     max_new_tokens: int = 48
-    temperature: float = 0.7
+    temperature: Optional[float] = None   # null = the protocol's (default 0.7, paper 0.9)
     top_p: float = 1.0
     batch_size: int = 32
     reward_model: Any = None
     datasets: list[str] = field(default_factory=list)      # eval sets; [] = the training dataset's test split
     dataset_args: dict[str, Any] = field(default_factory=dict)  # per-set overrides: dataset_args.<name>.<key>
     backend: str = "hf"                   # hf | vllm: generation engine
+    vllm: dict[str, Any] = field(default_factory=dict)   # vLLM engine settings (tensor_parallel_size, ...)
 
 
 @dataclass
@@ -122,6 +125,7 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "eval.backend": ("hf", "vllm"),
+    "eval.protocol": ("default", "paper"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 # key: (low, high, low inclusive): every numeric knob's allowed range, checked before any work.
@@ -134,7 +138,7 @@ RANGES = {
     "trainer.dist_timeout_s": (1, INF, True), "trainer.num_threads": (0, 4096, True),
     "sft.epochs": (0, INF, True), "sft.lr": (0, INF, False), "sft.batch_size": (1, INF, True),
     "eval.max_prompts": (1, INF, True), "eval.max_new_tokens": (1, INF, True), "eval.batch_size": (1, INF, True),
-    "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False),
+    "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False), "eval.num_samples": (0, 1000, True),
     "model.max_length": (2, INF, True), "model.max_prompt_length": (1, INF, True),
 }
 # Sizes of the model built from its config (model.name_or_path unset); a pretrained model ignores them.
@@ -150,8 +154,11 @@ def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
 
 
+OPTIONAL = ("trainer.max_steps", "eval.temperature")   # null means "the default"
+
+
 def _check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool) -> None:
-    if value is None and key == "trainer.max_steps":
+    if value is None and key in OPTIONAL:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ConfigError(f"{key}={value!r} must be a number")

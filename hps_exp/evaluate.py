@@ -1,9 +1,21 @@
-"""Evaluation on held-out prompts.
+"""Evaluation on held-out prompts, under one of two protocols (`eval.protocol`):
 
+default (one sample per prompt, eval.temperature default 0.7):
 - bleu: sacrebleu corpus BLEU of one sampled generation per prompt against the prompt's best
   reference response (argmax score, or the dataset's chosen one).
 - reward: mean evaluation-reward-model score of those generations.
 - harmful_rate: fraction of generations the reward model's `is_harmful` flags (None without labels).
+
+paper (the HPS authors' protocol; K = eval.num_samples, default 5, samples per prompt at temperature 0.9):
+- reward: mean over all K samples; reward_top1: mean over prompts of the best of K.
+- bleu_char (the authors' NLTK form: character 4-gram BLEU, no smoothing) and bleu (sacrebleu sentence BLEU) of
+  the generation with the highest reward against the reference response with the highest reward, per prompt,
+  averaged (hps_exp/eval_metrics.py). Needs an evaluation reward model.
+- harmful_rate: over all K samples.
+
+Both protocols:
+- win_rate (aligned policy only): fraction of prompts whose aligned reward (mean of its samples) beats the SFT
+  policy's on the same prompt, ties half: the reward-model stand-in for the paper's judge win rates.
 - reward_margin: mean over prompts of r(best) - mean r(negatives), with the policy's implicit reward
   r = beta * (log pi(y|x) - log pi_ref(y|x)); negatives are the other responses not tied with the best.
   reward_margin_hardest uses the highest-scored negative instead (the dataset's rejected one for pair
@@ -15,29 +27,6 @@ import sacrebleu
 import torch
 
 from hps_exp.data.schema import Example
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-             batch_size: int, device: torch.device, max_prompt_length: int, seed: int) -> list[str]:
-    model.eval()
-    tok.padding_side, tok.truncation_side = "left", "left"
-    gen = torch.Generator().manual_seed(seed)
-    out: list[str | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_prompt_length, add_special_tokens=False).to(device)
-        # Sampling draws from torch's global RNG; seed it per batch from our own generator.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        sampled = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                                 top_p=top_p if temperature > 0 else None, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(sampled[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, t in zip(idx, texts):
-            out[i] = t
-    return out
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
@@ -80,20 +69,67 @@ def evaluate_generations(examples: list[Example], generations: list[str], reward
     return metrics, samples
 
 
-def evaluate_policy(model, tok, examples: list[Example], *, policy_logps: list[torch.Tensor],
-                    ref_logps: list[torch.Tensor], reward_model, beta: float, max_prompts: int, max_new_tokens: int,
-                    temperature: float, top_p: float, batch_size: int, max_prompt_length: int, seed: int,
-                    device: torch.device) -> tuple[dict, dict, list[dict]]:
-    """One policy on one evaluation set: (metrics, per-prompt values, samples).
+PROTOCOLS = {"default": {"num_samples": 1, "temperature": 0.7}, "paper": {"num_samples": 5, "temperature": 0.9}}
 
-    Generation-based metrics use the first `max_prompts` prompts; the reward margins use every prompt."""
+
+def evaluate_policy(generator, examples: list[Example], *, policy_logps: list[torch.Tensor],
+                    ref_logps: list[torch.Tensor], reward_model, beta: float, protocol: str, num_samples: int,
+                    max_prompts: int, max_new_tokens: int, temperature: float, top_p: float,
+                    seed: int) -> tuple[dict, dict, list[dict]]:
+    """One policy on one evaluation set: (metrics, per-prompt values, samples). `generator` is a
+    hps_exp.generation.Generator. Generation metrics use the first `max_prompts` prompts; the margins all."""
     subset = examples[:max_prompts]
-    gens = generate(model, tok, [x.prompt for x in subset], max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, batch_size=batch_size, device=device, max_prompt_length=max_prompt_length, seed=seed)
-    metrics, samples = evaluate_generations(subset, gens, reward_model)
+    prompts = [x.prompt for x in subset]
+    gens = generator.generate(prompts, n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed)
+    if protocol == "paper":
+        metrics, per_prompt, samples = _paper(subset, gens, reward_model)
+    else:
+        metrics, samples = evaluate_generations(subset, [g[0] for g in gens], reward_model)
+        per_prompt = {} if reward_model is None else {"reward": [s["reward"] for s in samples]}
+        if metrics["harmful_rate"] is not None:
+            per_prompt["harmful"] = [float(s["harmful"]) for s in samples]
     margins, margin_values = reward_margins(examples, policy_logps, ref_logps, beta)
     metrics.update(margins)
-    per_prompt = dict(margin_values)
-    if reward_model is not None:
-        per_prompt["reward"] = [s["reward"] for s in samples]
+    per_prompt.update(margin_values)
     return metrics, per_prompt, samples
+
+
+def _paper(examples: list[Example], gens: list[list[str]], reward_model) -> tuple[dict, dict, list[dict]]:
+    from hps_exp.eval_metrics import paper_protocol
+
+    if reward_model is None:
+        raise ValueError("eval.protocol=paper ranks generations and references by reward: it needs an evaluation "
+                         "reward model (eval.reward_model)")
+    flat_p = [e.prompt for e, g in zip(examples, gens) for _ in g]
+    flat_g = [t for g in gens for t in g]
+    flat_r = reward_model.score_batch(flat_p, flat_g)
+    ref_p = [e.prompt for e in examples for _ in e.responses]
+    ref_r = reward_model.score_batch(ref_p, [r for e in examples for r in e.responses])
+    rewards, refs_rewards, k, j = [], [], 0, 0
+    for e, g in zip(examples, gens):
+        rewards.append(flat_r[k:k + len(g)])
+        refs_rewards.append(ref_r[j:j + e.n])
+        k, j = k + len(g), j + e.n
+    metrics, per_prompt = paper_protocol(gens, rewards, [list(e.responses) for e in examples], refs_rewards)
+    metrics["harmful_rate"] = None
+    if hasattr(reward_model, "is_harmful"):
+        flags = [[bool(reward_model.is_harmful(e.prompt, t)) for t in g] for e, g in zip(examples, gens)]
+        metrics["harmful_rate"] = sum(map(sum, flags)) / max(1, sum(map(len, flags)))
+        per_prompt["harmful"] = [sum(f) / len(f) for f in flags]
+    samples = [{"prompt": e.prompt, "generations": g, "rewards": r, "reference": e.responses[_argmax(rr)],
+                "reference_reward": max(rr)} for e, g, r, rr in zip(examples, gens, rewards, refs_rewards)]
+    return metrics, per_prompt, samples
+
+
+def _argmax(values) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def add_win_rate(aligned: dict, aligned_per_prompt: dict, sft_per_prompt: dict) -> None:
+    """win_rate of the aligned policy against the SFT policy on the same prompts (needs per-prompt rewards)."""
+    from hps_exp.eval_metrics import win_rate
+
+    if "reward" in aligned_per_prompt and "reward" in sft_per_prompt:
+        aligned["win_rate"], aligned_per_prompt["win"] = win_rate(aligned_per_prompt["reward"],
+                                                                  sft_per_prompt["reward"])

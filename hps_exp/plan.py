@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hps_exp import config
+from hps_exp import config, evaluate
 from hps_exp.cache import content_key
 from hps_exp.config import ConfigError, build, check_node
 from hps_exp.data.schema import Splits
@@ -213,8 +213,14 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
                           seed=cfg.seed, lora=_lora_spec(plain(m.lora)), **lengths)
-    ev = EvalSpec(max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                  top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, **lengths)
+    protocol = evaluate.PROTOCOLS[e.protocol]
+    ev = EvalSpec(protocol=e.protocol, num_samples=e.num_samples or protocol["num_samples"],
+                  max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens,
+                  temperature=protocol["temperature"] if e.temperature is None else e.temperature,
+                  top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, vllm=plain(e.vllm),
+                  **lengths)
+    if ev.num_samples > 1 and ev.temperature == 0:
+        raise ConfigError(f"eval.num_samples={ev.num_samples} samples per prompt need eval.temperature > 0")
     runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,
                       lora_save=m.lora.get("save", "merged"),
                       **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})

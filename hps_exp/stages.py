@@ -29,6 +29,7 @@ from hps_exp.batching import Encoded, SequenceBatch
 from hps_exp.cache import cached, content_key, stage_key
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
+from hps_exp.generation import build_generator
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_reward_model
 from hps_exp.trainer import Trainer
 
@@ -154,6 +155,8 @@ class ReferenceSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
+    protocol: str
+    num_samples: int
     max_prompts: int
     max_new_tokens: int
     temperature: float
@@ -163,6 +166,7 @@ class EvalSpec:
     max_length: int
     seed: int
     backend: str = "hf"
+    vllm: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -537,7 +541,7 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
     def build(out: Path) -> None:
         tok, model = sft_result.load()
         model.to(env.device)
-        result = _evaluate(spec, model, tok, eval_set, ref, ref.logps, scorer, env)
+        result = _evaluate(spec, model, tok, eval_set, ref, ref.logps, scorer, env, model_dir=sft_result.path)
         atomic_write_text(out / "eval.json", json.dumps({"metrics": result.metrics, "per_prompt": result.per_prompt,
                                                          "samples": result.samples, "seconds": result.seconds}))
 
@@ -558,20 +562,24 @@ def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref
         return EvalResult({}, {}, [], 0.0)
     tok, model = policy.load()
     model.to(env.device)
-    return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin_beta)
+    return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin_beta, model_dir=policy.path)
 
 
 def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, policy_logps, scorer: Scorer | None,
-              env: Env, margin_beta: float = 1.0) -> EvalResult:
+              env: Env, margin_beta: float = 1.0, model_dir: Path | None = None) -> EvalResult:
     started = time.perf_counter()
     examples = list(eval_set.examples.items)
     if policy_logps is None:
         enc = _encode(tok, examples, spec.max_prompt_length, spec.max_length)
         policy_logps = batching.all_response_logps(model, enc, tok.pad_token_id, spec.batch_size, env.device,
                                                    env.autocast)
+    generator = build_generator(spec.backend, model=model, tok=tok, model_dir=model_dir, device=env.device,
+                                max_prompt_length=spec.max_prompt_length, batch_size=spec.batch_size,
+                                autocast=env.autocast, **({**spec.vllm, "seed": spec.seed} if spec.backend == "vllm"
+                                                          else {}))
     metrics, per_prompt, samples = evaluate.evaluate_policy(
-        model, tok, examples, policy_logps=list(policy_logps), ref_logps=list(ref.logps),
-        reward_model=scorer.model if scorer else None, beta=margin_beta, max_prompts=spec.max_prompts,
-        max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-        batch_size=spec.batch_size, max_prompt_length=spec.max_prompt_length, seed=spec.seed, device=env.device)
+        generator, examples, policy_logps=list(policy_logps), ref_logps=list(ref.logps),
+        reward_model=scorer.model if scorer else None, beta=margin_beta, protocol=spec.protocol,
+        num_samples=spec.num_samples, max_prompts=spec.max_prompts, max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
     return EvalResult(metrics, per_prompt, samples, time.perf_counter() - started)
