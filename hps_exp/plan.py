@@ -206,10 +206,16 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
         rm = RewardModelSpec(knobs=knobs, seed=cfg.seed, **lengths)
     aug = None
     if "_target_" in cfg.augment:
-        _, knobs = check_node(cfg.augment, "augment", provided=(
-            "generator_model", "tok", "reward_model", "device", "max_prompt_length", "seed", "autocast",
-            "progress", "stats"))
-        aug = AugmentSpec(knobs=knobs, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
+        gen_keys = ("backend", "batch_size", "top_k", "vllm")
+        _, knobs = check_node(cfg.augment, "augment", drop=gen_keys, provided=(
+            "generator", "reward_model", "seed", "placeholder", "progress", "stats"))
+        gen = {"backend": "hf", "batch_size": 64, "top_k": 0, "vllm": {},
+               **{k: v for k, v in plain(cfg.augment).items() if k in gen_keys}}
+        if gen["backend"] not in ("hf", "vllm"):
+            raise ConfigError(f"augment.backend={gen['backend']!r} is not allowed; choose one of hf, vllm")
+        if gen["backend"] == "hf" and gen["vllm"]:
+            raise ConfigError("augment.vllm does nothing with augment.backend=hf")
+        aug = AugmentSpec(knobs=knobs, generator=gen, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
     pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
                           seed=cfg.seed, lora=_lora_spec(plain(m.lora)), **lengths)
@@ -219,6 +225,8 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
                   temperature=protocol["temperature"] if e.temperature is None else e.temperature,
                   top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, vllm=plain(e.vllm),
                   **lengths)
+    if ev.backend == "hf" and ev.vllm:
+        raise ConfigError("eval.vllm does nothing with eval.backend=hf")
     if ev.num_samples > 1 and ev.temperature == 0:
         raise ConfigError(f"eval.num_samples={ev.num_samples} samples per prompt need eval.temperature > 0")
     runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,

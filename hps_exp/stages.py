@@ -142,7 +142,8 @@ class RewardModelSpec:
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    knobs: dict
+    knobs: dict           # hps_exp.augment.augment's settings
+    generator: dict       # backend, batch_size, top_k, vllm (hps_exp.generation.build_generator)
     max_prompt_length: int
     seed: int
 
@@ -382,10 +383,14 @@ def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotat
     def build(out: Path) -> None:
         tok, model = sft_result.load()
         model.to(env.device)
+        g = spec.generator
+        generator = build_generator(g["backend"], model=model, tok=tok, model_dir=sft_result.path, device=env.device,
+                                    max_prompt_length=spec.max_prompt_length, batch_size=g["batch_size"],
+                                    top_k=g["top_k"], autocast=env.autocast,
+                                    **({**g["vllm"], "seed": spec.seed} if g["backend"] == "vllm" else {}))
         stats: dict = {}
-        examples = augment(list(train.items), generator_model=model, tok=tok, reward_model=annotator.model,
-                           device=env.device, max_prompt_length=spec.max_prompt_length, seed=spec.seed,
-                           autocast=env.autocast, progress=True, stats=stats, **spec.knobs)
+        examples = augment(list(train.items), generator=generator, reward_model=annotator.model, seed=spec.seed,
+                           placeholder=tok.eos_token, progress=True, stats=stats, **spec.knobs)
         write_examples(out / "train.jsonl", examples)
         atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
 

@@ -7,6 +7,7 @@ import torch
 from hps_exp.augment import augment
 from hps_exp.data import synthetic
 from hps_exp.data.schema import Example, read_examples, write_examples
+from hps_exp.generation import HFGenerator
 from hps_exp.models import build_tiny, train_tokenizer
 
 N = 3
@@ -30,9 +31,9 @@ def model(tok):
 
 
 def run(data, model, tok, seed=0, stats=None, **kw):
-    args = dict(generator_model=model, tok=tok, reward_model=synthetic.SyntheticScorer(), n=N, temperature=1.0,
-                top_p=1.0, max_new_tokens=8, batch_size=8, max_prompt_length=40, device="cpu", seed=seed,
-                progress=False, stats=stats)
+    generator = HFGenerator(model, tok, device="cpu", max_prompt_length=40, batch_size=8, top_k=0)
+    args = dict(generator=generator, reward_model=synthetic.SyntheticScorer(), n=N, temperature=1.0,
+                top_p=1.0, max_new_tokens=8, seed=seed, placeholder=tok.eos_token, progress=False, stats=stats)
     return augment(data, **{**args, **kw})
 
 

@@ -33,17 +33,6 @@ def test_hf_shapes_order_and_seed(tiny):
     assert tok.padding_side == "right"   # restored after the call
 
 
-def test_hf_matches_evaluate_generate(tiny):
-    from hps_exp.evaluate import generate
-
-    tok, model = tiny
-    old = generate(model, tok, PROMPTS, max_new_tokens=6, temperature=0.9, top_p=0.95, batch_size=2,
-                   device=torch.device("cpu"), max_prompt_length=16, seed=3)
-    new = generation.HFGenerator(model, tok, device="cpu", max_prompt_length=16, batch_size=2).generate(
-        PROMPTS, n=1, max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)
-    assert [x[0] for x in new] == old
-
-
 def test_hf_matches_augment_samples(tiny):
     from hps_exp.augment import augment
 
@@ -54,9 +43,10 @@ def test_hf_matches_augment_samples(tiny):
             return list(range(len(responses)))   # all distinct: nothing dropped as tied
 
     examples = [types.SimpleNamespace(prompt=p, responses=("a", "b"), source=f"x:{i}") for i, p in enumerate(PROMPTS)]
-    got = augment(examples, generator_model=model, tok=tok, reward_model=Flat(), n=3, temperature=1.0,
-                  top_p=1.0, max_new_tokens=6, batch_size=6, max_prompt_length=16, device="cpu", seed=2,
-                  keep_original=False, progress=False, dedup=False, stop=())
+    generator = generation.HFGenerator(model, tok, device="cpu", max_prompt_length=16, batch_size=6, top_k=0)
+    got = augment(examples, generator=generator, reward_model=Flat(), n=3, temperature=1.0, top_p=1.0,
+                  max_new_tokens=6, seed=2, placeholder=tok.eos_token, keep_original=False, progress=False,
+                  dedup=False, stop=())
     new = generation.HFGenerator(model, tok, device="cpu", max_prompt_length=16, batch_size=6, top_k=0).generate(
         PROMPTS, n=3, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=2)
     placeholder = tok.eos_token

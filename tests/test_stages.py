@@ -21,7 +21,8 @@ EXPECTED = {
     "trainer.resample": POLICY, "trainer.max_steps": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
     "dataset.": ALL, "model.gradient_checkpointing": NONE, "model.lora.enabled": POLICY,
-    "model.lora.": NONE,  # LoRA is off: its knobs change nothing (with it on, they change the policy) "model.": ALL, "sft.": ALL,
+    "model.lora.": NONE,  # LoRA is off: its knobs change nothing (with it on, they change the policy)
+    "model.": ALL, "sft.": ALL,
     "seed": ALL,
     "trainer.grad_accum": ALL, "trainer.warmup_ratio": ALL, "trainer.schedule": ALL, "trainer.weight_decay": ALL,
     "trainer.max_grad_norm": ALL,
@@ -41,6 +42,7 @@ CHANGE = {
     "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
     "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s", "cache_dir": "elsewhere",
     "model.lora.enabled": True, "model.lora.target_modules": "c_attn", "model.lora.save": "adapter",
+    "augment.backend": "vllm", "eval.protocol": "paper", "eval.num_samples": 3, "eval.temperature": 0.5,
 }
 SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.tags", "model.name_or_path")
 
