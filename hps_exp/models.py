@@ -70,8 +70,21 @@ def lora_settings(lora) -> dict:
         raise ModelError(f"model.lora.save={out['save']!r} is not allowed; choose merged or adapter")
     if not (isinstance(out["r"], int) and out["r"] > 0):
         raise ModelError(f"model.lora.r={out['r']!r} must be a positive integer")
-    if not 0.0 <= float(out["dropout"]) < 1.0:
+    def number(key):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ModelError(f"model.lora.{key}={v!r} must be a number")
+        return float(v)
+
+    if not 0.0 <= number("dropout") < 1.0:
         raise ModelError(f"model.lora.dropout={out['dropout']!r} must be in [0, 1)")
+    if not number("alpha") > 0:
+        raise ModelError(f"model.lora.alpha={out['alpha']!r} must be > 0")
+    if not isinstance(out["enabled"], bool):
+        raise ModelError(f"model.lora.enabled={out['enabled']!r} must be true or false")
+    tm = out["target_modules"]
+    if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm and all(isinstance(x, str) for x in tm)):
+        raise ModelError(f"model.lora.target_modules={tm!r} must be a module name pattern or a list of names")
     return out
 
 
