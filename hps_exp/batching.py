@@ -5,6 +5,7 @@ value: with pad == eos (GPT-2 and our tiny model) a value-based mask would drop 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,23 +60,100 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
     return SequenceBatch(ids, attn, resp)
 
 
+# ---------------------------------------------------------------- scored-positions-only log-probs
+#
+# The LM head and the log-softmax over the vocabulary are the widest tensors of a forward; a
+# preference or SFT step only needs them where a label is scored (response tokens, ~half the
+# positions). So run the decoder body, pick the scored hidden states, and apply the head to those.
+# That is only exact when the model's logits are head(last hidden state) with nothing after it;
+# models that scale or soft-cap logits (Cohere's logit_scale, Gemma 2's final_logit_softcapping,
+# Granite's logits_scaling, ...) or anything we cannot split fall back to the full forward.
+
+# config attributes that change logits after the head; a non-trivial value means "do not split"
+_LOGIT_TRANSFORMS = {"logit_scale": (None, 1, 1.0), "final_logit_softcapping": (None, 0, 0.0),
+                     "logits_scaling": (None, 1, 1.0), "output_multiplier_scale": (None, 1, 1.0),
+                     "mup_width_scale": (None, 1, 1.0), "logit_softcapping": (None, 0, 0.0)}
+_SPLITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def head_split(model):
+    """(decoder, head) with logits == head(decoder(...).last_hidden_state), checked once per model; None if not."""
+    try:
+        return _SPLITS[model]
+    except (KeyError, TypeError):
+        pass
+    split = _find_split(model)
+    try:
+        _SPLITS[model] = split
+    except TypeError:
+        pass
+    return split
+
+
+def _find_split(model):
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings"):
+        return None
+    config = model.config
+    if any(getattr(config, k, None) not in ok for k, ok in _LOGIT_TRANSFORMS.items()):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if decoder is None or decoder is model or not isinstance(head, torch.nn.Linear):
+        return None
+    # A numerical check on a short input catches any other post-head transform (model code we have
+    # not read). Eval mode so that dropout does not make the two forwards differ.
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.arange(1, 7, device=device).remainder(max(2, head.out_features)).unsqueeze(0)
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            split = head(hidden).float()
+        same = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
+    except Exception:  # noqa: BLE001 - any failure means "use the full forward", never a crash
+        same = False
+    finally:
+        model.train(was_training)
+    return (decoder, head) if same else None
+
+
+def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each scored token [K], its row [K]) where scored[s, t] marks input_ids[s, t] as a label.
+
+    Token t is predicted from position t - 1, so position 0 is never scored.
+    """
+    labels_mask = scored[:, 1:]
+    rows = labels_mask.nonzero(as_tuple=True)[0]
+    labels = input_ids[:, 1:][labels_mask]
+    split = head_split(model)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        logits = logits[labels_mask]
+    else:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][labels_mask])
+    # cross_entropy avoids materialising a second [K, V] log-softmax tensor
+    return -F.cross_entropy(logits.float(), labels, reduction="none"), rows
+
+
 def sequence_logps(model, batch: SequenceBatch) -> torch.Tensor:
     """[S] sum over response tokens of log p(token | everything before it)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    labels = batch.input_ids[:, 1:]
-    mask = batch.response_mask[:, 1:]
-    # cross_entropy avoids materialising a second [S, T, V] log-softmax tensor
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return (token_logps * mask).sum(-1)
+    token_logps, rows = scored_token_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    return torch.zeros(batch.input_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)
 
 
 def sequence_nll(model, batch: SequenceBatch) -> torch.Tensor:
     """Mean negative log-likelihood per response token (the SFT loss)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    labels = batch.input_ids[:, 1:]
-    mask = batch.response_mask[:, 1:]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    token_logps, _ = scored_token_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    return -token_logps.sum() / max(1, token_logps.numel())
 
 
 @torch.no_grad()
