@@ -175,3 +175,32 @@ def all_response_logps(model, encoded: list[Encoded], pad_id: int, batch_size: i
         out.append(values[k:k + len(e.responses)].clone())
         k += len(e.responses)
     return out
+
+
+# ---------------------------------------------------------------- length bucketing
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng, chunk_batches: int = 8) -> list[list[int]]:
+    """Batches of indices with little padding, still random, and a pure function of (lengths, rng state).
+
+    Shuffle, cut into chunks of `chunk_batches` batches, sort each chunk by length (so a batch holds
+    similar lengths), cut it into batches, then shuffle all batches (so long and short batches
+    alternate and the step order carries no length trend). Every index appears exactly once; the same
+    seed gives the same batches, which is what resuming from a checkpoint relies on.
+    """
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"bucketed_batches: batch_size={batch_size} and chunk_batches={chunk_batches} must be >= 1")
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        # stable sort: ties keep the shuffled order, so equal lengths are still mixed
+        part = sorted(order[start:start + chunk].tolist(), key=lambda i: lengths[i])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
+    """Share of the padded [rows, max length] tokens of these batches that are padding."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / max(1, padded)
