@@ -8,10 +8,12 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hps_exp.data.schema import Example
+from hps_exp.samplers import Selection
 
 
 @dataclass(frozen=True)
@@ -204,3 +206,140 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
     real = sum(lengths[i] for b in batches for i in b)
     return 1.0 - real / max(1, padded)
+
+
+# ---------------------------------------------------------------- preference batches
+
+@dataclass
+class SharedPrompts:
+    """A preference batch laid out so each prompt is forwarded once: prompts [B, Tp] and responses [S, Tr]."""
+    prompt_ids: torch.Tensor      # [B, Tp] right-padded
+    prompt_mask: torch.Tensor     # [B, Tp] bool, True on real prompt tokens
+    prompt_lengths: torch.Tensor  # [B]
+    response_ids: torch.Tensor    # [S, Tr] right-padded, rows in slot order (row-major over the real slots)
+    response_mask: torch.Tensor   # [S, Tr] bool, True on real response tokens (all are scored)
+    row_prompt: torch.Tensor      # [S] index of each response's prompt
+
+    def to(self, device) -> "SharedPrompts":
+        return SharedPrompts(*(t.to(device, non_blocking=True) for t in
+                               (self.prompt_ids, self.prompt_mask, self.prompt_lengths, self.response_ids,
+                                self.response_mask, self.row_prompt)))
+
+
+@dataclass
+class PreferenceBatch:
+    sequences: SequenceBatch      # [S, T] prompt+response per real slot, row-major over `mask`
+    mask: torch.Tensor            # [B, M] real slots
+    ref_logps: torch.Tensor       # [B, M]
+    scores: torch.Tensor          # [B, M] (NaN without scores)
+    num_negatives: torch.Tensor   # [B]
+    stats: dict[str, float]
+    shared: SharedPrompts | None = None  # the same rows for the prompt-once path (None: plain path only)
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def shared_prompts(prompts: list[list[int]], responses: list[list[int]], row_prompt: list[int],
+                   pad_id: int) -> SharedPrompts | None:
+    """None when a prompt or response is empty (the prompt-once path needs a token to predict from)."""
+    if not prompts or any(len(p) == 0 for p in prompts) or any(len(r) == 0 for r in responses):
+        return None
+    p_ids, p_mask = _pad(prompts, pad_id)
+    r_ids, r_mask = _pad(responses, pad_id)
+    return SharedPrompts(p_ids, p_mask, torch.tensor([len(p) for p in prompts]), r_ids, r_mask,
+                         torch.tensor(row_prompt, dtype=torch.long))
+
+
+def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
+                     selections: list[Selection], stats: list[dict], pad_id: int) -> PreferenceBatch:
+    B, M = len(selections), max(len(s.indices) for s in selections)
+    mask = torch.zeros(B, M, dtype=torch.bool)
+    ref_t = torch.zeros(B, M)
+    scores = torch.full((B, M), float("nan"))
+    pairs, row_prompt = [], []
+    for b, (ex, enc, r, sel) in enumerate(zip(examples, encoded, ref, selections)):
+        for m, i in enumerate(sel.indices):
+            mask[b, m] = True
+            ref_t[b, m] = r[i]
+            if ex.scores is not None:
+                scores[b, m] = ex.scores[i]
+            pairs.append((enc.prompt, enc.responses[i]))  # row-major order == mask order
+            row_prompt.append(b)
+    keys = {k for s in stats for k in s}
+    mean_stats = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+    shared = shared_prompts([enc.prompt for enc in encoded], [r for _, r in pairs], row_prompt, pad_id)
+    return PreferenceBatch(collate(pairs, pad_id), mask, ref_t, scores,
+                           torch.tensor([s.num_negatives for s in selections]), mean_stats, shared)
+
+
+# Responses per prompt from which forwarding each prompt once beats the plain path; measured with
+# benchmarks/prompt_sharing.py (docs/benchmarks.md): at 2 the second forward's overhead eats the saving.
+SHARE_PROMPTS_FROM = 3
+
+
+def preference_logps(model, batch: PreferenceBatch, share_prompts: bool | None = None) -> torch.Tensor:
+    """[B, M] policy log-prob of every slot's response given its prompt, 0 on masked slots.
+
+    share_prompts: None picks by the batch's width (SHARE_PROMPTS_FROM), True/False forces a path
+    (tests, benchmarks); the prompt-once path silently falls back to the plain one where it cannot run.
+    """
+    device = batch.mask.device if _param_device(model) is None else _param_device(model)
+    mask = batch.mask.to(device)
+    use_shared = batch.shared is not None and (
+        share_prompts if share_prompts is not None else mask.shape[1] >= SHARE_PROMPTS_FROM)
+    flat = shared_prompt_logps(model, batch.shared.to(device)) if use_shared else None
+    if flat is None:
+        flat = sequence_logps(model, batch.sequences.to(device))
+    return torch.zeros(mask.shape, device=device, dtype=flat.dtype).masked_scatter(mask, flat.float())
+
+
+def _param_device(model):
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+def shared_prompt_logps(model, sp: SharedPrompts) -> torch.Tensor | None:
+    """[S] response log-probs with each prompt forwarded once; None when the model does not allow it.
+
+    The prompts run once with a KV cache; the cache's rows are then gathered per response (an index
+    select, so gradients from every response flow back into its prompt's keys and values) and the
+    responses run against it with explicit positions. Prompts are right-padded, so each response's
+    attention mask has the prompt's padding as a hole and its positions continue from the prompt's
+    real length. Response token 0 is predicted by the prompt's last real hidden state.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    split = head_split(model)
+    if split is None:
+        return None
+    decoder, head = split
+    try:
+        out = decoder(input_ids=sp.prompt_ids, attention_mask=sp.prompt_mask, use_cache=True,
+                      past_key_values=DynamicCache())
+    except (TypeError, ValueError):  # a decoder without this cache interface
+        return None
+    cache = out.past_key_values
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None  # sliding-window / linear-attention caches: not gathered here
+    for layer in cache.layers:
+        layer.batch_select_indices(sp.row_prompt)
+    last = out.last_hidden_state[torch.arange(sp.prompt_ids.shape[0], device=sp.prompt_ids.device),
+                                 sp.prompt_lengths - 1]
+    width = sp.response_ids.shape[1]
+    positions = sp.prompt_lengths[sp.row_prompt, None] + torch.arange(width, device=sp.response_ids.device)
+    attention = torch.cat([sp.prompt_mask[sp.row_prompt], sp.response_mask], dim=1)
+    hidden = decoder(input_ids=sp.response_ids, attention_mask=attention, position_ids=positions,
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    predictors = torch.cat([last[sp.row_prompt, None], hidden[:, :-1]], dim=1)  # [S, Tr, H]
+    logits = head(predictors[sp.response_mask])
+    token_logps = -F.cross_entropy(logits.float(), sp.response_ids[sp.response_mask], reduction="none")
+    rows = sp.response_mask.nonzero(as_tuple=True)[0]
+    return torch.zeros(sp.response_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)
