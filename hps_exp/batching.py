@@ -209,21 +209,152 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
 
 
 # ---------------------------------------------------------------- preference batches
+#
+# A listwise batch holds n responses of the same prompt. Forwarding (prompt, response) rows would
+# pay for the prompt n times and pad every response to the longest one. Instead each prompt is
+# forwarded once with its responses packed after it in one row ([prompt, r1, r2, ...]); a
+# block-causal mask lets each response see the prompt and its own earlier tokens only, and position
+# ids restart after the prompt for every response, so each response's log-prob is exactly the one
+# of its own (prompt, response) sequence. Rows are capped at PACK_ROW_TOKENS (a prompt whose
+# responses do not fit gets several rows, the prompt repeated) because attention cost grows with
+# the square of the row length. Chosen over KV-cache reuse by measurement (benchmarks/prompt_sharing.py,
+# docs/benchmarks.md): packing also removes the padding between responses, which the cache does not.
+
+PACK_ROW_TOKENS = 512
+
 
 @dataclass
-class SharedPrompts:
-    """A preference batch laid out so each prompt is forwarded once: prompts [B, Tp] and responses [S, Tr]."""
-    prompt_ids: torch.Tensor      # [B, Tp] right-padded
-    prompt_mask: torch.Tensor     # [B, Tp] bool, True on real prompt tokens
-    prompt_lengths: torch.Tensor  # [B]
-    response_ids: torch.Tensor    # [S, Tr] right-padded, rows in slot order (row-major over the real slots)
-    response_mask: torch.Tensor   # [S, Tr] bool, True on real response tokens (all are scored)
-    row_prompt: torch.Tensor      # [S] index of each response's prompt
+class PackedRows:
+    """The responses of a preference batch packed after their prompts, with what scoring them needs."""
+    input_ids: torch.Tensor   # [R, L] right-padded rows: prompt, then responses back to back
+    positions: torch.Tensor   # [R, L] position ids: the prompt 0..P-1, each response P..P+len-1
+    segments: torch.Tensor    # [R, L] -1 padding, 0 prompt, k >= 1 the row's k-th response
+    predictors: torch.Tensor  # [K, 2] (row, column) of the hidden state that predicts each scored token
+    labels: torch.Tensor      # [K] the scored tokens
+    owner: torch.Tensor       # [K] the response (flat slot index, row-major over the batch's mask) it belongs to
+    n_responses: int
 
-    def to(self, device) -> "SharedPrompts":
-        return SharedPrompts(*(t.to(device, non_blocking=True) for t in
-                               (self.prompt_ids, self.prompt_mask, self.prompt_lengths, self.response_ids,
-                                self.response_mask, self.row_prompt)))
+    def to(self, device) -> "PackedRows":
+        moved = (t.to(device, non_blocking=True) for t in (self.input_ids, self.positions, self.segments,
+                                                           self.predictors, self.labels, self.owner))
+        return PackedRows(*moved, self.n_responses)
+
+
+def pack_rows(prompts: list[list[int]], responses: list[list[int]], row_prompt: list[int], pad_id: int,
+              max_row_tokens: int = PACK_ROW_TOKENS) -> PackedRows | None:
+    """Pack responses (in order; response s belongs to prompts[row_prompt[s]]) after their prompts.
+
+    None when a prompt is empty (no token to predict a response's first token from).
+    """
+    if any(len(p) == 0 for p in prompts):
+        return None
+    by_prompt: list[list[int]] = [[] for _ in prompts]
+    for s, b in enumerate(row_prompt):
+        by_prompt[b].append(s)
+    rows: list[tuple[list[int], list[int], list[int]]] = []   # (ids, positions, segments)
+    predictors, labels, owner = [], [], []
+    for b, prompt in enumerate(prompts):
+        P, row = len(prompt), None
+        for s in by_prompt[b]:
+            r = responses[s]
+            if row is None or (len(row[0]) + len(r) > max_row_tokens and len(row[0]) > P):
+                row = (list(prompt), list(range(P)), [0] * P)
+                rows.append(row)
+            ids, pos, seg = row
+            start, k, segment = len(ids), len(rows) - 1, seg[-1] + 1
+            for t, token in enumerate(r):
+                predictors.append((k, P - 1 if t == 0 else start + t - 1))
+                labels.append(token)
+                owner.append(s)
+            ids += r
+            pos += range(P, P + len(r))
+            seg += [segment] * len(r)
+    width = max(len(ids) for ids, _, _ in rows) if rows else 1
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for k, (ids, pos, seg) in enumerate(rows):
+        input_ids[k, :len(ids)] = torch.tensor(ids)
+        positions[k, :len(ids)] = torch.tensor(pos)
+        segments[k, :len(ids)] = torch.tensor(seg)
+    return PackedRows(input_ids, positions, segments, torch.tensor(predictors, dtype=torch.long).view(-1, 2),
+                      torch.tensor(labels, dtype=torch.long), torch.tensor(owner, dtype=torch.long),
+                      len(responses))
+
+
+def block_causal_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """[R, 1, L, L] mask: a token sees earlier tokens of the prompt and of its own response.
+
+    In the form the attention implementation takes as-is: bool (True = attend) for sdpa, additive
+    float for eager; None for any other implementation (flash attention takes no such mask).
+    """
+    L = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(L, dtype=torch.bool, device=segments.device)  # no all-masked row (padding queries)
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return None
+
+
+def _packed_token_logps(model, packed: PackedRows) -> torch.Tensor | None:
+    split = head_split(model)
+    if split is None:
+        return None
+    decoder, head = split
+    dtype = next(model.parameters()).dtype
+    mask = block_causal_mask(packed.segments, getattr(model.config, "_attn_implementation", None) or "", dtype)
+    if mask is None:
+        return None
+    hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.positions,
+                     use_cache=False).last_hidden_state
+    logits = head(hidden[packed.predictors[:, 0], packed.predictors[:, 1]])
+    token_logps = -F.cross_entropy(logits.float(), packed.labels, reduction="none")
+    return torch.zeros(packed.n_responses, device=token_logps.device).index_add(0, packed.owner, token_logps)
+
+
+_PACKING_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def packing_supported(model) -> bool:
+    """Whether packed rows give this model's exact per-sequence log-probs; checked once per model.
+
+    A model must honour position ids and a custom 4D mask (absolute/rotary positions do; ALiBi-style
+    or flash attention would not), so compare both paths on a tiny input rather than trust a list.
+    """
+    try:
+        return _PACKING_OK[model]
+    except (KeyError, TypeError):
+        pass
+    ok = False
+    split = head_split(model)
+    if split is not None:
+        vocab = split[1].out_features
+        prompt, responses = [1, 2, 3], [[4, 5], [6, 7, 8], [9]]
+        tokens = lambda ids: [i % vocab for i in ids]  # noqa: E731
+        prompt, responses = tokens(prompt), [tokens(r) for r in responses]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                want = sequence_logps(model, collate([(prompt, r) for r in responses], 0).to(device))
+                got = _packed_token_logps(model, pack_rows([prompt], responses, [0, 0, 0], 0).to(device))
+            ok = got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        except Exception:  # noqa: BLE001 - any failure means "use the plain path", never a crash
+            ok = False
+        finally:
+            model.train(was_training)
+    try:
+        _PACKING_OK[model] = ok
+    except TypeError:
+        pass
+    return ok
 
 
 @dataclass
@@ -234,32 +365,12 @@ class PreferenceBatch:
     scores: torch.Tensor          # [B, M] (NaN without scores)
     num_negatives: torch.Tensor   # [B]
     stats: dict[str, float]
-    shared: SharedPrompts | None = None  # the same rows for the prompt-once path (None: plain path only)
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max((len(r) for r in rows), default=0))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return ids, mask
-
-
-def shared_prompts(prompts: list[list[int]], responses: list[list[int]], row_prompt: list[int],
-                   pad_id: int) -> SharedPrompts | None:
-    """None when a prompt or response is empty (the prompt-once path needs a token to predict from)."""
-    if not prompts or any(len(p) == 0 for p in prompts) or any(len(r) == 0 for r in responses):
-        return None
-    p_ids, p_mask = _pad(prompts, pad_id)
-    r_ids, r_mask = _pad(responses, pad_id)
-    return SharedPrompts(p_ids, p_mask, torch.tensor([len(p) for p in prompts]), r_ids, r_mask,
-                         torch.tensor(row_prompt, dtype=torch.long))
+    packed: PackedRows | None = None  # the same responses packed after their prompts (None: plain path only)
 
 
 def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
-                     selections: list[Selection], stats: list[dict], pad_id: int) -> PreferenceBatch:
+                     selections: list[Selection], stats: list[dict], pad_id: int,
+                     max_row_tokens: int = PACK_ROW_TOKENS) -> PreferenceBatch:
     B, M = len(selections), max(len(s.indices) for s in selections)
     mask = torch.zeros(B, M, dtype=torch.bool)
     ref_t = torch.zeros(B, M)
@@ -275,71 +386,22 @@ def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[
             row_prompt.append(b)
     keys = {k for s in stats for k in s}
     mean_stats = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
-    shared = shared_prompts([enc.prompt for enc in encoded], [r for _, r in pairs], row_prompt, pad_id)
+    packed = pack_rows([enc.prompt for enc in encoded], [r for _, r in pairs], row_prompt, pad_id, max_row_tokens)
     return PreferenceBatch(collate(pairs, pad_id), mask, ref_t, scores,
-                           torch.tensor([s.num_negatives for s in selections]), mean_stats, shared)
+                           torch.tensor([s.num_negatives for s in selections]), mean_stats, packed)
 
 
-# Responses per prompt from which forwarding each prompt once beats the plain path; measured with
-# benchmarks/prompt_sharing.py (docs/benchmarks.md): at 2 the second forward's overhead eats the saving.
-SHARE_PROMPTS_FROM = 3
-
-
-def preference_logps(model, batch: PreferenceBatch, share_prompts: bool | None = None) -> torch.Tensor:
+def preference_logps(model, batch: PreferenceBatch, pack: bool = True) -> torch.Tensor:
     """[B, M] policy log-prob of every slot's response given its prompt, 0 on masked slots.
 
-    share_prompts: None picks by the batch's width (SHARE_PROMPTS_FROM), True/False forces a path
-    (tests, benchmarks); the prompt-once path silently falls back to the plain one where it cannot run.
+    Packed rows when the batch has them and the model supports them (checked once per model), the
+    plain (prompt, response) rows otherwise; pack=False forces the plain path (tests, benchmarks).
     """
-    device = batch.mask.device if _param_device(model) is None else _param_device(model)
+    device = next(model.parameters()).device
     mask = batch.mask.to(device)
-    use_shared = batch.shared is not None and (
-        share_prompts if share_prompts is not None else mask.shape[1] >= SHARE_PROMPTS_FROM)
-    flat = shared_prompt_logps(model, batch.shared.to(device)) if use_shared else None
+    flat = None
+    if pack and batch.packed is not None and packing_supported(model):
+        flat = _packed_token_logps(model, batch.packed.to(device))
     if flat is None:
         flat = sequence_logps(model, batch.sequences.to(device))
-    return torch.zeros(mask.shape, device=device, dtype=flat.dtype).masked_scatter(mask, flat.float())
-
-
-def _param_device(model):
-    p = next(iter(model.parameters()), None)
-    return None if p is None else p.device
-
-
-def shared_prompt_logps(model, sp: SharedPrompts) -> torch.Tensor | None:
-    """[S] response log-probs with each prompt forwarded once; None when the model does not allow it.
-
-    The prompts run once with a KV cache; the cache's rows are then gathered per response (an index
-    select, so gradients from every response flow back into its prompt's keys and values) and the
-    responses run against it with explicit positions. Prompts are right-padded, so each response's
-    attention mask has the prompt's padding as a hole and its positions continue from the prompt's
-    real length. Response token 0 is predicted by the prompt's last real hidden state.
-    """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    split = head_split(model)
-    if split is None:
-        return None
-    decoder, head = split
-    try:
-        out = decoder(input_ids=sp.prompt_ids, attention_mask=sp.prompt_mask, use_cache=True,
-                      past_key_values=DynamicCache())
-    except (TypeError, ValueError):  # a decoder without this cache interface
-        return None
-    cache = out.past_key_values
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None  # sliding-window / linear-attention caches: not gathered here
-    for layer in cache.layers:
-        layer.batch_select_indices(sp.row_prompt)
-    last = out.last_hidden_state[torch.arange(sp.prompt_ids.shape[0], device=sp.prompt_ids.device),
-                                 sp.prompt_lengths - 1]
-    width = sp.response_ids.shape[1]
-    positions = sp.prompt_lengths[sp.row_prompt, None] + torch.arange(width, device=sp.response_ids.device)
-    attention = torch.cat([sp.prompt_mask[sp.row_prompt], sp.response_mask], dim=1)
-    hidden = decoder(input_ids=sp.response_ids, attention_mask=attention, position_ids=positions,
-                     past_key_values=cache, use_cache=True).last_hidden_state
-    predictors = torch.cat([last[sp.row_prompt, None], hidden[:, :-1]], dim=1)  # [S, Tr, H]
-    logits = head(predictors[sp.response_mask])
-    token_logps = -F.cross_entropy(logits.float(), sp.response_ids[sp.response_mask], reduction="none")
-    rows = sp.response_mask.nonzero(as_tuple=True)[0]
-    return torch.zeros(sp.response_ids.shape[0], device=token_logps.device).index_add(0, rows, token_logps)
+    return torch.zeros(mask.shape, device=device).masked_scatter(mask, flat.float())
