@@ -99,7 +99,7 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
     enc = batching.encode_examples(tok, train, cfg.model.max_prompt_length, cfg.model.max_length)
     with torch.no_grad():
         ref = batching.all_response_logps(model, enc, tok.pad_token_id, 64, torch.device("cpu"))
-    lengths = [len(e.prompt) + sum(map(len, e.responses)) // len(e.responses) for e in enc]
+    lengths = batching.preference_lengths(enc, all_responses=sampler.kind == "ranking")
 
     def make_epoch(epoch, progress):
         rng = np.random.default_rng([cfg.seed, 2, epoch])

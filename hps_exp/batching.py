@@ -201,6 +201,18 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng, chunk_batches: in
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def preference_lengths(encoded: list[Encoded], all_responses: bool) -> list[int]:
+    """Bucketing key of each prompt of a preference set, known before the sampler draws its slots.
+
+    all_responses=False (two slots a prompt, one (prompt, response) row each): prompt + its longest
+    response, which bounds the row; True (every response, packed after the prompt): prompt + all
+    responses, the packed length.
+    """
+    if all_responses:
+        return [len(e.prompt) + sum(len(r) for r in e.responses) for e in encoded]
+    return [len(e.prompt) + max((len(r) for r in e.responses), default=0) for e in encoded]
+
+
 def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
     """Share of the padded [rows, max length] tokens of these batches that are padding."""
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
@@ -220,7 +232,7 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
 # the square of the row length. Chosen over KV-cache reuse by measurement (benchmarks/prompt_sharing.py,
 # docs/benchmarks.md): packing also removes the padding between responses, which the cache does not.
 
-PACK_ROW_TOKENS = 512
+PACK_ROW_TOKENS = 256
 
 
 @dataclass

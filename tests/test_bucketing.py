@@ -46,3 +46,11 @@ def test_padding_fraction_counts_pads():
 def test_bad_batch_size_is_refused():
     with pytest.raises(ValueError, match="batch_size=0"):
         bucketed_batches([1, 2], 0, np.random.default_rng(0))
+
+
+def test_preference_lengths_keys():
+    from hps_exp.batching import Encoded, preference_lengths
+
+    enc = [Encoded([1, 2], [[3], [4, 5, 6]]), Encoded([1], [[2, 3]])]
+    assert preference_lengths(enc, all_responses=False) == [5, 3]
+    assert preference_lengths(enc, all_responses=True) == [6, 3]
