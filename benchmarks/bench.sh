@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HPS_EXP_NO_PROGRESS=1
 echo "== load before: $(uptime)"
 echo "== (1) step time and activation memory per loss, relative to BT"
-$PY benchmarks/step_time.py --n 2 4 8 16 32 --steps 6
+$PY benchmarks/step_time.py --n 2 4 8 16 32 --steps 6 --repeats 2
 echo "== (1b) prompt sharing: plain rows vs KV-cache reuse vs packed rows"
 $PY benchmarks/prompt_sharing.py --n 2 8 32 --repeats 3
 echo "== (3) padding and tokens/s with and without length bucketing"

@@ -86,7 +86,7 @@ def main() -> None:
     total = t_gen + t_score + t_lp
     print(machine())
     print(f"{'model: ' + str(args.model_dir) if args.model_dir else 'model: random tiny (upper bound on generation)'}"
-          f"; {len(subset)} prompts generated ({new_tokens / len(subset):.1f} new tokens each), "
+          f"; {len(subset)} prompts generated ({new_tokens / len(subset):.1f} tokens each, re-tokenised text), "
           f"{sum(len(x.responses) for x in enc)} test responses scored")
     print(f"generation      {t_gen:7.2f}s  {t_gen / total:5.1%}")
     print(f"reward scoring  {t_score:7.2f}s  {t_score / total:5.1%}")

@@ -111,8 +111,10 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
                                             sels, [{}] * len(idx), tok.pad_token_id)
 
     memory: list[int] = []
+    tokens: list[int] = []
 
     def step(model, batch):
+        tokens.append(int(batch.sequences.attention_mask.sum()))  # real tokens of its (prompt, response) rows
         with saved_bytes(model, memory):
             policy = batching.preference_logps(model, batch, pack=pack)
             out = loss_fn(policy, batch.ref_logps, batch.mask, batch.scores, batch.num_negatives)
@@ -128,7 +130,8 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
     if result["steps"] != steps:
         raise RuntimeError(f"{overrides} n={n}: ran {result['steps']} steps, expected {steps}")
     secs = clock.step_seconds()
-    return {"step_s": statistics.median(secs[1:] or secs), "saved_mb": max(memory) / 2**20}
+    return {"step_s": statistics.median(secs[1:] or secs), "saved_mb": max(memory) / 2**20,
+            "tokens": statistics.mean(tokens)}
 
 
 def main() -> None:
@@ -151,19 +154,21 @@ def main() -> None:
           f"per loss, {args.steps} steps x {args.batch} prompts, {'plain rows' if args.plain else 'packed'}"
           f"{', bucketed' if args.bucket else ''}; (x) = ratio to {BASELINE} at the same n")
     arms = [a for a in args.arms if a != BASELINE]
-    print(f"{'n':>3} {BASELINE:>17} " + " ".join(f"{a:>26}" for a in arms))
+    print("cells: step time, its ratio to BT; activation memory, its ratio; real tokens per step, their ratio")
+    print(f"{'n':>3} {BASELINE:>23} " + " ".join(f"{a:>31}" for a in arms))
     for n in args.n:
         res: dict[str, list[dict]] = {a: [] for a in [BASELINE] + arms}
         for _ in range(args.repeats):
             for a in res:  # interleaved: each repeat runs every arm once
                 res[a].append(run_arm(ARMS[a], n, args.steps, args.batch, not args.plain, args.bucket))
-        best = {a: {"step_s": min(r["step_s"] for r in rs), "saved_mb": max(r["saved_mb"] for r in rs)}
-                for a, rs in res.items()}
+        best = {a: {"step_s": min(r["step_s"] for r in rs), "saved_mb": max(r["saved_mb"] for r in rs),
+                    "tokens": rs[0]["tokens"]} for a, rs in res.items()}
         b = best[BASELINE]
         cells = [f"{best[a]['step_s'] * 1e3:6.0f}ms {best[a]['step_s'] / b['step_s']:5.2f}x "
-                 f"{best[a]['saved_mb']:5.0f}MB {best[a]['saved_mb'] / b['saved_mb']:4.1f}x" for a in arms]
-        print(f"{n:>3} {b['step_s'] * 1e3:6.0f}ms {b['saved_mb']:5.0f}MB " + " ".join(f"{c:>26}" for c in cells),
-              flush=True)
+                 f"{best[a]['saved_mb']:4.0f}MB {best[a]['saved_mb'] / b['saved_mb']:4.1f}x "
+                 f"{best[a]['tokens'] / b['tokens']:4.1f}x" for a in arms]
+        print(f"{n:>3} {b['step_s'] * 1e3:6.0f}ms {b['saved_mb']:4.0f}MB {b['tokens']:5.0f}t "
+              + " ".join(f"{c:>31}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
