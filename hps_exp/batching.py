@@ -160,23 +160,41 @@ def sequence_nll(model, batch: SequenceBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def all_response_logps(model, encoded: list[Encoded], pad_id: int, batch_size: int, device,
-                       autocast: torch.dtype | None = None) -> list[torch.Tensor]:
-    """log p(response | prompt) for every response of every example: [n_i] per example (the reference cache)."""
+                       autocast: torch.dtype | None = None, pack: bool = True) -> list[torch.Tensor]:
+    """log p(response | prompt) for every response of every example: [n_i] per example (the reference cache).
+
+    With pack (and a model that supports it) each prompt is forwarded once with its responses packed
+    after it, batch_size responses per forward; otherwise one (prompt, response) row per response.
+    """
     model.eval()
     pairs = [(e.prompt, r) for e in encoded for r in e.responses]
-    # sort by length so padding waste is small; restore order afterwards
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     values = torch.empty(len(pairs))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([pairs[i] for i in idx], pad_id).to(device)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            values[idx] = sequence_logps(model, batch).float().cpu()
-    out, k = [], 0
-    for e in encoded:
-        out.append(values[k:k + len(e.responses)].clone())
-        k += len(e.responses)
-    return out
+    starts = np.cumsum([0] + [len(e.responses) for e in encoded])
+    if pack and all(e.prompt for e in encoded) and packing_supported(model):
+        # sort prompts by packed length so rows of a batch are alike; restore order afterwards
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt) + sum(map(len, encoded[i].responses)))
+        group: list[int] = []
+        for pos, i in enumerate(order):
+            group.append(i)
+            nxt = order[pos + 1] if pos + 1 < len(order) else None
+            if nxt is not None and sum(len(encoded[j].responses) for j in group) + len(encoded[nxt].responses) \
+                    <= batch_size:
+                continue
+            flat = [k for j in group for k in range(starts[j], starts[j + 1])]
+            packed = pack_rows([encoded[j].prompt for j in group], [pairs[k][1] for k in flat],
+                               [g for g, j in enumerate(group) for _ in encoded[j].responses], pad_id)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                values[flat] = _packed_token_logps(model, packed.to(device)).float().cpu()
+            group = []
+    else:
+        # sort by length so padding waste is small; restore order afterwards
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([pairs[i] for i in idx], pad_id).to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                values[idx] = sequence_logps(model, batch).float().cpu()
+    return [values[starts[i]:starts[i + 1]].clone() for i in range(len(encoded))]
 
 
 # ---------------------------------------------------------------- length bucketing

@@ -50,12 +50,15 @@ def test_value_based_mask_would_be_wrong():
     assert (value_mask.sum(-1) < batch.response_mask.sum(-1)).all()
 
 
-def test_all_response_logps_matches_per_sequence_and_keeps_order():
+@pytest.mark.parametrize("pack", [True, False])
+def test_all_response_logps_matches_per_sequence_and_keeps_order(pack):
     model, tok = tiny_model_and_tok()
     exs = [Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " hi", " mix flour and water.")),
            Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:", responses=(" bake it.", " no."))]
     enc = batching.encode_examples(tok, exs, 32, 64)
-    got = batching.all_response_logps(model, enc, tok.pad_token_id, batch_size=2, device=torch.device("cpu"))
+    got = batching.all_response_logps(model, enc, tok.pad_token_id, batch_size=2, device=torch.device("cpu"),
+                                      pack=pack)
+    assert batching.packing_supported(model)  # so pack=True really takes the packed path
     assert [len(g) for g in got] == [3, 2]
     with torch.no_grad():
         for e, g in zip(enc, got):
