@@ -102,3 +102,17 @@ def test_model_that_fails_the_packing_check_uses_the_plain_path():
         want = batching.sequence_logps(odd, batch.sequences)
         got = batching.preference_logps(odd, batch)
     assert torch.allclose(got[batch.mask], want, atol=1e-6)
+
+
+def test_lora_wrapped_model_takes_the_fast_paths():
+    peft = pytest.importorskip("peft")
+    model, batch = batch_and_model("gpt2")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                      fan_in_fan_out=True, init_lora_weights=False)).eval()
+    assert batching.head_split(lora) is not None and batching.packing_supported(lora)
+    plain, g_plain = value_and_grads(lora, batch, pack=False)
+    got, g_packed = value_and_grads(lora, batch, pack=True)
+    assert torch.allclose(got, plain, atol=1e-5)
+    assert g_plain.keys() == g_packed.keys() and any("lora" in k for k in g_plain)
+    for name in g_plain:
+        assert torch.allclose(g_packed[name], g_plain[name], atol=1e-5), name
