@@ -56,7 +56,8 @@ def kinds(examples, enc, pad_id):
         "sft": ([len(p) + len(r) for p, r in sft_pairs], 32, sft, lambda m, b: batching.sequence_nll(m, b)),
         "pairs": (batching.preference_lengths(enc, all_responses=False), 16, lambda idx: pref(idx, False),
                   lambda m, b: batching.preference_logps(m, b, pack=False).sum()),
-        "listwise": (batching.preference_lengths(enc, all_responses=True), 16, lambda idx: pref(idx, True), lambda m, b: batching.preference_logps(m, b).sum()),
+        "listwise": (batching.preference_lengths(enc, all_responses=True), 16, lambda idx: pref(idx, True),
+                     lambda m, b: batching.preference_logps(m, b).sum()),
     }
 
 
