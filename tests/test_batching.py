@@ -1,4 +1,5 @@
 """Sequence log-probs: masks by position, so pad == eos neither drops the real eos nor counts padding."""
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -49,12 +50,15 @@ def test_value_based_mask_would_be_wrong():
     assert (value_mask.sum(-1) < batch.response_mask.sum(-1)).all()
 
 
-def test_all_response_logps_matches_per_sequence_and_keeps_order():
+@pytest.mark.parametrize("pack", [True, False])
+def test_all_response_logps_matches_per_sequence_and_keeps_order(pack):
     model, tok = tiny_model_and_tok()
     exs = [Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " hi", " mix flour and water.")),
            Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:", responses=(" bake it.", " no."))]
     enc = batching.encode_examples(tok, exs, 32, 64)
-    got = batching.all_response_logps(model, enc, tok.pad_token_id, batch_size=2, device=torch.device("cpu"))
+    got = batching.all_response_logps(model, enc, tok.pad_token_id, batch_size=2, device=torch.device("cpu"),
+                                      pack=pack)
+    assert batching.packing_supported(model)  # so pack=True really takes the packed path
     assert [len(g) for g in got] == [3, 2]
     with torch.no_grad():
         for e, g in zip(enc, got):
@@ -68,3 +72,72 @@ def test_prompt_truncation_keeps_the_end():
     (enc,) = batching.encode_examples(tok, [ex], max_prompt_length=8, max_length=12)
     assert len(enc.prompt) == 8 and tok.decode(enc.prompt).endswith("Assistant:")
     assert all(len(enc.prompt) + len(r) <= 12 for r in enc.responses)
+
+
+# ---------------------------------------------------------------- head only at scored positions
+
+def full_vocab_logps(model, batch):
+    """The former computation: full forward, log-softmax over every position, then the response mask."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    token_logps = logits.float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    return (token_logps * batch.response_mask[:, 1:]).sum(-1)
+
+
+def tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def some_batch(tok):
+    exs = [Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " mix flour and water.")),
+           Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:", responses=(" bake it.", " no."))]
+    enc = batching.encode_examples(tok, exs, 32, 64)
+    return batching.collate([(e.prompt, r) for e in enc for r in e.responses], tok.pad_token_id)
+
+
+def grads(model, fn, batch):
+    model.zero_grad()
+    fn(model, batch).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scored_positions_only_equals_full_vocabulary(arch):
+    model, tok = tiny_model_and_tok()
+    if arch == "llama":
+        model = tiny_llama(len(tok))
+    assert batching.head_split(model) is not None  # the fast path is the one under test
+    batch = some_batch(tok)
+    got, want = batching.sequence_logps(model, batch), full_vocab_logps(model, batch)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    g_fast, g_full = grads(model, batching.sequence_logps, batch), grads(model, full_vocab_logps, batch)
+    assert g_fast.keys() == g_full.keys()
+    for name in g_full:
+        assert torch.allclose(g_fast[name], g_full[name], atol=1e-5), name
+    nll = batching.sequence_nll(model, batch)
+    want_nll = -want.sum() / batch.response_mask[:, 1:].sum()
+    assert torch.allclose(nll, want_nll, atol=1e-6)
+
+
+def test_logit_scaling_model_falls_back_to_the_full_forward():
+    """A model whose logits are scaled after the head: the split would be wrong, so it is refused."""
+    model, tok = tiny_model_and_tok()
+
+    class Scaled(type(model)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    scaled = Scaled(model.config)
+    scaled.load_state_dict(model.state_dict())
+    scaled.eval()
+    assert batching.head_split(scaled) is None
+    batch = some_batch(tok)
+    with torch.no_grad():
+        assert torch.allclose(batching.sequence_logps(scaled, batch), full_vocab_logps(scaled, batch), atol=1e-5)
