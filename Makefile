@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz sweep table clean
+.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench sweep table clean
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -39,6 +39,9 @@ test-peer:  ## losses against TRL 0.19's own dpo_loss, in a separate venv (trl i
 	$(PYTHON_BIN) -m venv .venv-peer
 	.venv-peer/bin/python -m pip install --quiet torch==2.13.0 trl==0.19.1 transformers==4.53.3 pytest
 	PYTHONPATH=. .venv-peer/bin/python -m pytest -q -p no:cacheprovider tests/test_losses.py -k trl
+
+bench:  ## benchmarks (~5 min): step time/memory per loss vs BT, prompt sharing, bucketing, eval split, TRL (.venv-bench)
+	PY=$(PY) bash benchmarks/bench.sh
 
 sweep:  ## run a grid from sweeps/: make sweep SWEEP=main_small
 	$(PY) -m hps_exp.sweep $(SWEEP) $(ARGS)

@@ -143,7 +143,8 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     quiet_libraries()
-    torch.set_num_threads(plan.environment_threads(cfg.trainer.num_threads))
+    torch.set_num_threads(plan.environment_threads(cfg.trainer.num_threads,
+                                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     world = distributed.init_world(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     if world.distributed and cfg.trainer.strategy == "none":
         raise ConfigError(f"launched as {world.world_size} processes but trainer.strategy=none (each would train "

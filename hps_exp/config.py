@@ -68,6 +68,7 @@ class TrainerConfig:
     dist_timeout_s: int = 1800            # collective timeout (s)
     on_nonfinite: str = "error"           # error | skip: a NaN/inf loss or gradient
     num_threads: int = 0                  # torch CPU threads; 0 = auto
+    bucketing: bool = False               # length-bucketed preference batches (less padding, less mixing)
 
 
 @dataclass

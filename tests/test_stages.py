@@ -18,7 +18,7 @@ NONE: set = set()
 # What a change of each knob must rebuild (with reward_model=train, augment=sample, one eval set).
 EXPECTED = {
     "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
-    "trainer.resample": POLICY, "trainer.max_steps": POLICY,
+    "trainer.resample": POLICY, "trainer.max_steps": POLICY, "trainer.bucketing": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
     "dataset.": ALL, "model.gradient_checkpointing": NONE, "model.lora.enabled": POLICY,
     "model.lora.": NONE,  # LoRA is off: its knobs change nothing (with it on, they change the policy)
