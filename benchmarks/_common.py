@@ -49,3 +49,24 @@ def machine() -> str:
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.node()} {platform.machine()}, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s) | {load}")
+
+
+class StepClock:
+    """A logger that records when each optimizer step finished (the Trainer logs every step here)."""
+
+    def __init__(self):
+        self.stamps = [time.perf_counter()]
+
+    def log(self, metrics, step, stage=None):
+        self.stamps.append(time.perf_counter())
+
+    def next_stage(self):
+        pass
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def median_step(self) -> float:
+        """Median step time, the first (warm-up) step left out when there are others."""
+        secs = self.step_seconds()
+        return statistics.median(secs[1:] or secs)

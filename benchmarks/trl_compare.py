@@ -5,6 +5,7 @@ Runs in the bench venv (TRL is not a dependency of hps-exp):
     python3 -m venv .venv-bench
     .venv-bench/bin/python -m pip install torch==2.13.0 trl transformers -c constraints.txt hydra-core omegaconf
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv-bench/bin/python benchmarks/trl_compare.py [--steps 12] [--batch 16]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trl_compare.py --ours-only --steps 2 --batch 2 --repeats 1  # no TRL
 
 The project's tiny model (conf/model/tiny.yaml, random init: cost does not depend on the weights) is
 saved to a temp dir and every arm loads it from there; the data are the synthetic set's (prompt,
@@ -36,30 +37,15 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import CONF, machine  # noqa: E402
+from benchmarks._common import CONF, StepClock, machine  # noqa: E402
 from hps_exp import batching, models  # noqa: E402
-from hps_exp.config import build  # noqa: E402
+from hps_exp.config import TrainerConfig, build  # noqa: E402
 from hps_exp.data import synthetic  # noqa: E402
 from hps_exp.samplers import Selection  # noqa: E402
-from hps_exp.trainer import TrainConfig, Trainer  # noqa: E402
+from hps_exp.trainer import Trainer  # noqa: E402
 
 BETA, LR = 0.1, 2e-4
 PAIR_LOSS = "dpo"  # conf/loss/<name>.yaml: the pairwise loss TRL's sigmoid loss implements
-
-
-class StepClock:
-    def __init__(self):
-        self.stamps = [time.perf_counter()]
-
-    def log(self, metrics, step):
-        self.stamps.append(time.perf_counter())
-
-    def next_stage(self):
-        pass
-
-    def median_step(self) -> float:
-        secs = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return statistics.median(secs[1:] or secs)
 
 
 def make_data(n_pairs: int):
@@ -101,8 +87,8 @@ def run_ours(model_dir, train, enc, sels, steps, batch_size) -> tuple[float, obj
         return out.losses.mean(), {}
 
     clock = StepClock()
-    tcfg = TrainConfig(lr=LR, epochs=1, warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0, log_every=1,
-                       resume=False, max_steps=steps)
+    tcfg = TrainerConfig(lr=LR, epochs=1, warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0, log_every=1,
+                         resume=False, max_steps=steps)
     Trainer(model, tcfg, device=torch.device("cpu"), autocast=None, logger=clock, stage="ours",
             checkpoint=None).fit(make_epoch, -(-len(train) // batch_size), step)
     return clock.median_step(), model
@@ -147,8 +133,9 @@ def run_trl(model_dir, rows, steps, batch_size, precompute) -> tuple[float, floa
     return statistics.median(secs[1:] or secs), setup_s
 
 
-def loss_check(model_dir, policy, train, enc, sels, rows, tok, batch_size) -> tuple[float, float]:
-    """Mean loss over all pairs of `policy` against the saved reference: (ours, TRL's evaluate)."""
+def loss_check(model_dir, policy, train, enc, sels, rows, tok, batch_size,
+               with_trl: bool = True) -> tuple[float, float | None]:
+    """Mean loss over all pairs of `policy` against the saved reference: (ours, TRL's evaluate or None)."""
     _, ref_model = models.load_saved(model_dir)
     ref = batching.all_response_logps(ref_model, enc, tok.pad_token_id, 64, torch.device("cpu"))
     policy.eval()
@@ -157,6 +144,8 @@ def loss_check(model_dir, policy, train, enc, sels, rows, tok, batch_size) -> tu
         out = our_loss_fn()(batching.preference_logps(policy, batch), batch.ref_logps, batch.mask, batch.scores,
                             batch.num_negatives)
     ours = float(out.losses.double().mean())
+    if not with_trl:
+        return ours, None
     with tempfile.TemporaryDirectory(prefix="hps_bench_trl_") as tmp:
         from datasets import Dataset
 
@@ -170,32 +159,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ours-only", action="store_true",
+                    help="only our arm and our loss (no TRL needed: a smoke test of the hps_exp side)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ["HPS_EXP_NO_PROGRESS"] = "1"
-    import datasets
     import transformers
-    import trl
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    trl_arms = () if args.ours_only else (("trl (reference model)", False), ("trl (precompute)", True))
+    if trl_arms:
+        import datasets
+        import trl
 
+        datasets.disable_progress_bars()
     print(machine())
-    print(f"TRL {trl.__version__}, transformers {transformers.__version__}; {args.steps} steps x {args.batch} pairs")
+    print(f"{'TRL ' + trl.__version__ if trl_arms else 'ours only (no TRL)'}, transformers {transformers.__version__}; "
+          f"{args.steps} steps x {args.batch} pairs")
     mcfg, train, tok, enc, rows, sels = make_data(args.steps * args.batch)
     tokens_per_step = real_tokens(enc, sels) / args.steps
     with tempfile.TemporaryDirectory(prefix="hps_bench_model_") as model_dir:
         models.save(models.build_tiny(mcfg, len(tok), 0), tok, Path(model_dir))
-        times: dict[str, list[float]] = {"ours": [], "trl (reference model)": [], "trl (precompute)": []}
+        times: dict[str, list[float]] = {"ours": [], **{name: [] for name, _ in trl_arms}}
         setup: dict[str, list[float]] = {k: [] for k in times}
         policy = None
         for _ in range(args.repeats):
             with contextlib.redirect_stdout(io.StringIO()):
-                t0 = time.perf_counter()
                 s, policy = run_ours(model_dir, train, enc, sels, args.steps, args.batch)
                 times["ours"].append(s)
-                for name, pre in (("trl (reference model)", False), ("trl (precompute)", True)):
+                for name, pre in trl_arms:
                     s, setup_s = run_trl(model_dir, rows, args.steps, args.batch, pre)
                     times[name].append(s)
                     setup[name].append(setup_s)
@@ -206,7 +199,10 @@ def main() -> None:
             extra = f"  ({min(setup[name]):.1f})" if setup[name] else ""
             print(f"{name:<24}{best * 1e3:9.1f}{tokens_per_step / best:10.0f}{best / ours_step:11.2f}x{extra}")
         with contextlib.redirect_stdout(io.StringIO()):
-            ours, theirs = loss_check(model_dir, policy, train, enc, sels, rows, tok, args.batch)
+            ours, theirs = loss_check(model_dir, policy, train, enc, sels, rows, tok, args.batch, bool(trl_arms))
+        if theirs is None:
+            print(f"loss of our trained policy on all {len(train)} pairs: ours {ours:.8f} (TRL not run)")
+            return
         print(f"loss of our trained policy on all {len(train)} pairs: ours {ours:.8f}  TRL {theirs:.8f}  "
               f"|diff| {abs(ours - theirs):.1e} ({'OK' if abs(ours - theirs) <= 1e-5 else 'MISMATCH'} at 1e-5)")
 

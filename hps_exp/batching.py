@@ -93,8 +93,13 @@ def head_split(model):
 
 
 def _find_split(model):
+    from torch.distributed.fsdp import FSDPModule
     from transformers import PreTrainedModel
 
+    if isinstance(model, FSDPModule):
+        # FSDP2 gathers the root's parameters in the root's forward hook: calling the decoder and the head
+        # directly would meet sharded (DTensor) weights. The full forward goes through the hooks.
+        return None
     # a PEFT wrapper (LoRA) injects its layers into the wrapped model: split that one
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, PreTrainedModel) or not hasattr(base, "get_output_embeddings"):

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hps_exp import config, evaluate
+from hps_exp import evaluate
 from hps_exp.cache import content_key
 from hps_exp.config import ConfigError, build, check_node
 from hps_exp.data.schema import Splits

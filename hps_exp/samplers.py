@@ -175,7 +175,7 @@ class BestWorstSampler(_Sampler):
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
         if ex.scores is None:
             return Selection((ex.chosen, ex.rejected), ex.num_negatives)
-        s = _scores(ex, "sampler=best_worst")
+        _scores(ex, "sampler=best_worst")   # finite scores, or a ValueError naming the row
         return Selection((ex.best, ex.worst), ex.num_negatives)
 
 

@@ -4,7 +4,6 @@ import sys
 import types
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from hps_exp import generation, models

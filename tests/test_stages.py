@@ -1,7 +1,6 @@
 """Stage cache keys are derived, never hand-kept: every config knob and every input byte changes exactly the
 stages that depend on it (checked through the app's own dry run), and a data file replaced in place misses."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The sweep runner (hps_exp/sweep.py) and the grid files (sweeps/*.yaml, sweeps/wandb/*.yaml)."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil

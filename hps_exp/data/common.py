@@ -13,7 +13,6 @@ A loader supplies one row-parsing function `parse(row: dict, where: str) -> Exam
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
