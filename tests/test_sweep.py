@@ -15,19 +15,12 @@ from hps_exp import sweep as sw
 from hps_exp.config import build
 from hps_exp.samplers import check_compatible
 
-try:  # the staged layout: sampler=auto is resolved by the plan
-    from hps_exp.plan import loss_and_sampler
-except ImportError:  # the layout before hps_exp/plan.py (drop once merged)
-    from hps_exp.pipeline import resolve_auto_sampler
-
-    def loss_and_sampler(cfg):
-        resolve_auto_sampler(cfg)
-        return build(cfg.loss, "loss"), build(cfg.sampler, "sampler")
+from hps_exp.plan import loss_and_sampler
 
 
 def preference_model(loss, cfg):
-    """The table row's preference model: the loss describes itself (else its config says it)."""
-    return getattr(loss, "preference_model", None) or cfg.loss.preference_model
+    """The table row's preference model: the loss describes itself."""
+    return loss.preference_model
 
 REPO = Path(__file__).resolve().parents[1]
 
