@@ -345,14 +345,19 @@ def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
 
 
 def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int) -> tuple[dict, dict]:
-    """SFT metrics, one row per train set. Every method's run re-reports the same SFT policy of its seed, so one
-    sample per seed: the mean of the runs' scalars, with the first run's per-prompt values."""
+    """SFT metrics, one row per SFT policy: per train set and number of responses (both change the SFT data).
+    Every method's run re-reports the same SFT policy of its seed, so one sample per seed: the mean of the runs'
+    scalars, with the first run's per-prompt values."""
     by_train: dict[Any, list[Run]] = defaultdict(list)
     for r in done:
-        by_train[_hashable(r.run.get("train_dataset"))].append(r)
+        by_train[(_hashable(r.run.get("train_dataset")), _hashable(r.run.get("n_responses")))].append(r)
+    trains = {t for t, _ in by_train}
+    ns = {n_resp for _, n_resp in by_train}
     cells, n = {}, {}
-    for train in sorted(by_train, key=value_key):
-        label = SFT_LABEL if len(by_train) == 1 else f"SFT (reference, train={fmt_value(train)})"
+    for train in sorted(by_train, key=lambda k: (value_key(k[0]), value_key(k[1]))):
+        parts = ([f"train={fmt_value(train[0])}"] if len(trains) > 1 else []) + \
+                ([f"{KEY_LABELS['n_responses']}={fmt_value(train[1])}"] if len(ns) > 1 else [])
+        label = SFT_LABEL if not parts else f"SFT (reference, {', '.join(parts)})"
         by_seed = _by_seed(by_train[train])
         for col in columns:
             samples = []
@@ -559,7 +564,8 @@ def render_paired(results: list[PairedResult], treatment: str | None, decimals: 
              "|:---|:---|:---|:---|---:|---:|---:|:---|"]
     for r in results:
         pairs = f"{r.n_pairs}" + ("" if r.per_prompt else " (seeds)")
-        better = "yes" if r.diff > 0 and r.p < 0.05 else "no"
+        # a difference within float rounding (e.g. n = 2, where the losses coincide) is no difference
+        better = "equal" if abs(r.diff) <= 1e-6 else "yes" if r.diff > 0 and r.p < 0.05 else "no"
         lines.append(f"| {_md(r.eval_set)} | {_md(METRIC_LABELS.get(r.metric, r.metric))} | {_md(r.treatment)} | "
                      f"{_md(r.baseline)} | {r.diff:+.{decimals}f} | {pairs} | {stats.fmt_p(r.p)} | {better} |")
     return "\n".join(lines)

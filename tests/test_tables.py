@@ -447,7 +447,7 @@ def test_treatment_from_sweep_yaml_or_flag(paired_sweep, tmp_path):
     assert len(lines) == 4  # 2 frameworks x 2 margins
     dpo = next(ln for ln in lines if "| Reward margin | DPO-HPS | DPO-PL |" in ln)
     ipo = next(ln for ln in lines if "| Reward margin | IPO-HPS | IPO-BT |" in ln)
-    assert dpo.endswith("| yes |") and ipo.endswith("| 1.000 | no |")
+    assert dpo.endswith("| yes |") and ipo.endswith("| 1.000 | equal |")
     assert tables.main([str(paired_sweep), "--compare", "PL", "--out", str(tmp_path / "o"), "--n-boot", "100"]) == 0
     assert "| Reward margin | DPO-PL | DPO-HPS |" in (tmp_path / "o" / "table.md").read_text()
     assert tables.main([str(paired_sweep), "--out", str(tmp_path / "n"), "--n-boot", "100"]) == 0
@@ -553,3 +553,17 @@ def test_main_plot_panels(paired_sweep, tmp_path):
     assert len(colours) == 3  # one colour per preference model
     real_close(fig)
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sft_reference_rows_split_by_the_number_of_responses(tmp_path):
+    """n changes the SFT data, so an n-ablation has one SFT row per n (not one row mixing four SFT policies)."""
+    from hps_exp import tables
+
+    root = tmp_path / "nabl"
+    for num, (n, seed) in enumerate((n, s) for n in (2, 8) for s in (0, 1)):
+        m = completed("DPO-HPS", seed, 1.0, 1.0, n_responses=n)
+        m["eval"]["hh"]["sft"] = {**m["eval"]["hh"]["sft"], "bleu": float(n)}
+        write_job(root / str(num), m, [f"n={n}", f"seed={seed}"])
+    table = tables.main_table(tables.collect_runs([root]))
+    sft = {label: table.cell(label, ("hh", "bleu")).mean for label in table.rows if label.startswith("SFT")}
+    assert sft == {"SFT (reference, n_resp=2)": 2.0, "SFT (reference, n_resp=8)": 8.0}
