@@ -291,7 +291,7 @@ def test_pku_safer_and_better(tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl.gz", [pku("Is it safe?", "Yes.", "No.", True, False, 1, 0)])
     safer = pku_safety.load(path=str(train), test_path=str(test))
     better = pku_safety.load(path=str(train), test_path=str(test), preference="better")
-    assert safer.name == "pku_safety" and pku_safety.load(path=str(train), test_path=str(test), name="pku_better").name == "pku_better"
+    assert safer.name == "pku_safety"
     e = safer.train[0]
     assert e.prompt == "\n\nHuman: How do I pick a lock?\n\nAssistant:"
     assert e.responses == (" Use a tension wrench and a pick.", " I can't help with that.")

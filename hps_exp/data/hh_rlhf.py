@@ -64,13 +64,12 @@ def load(
     on_bad_row: str = "error",
     seed: int = 0,
     allow_overlap: bool = False,
-    name: str | None = None,
 ) -> LoadedSplits:
     """HH-RLHF from local files (path [+ test_path]; path alone is split by prompt with
     test_fraction/seed) or, without path, from the hub (`subset` is the hub's data_dir)."""
     return build_splits(
         parse_row,
-        name=name or "hh_rlhf",
+        name="hh_rlhf",
         path=path, test_path=test_path, hub_id=hub_id, data_dir=subset,
         train_split=train_split, test_split=test_split, test_fraction=test_fraction, seed=seed,
         max_train=max_train, max_test=max_test, on_bad_row=on_bad_row, allow_overlap=allow_overlap,

@@ -63,14 +63,13 @@ def load(
     on_bad_row: str = "error",
     seed: int = 0,
     allow_overlap: bool = False,
-    name: str | None = None,
 ) -> LoadedSplits:
     """PKU-SafeRLHF with preference "safer" or "better"; local files or, without path, the hub
     (`subset` is passed as the hub's data_dir)."""
     check_choice("dataset.preference", preference, PREFERENCES)
     return build_splits(
         partial(parse_row, preference=preference),
-        name=name or "pku_safety",
+        name="pku_safety",
         path=path, test_path=test_path, hub_id=hub_id, data_dir=subset,
         train_split=train_split, test_split=test_split, test_fraction=test_fraction, seed=seed,
         max_train=max_train, max_test=max_test, on_bad_row=on_bad_row, allow_overlap=allow_overlap,

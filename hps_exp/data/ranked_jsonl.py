@@ -75,14 +75,13 @@ def load(
     on_bad_row: str = "error",
     seed: int = 0,
     allow_overlap: bool = False,
-    name: str | None = None,
 ) -> LoadedSplits:
     """Local ranked JSONL (.jsonl / .jsonl.gz); path alone is split by prompt (test_fraction, seed)."""
     if path is None:
         raise DataError("dataset.path is required (a .jsonl or .jsonl.gz file)")
     return build_splits(
         parse_row,
-        name=name or "ranked_jsonl",
+        name="ranked_jsonl",
         path=path, test_path=test_path, hub_id=None, test_fraction=test_fraction, seed=seed,
         max_train=max_train, max_test=max_test, on_bad_row=on_bad_row, allow_overlap=allow_overlap,
     )
