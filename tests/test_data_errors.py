@@ -238,3 +238,19 @@ def test_messages_use_the_path_as_given(tmp_path):
         ranked_jsonl.load(path=given)
     with pytest.raises(DataError, match=re.escape(f"{given}: no usable training rows (2 bad row(s) skipped)")):
         ranked_jsonl.load(path=given, on_bad_row="skip")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Results and shared cache entries must be readable like any file open() writes (mkstemp alone gives 0600)."""
+    import os
+
+    from hps_exp.data.schema import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
