@@ -1,7 +1,7 @@
 """Stage cache: a stage's output lives in a directory named by a key derived from everything that can change it,
 so a second run (or the next job of a sweep) with the same inputs reuses it instead of recomputing.
 
-The key is never a hand-kept list: `stage_key` hashes the stage's frozen config dataclass (the only config the
+The key is never a hand-kept list: `stage_entry` hashes the stage's frozen config dataclass (the only config the
 stage reads), the keys of its upstream results (data content fingerprints included), the numeric settings that
 change its output (device type, precision) and the source code of this package (the code path).
 """
@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -58,10 +59,22 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def stage_key(name: str, config: Any, inputs: Mapping[str, str], numeric: Mapping[str, Any]) -> str:
-    """The cache key of one stage: its config dataclass, upstream keys, numeric settings and the code."""
-    return content_key({"stage": name, "config": config, "inputs": dict(inputs), "numeric": dict(numeric),
-                        "code": code_fingerprint()})
+@dataclass(frozen=True)
+class Entry:
+    """One stage's cache entry: its key and the readable record the key hashes (stored as inputs.json)."""
+    name: str
+    key: str
+    record: dict
+
+    def path(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / f"{self.name}-{self.key}"
+
+
+def stage_entry(name: str, config: Any, inputs: Mapping[str, str | None], numeric: Mapping[str, Any]) -> Entry:
+    """The cache entry of one stage: keyed by its config dataclass, upstream keys, numeric settings and the code."""
+    record = {"stage": name, "config": config, "inputs": dict(inputs), "numeric": dict(numeric),
+              "code": code_fingerprint()}
+    return Entry(name, content_key(record), record)
 
 
 def _host() -> str:
@@ -94,76 +107,76 @@ def clean_stale(cache_dir: Path) -> list[Path]:
     return removed
 
 
-def cached(cache_dir: Path, name: str, key: str, record: dict, build: Callable[[Path], None],
-           world=None, all_ranks: bool = False) -> tuple[Path, bool]:
-    """Return (directory, hit) of the entry `<name>-<key>`. On a miss, `build(tmp_dir)` fills a temp dir that
-    is renamed into place only when complete: a crash mid-stage never leaves a half-written entry. `record`
-    (the key's inputs, readable) is stored beside the output as inputs.json. Under several processes (`world`),
-    the main process builds and the others wait at a barrier, then read the entry; with `all_ranks` (a build that
-    trains data-parallel) every process runs `build` on the main process's temp dir, and only the main process
-    writes into it. The cache dir must be on storage every process sees."""
+def cached(cache_dir: Path, entry: Entry, build: Callable[[Path], None], world=None,
+           all_ranks: bool = False) -> tuple[Path, bool]:
+    """Return (directory, hit) of `entry`. On a miss, `build(tmp_dir)` fills a temp dir that is renamed into place
+    only when complete: a crash mid-stage never leaves a half-written entry. The entry's record (what its key
+    hashes, readable) is stored beside the output as inputs.json. Under several processes (`world`), the main
+    process builds and the others wait at a barrier, then read the entry; with `all_ranks` (a build that trains
+    data-parallel) every process runs `build` on the main process's temp dir, and only the main process writes
+    into it. The cache dir must be on storage every process sees."""
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"{name}-{key}"
+    final = entry.path(cache_dir)
     if world is not None and world.world_size > 1 and all_ranks:
-        return _cached_all_ranks(cache_dir, final, name, record, build, world)
+        return _cached_all_ranks(cache_dir, entry, build, world)
     if world is not None and not world.is_main:
         world.barrier()
         if not final.exists():
-            raise RuntimeError(f"[cache] {name}: the main process did not produce {final}")
+            raise RuntimeError(f"[cache] {entry.name}: the main process did not produce {final}")
         return final, True
     try:
         if final.exists():
-            print(f"[cache] {name}: hit, reusing {final}")
+            print(f"[cache] {entry.name}: hit, reusing {final}")
             return final, True
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(cache_dir)
-        tmp = cache_dir / f".{final.name}.tmp-{_host()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = _fresh_tmp(cache_dir, final)
         started = time.perf_counter()
         try:
             build(tmp)
-            (tmp / "inputs.json").write_text(json.dumps(_canonical(record), indent=2, sort_keys=True))
-            os.rename(tmp, final)
-        except OSError:
-            if not final.exists():  # another job finished the same stage first: keep theirs
-                raise
+            _publish(tmp, final, entry, started)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"[cache] {name}: built in {time.perf_counter() - started:.1f}s -> {final}")
         return final, False
     finally:
         if world is not None and world.world_size > 1:
             world.barrier()
 
 
-def _cached_all_ranks(cache_dir: Path, final: Path, name: str, record: dict, build, world) -> tuple[Path, bool]:
-    hit = world.broadcast_object(final.exists())
-    if hit:
+def _cached_all_ranks(cache_dir: Path, entry: Entry, build, world) -> tuple[Path, bool]:
+    final = entry.path(cache_dir)
+    if world.broadcast_object(final.exists()):
         if world.is_main:
-            print(f"[cache] {name}: hit, reusing {final}")
+            print(f"[cache] {entry.name}: hit, reusing {final}")
         return final, True
-    tmp = cache_dir / f".{final.name}.tmp-{_host()}-{os.getpid()}"
-    if world.is_main:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(cache_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    tmp = Path(world.broadcast_object(str(tmp)))
+    tmp = Path(world.broadcast_object(str(_fresh_tmp(cache_dir, final)) if world.is_main else None))
     started = time.perf_counter()
     try:
         build(tmp)
         world.barrier()
         if world.is_main:
-            (tmp / "inputs.json").write_text(json.dumps(_canonical(record), indent=2, sort_keys=True))
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():
-                    raise
-            print(f"[cache] {name}: built in {time.perf_counter() - started:.1f}s -> {final}")
+            _publish(tmp, final, entry, started)
     finally:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
     return final, False
+
+
+def _fresh_tmp(cache_dir: Path, final: Path) -> Path:
+    """An empty temp dir for building `final`, named so that `clean_stale` knows its owner."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(cache_dir)
+    tmp = cache_dir / f".{final.name}.tmp-{_host()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, entry: Entry, started: float) -> None:
+    """Record the entry's inputs and rename the finished temp dir into place."""
+    (tmp / "inputs.json").write_text(json.dumps(_canonical(entry.record), indent=2, sort_keys=True))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():  # another job finished the same stage first: keep theirs
+            raise
+    print(f"[cache] {entry.name}: built in {time.perf_counter() - started:.1f}s -> {final}")

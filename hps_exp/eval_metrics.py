@@ -65,7 +65,7 @@ def sacrebleu_signature() -> str:
     return str(metric.get_signature())
 
 
-def _argmax(values: Sequence[float]) -> int:
+def argmax(values: Sequence[float]) -> int:
     """Index of the largest value; the first on ties (deterministic)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
@@ -103,7 +103,7 @@ def paper_protocol(generations: list[list[str]], generation_rewards: list[list[f
     for gens, g_rew, refs, r_rew in zip(generations, generation_rewards, references, reference_rewards):
         total += float(sum(g_rew))
         count += len(g_rew)
-        best_gen, best_ref = gens[_argmax(g_rew)], refs[_argmax(r_rew)]
+        best_gen, best_ref = gens[argmax(g_rew)], refs[argmax(r_rew)]
         per_prompt["reward"].append(float(sum(g_rew)) / len(g_rew))
         per_prompt["reward_top1"].append(float(max(g_rew)))
         per_prompt["bleu_char"].append(char_bleu(best_gen, best_ref))

@@ -96,7 +96,7 @@ def evaluate_policy(generator, examples: list[Example], *, policy_logps: list[to
 
 
 def _paper(examples: list[Example], gens: list[list[str]], reward_model) -> tuple[dict, dict, list[dict]]:
-    from hps_exp.eval_metrics import paper_protocol
+    from hps_exp.eval_metrics import argmax, paper_protocol
 
     if reward_model is None:
         raise ValueError("eval.protocol=paper ranks generations and references by reward: it needs an evaluation "
@@ -117,13 +117,9 @@ def _paper(examples: list[Example], gens: list[list[str]], reward_model) -> tupl
         flags = [[bool(reward_model.is_harmful(e.prompt, t)) for t in g] for e, g in zip(examples, gens)]
         metrics["harmful_rate"] = sum(map(sum, flags)) / max(1, sum(map(len, flags)))
         per_prompt["harmful"] = [sum(f) / len(f) for f in flags]
-    samples = [{"prompt": e.prompt, "generations": g, "rewards": r, "reference": e.responses[_argmax(rr)],
+    samples = [{"prompt": e.prompt, "generations": g, "rewards": r, "reference": e.responses[argmax(rr)],
                 "reference_reward": max(rr)} for e, g, r, rr in zip(examples, gens, rewards, refs_rewards)]
     return metrics, per_prompt, samples
-
-
-def _argmax(values) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def add_win_rate(aligned: dict, aligned_per_prompt: dict, sft_per_prompt: dict) -> None:

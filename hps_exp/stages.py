@@ -4,7 +4,7 @@ the stages before it) and a typed result.
     data -> sft -> reward_model -> augment -> reference -> preference -> evaluate
 
 Cached stages (sft, reward_model=train, augment, reference, the SFT policy's evaluation) derive their key with
-`cache.stage_key` from exactly what their build function can see: the spec, the keys of the upstream results
+`cache.stage_entry` from exactly what their build function can see: the spec, the keys of the upstream results
 (an `Examples` key is a fingerprint of the data's content) and `Env.numeric()` (device type, precision). A build
 function is a closure over those arguments alone and never sees the Hydra config, so it cannot read a setting
 its key does not cover. Settings that cannot change a result (logging, checkpoint cadence, the distributed
@@ -26,7 +26,7 @@ import torch
 from hps_exp import batching, evaluate, models
 from hps_exp.augment import augment
 from hps_exp.batching import Encoded, SequenceBatch
-from hps_exp.cache import cached, content_key, stage_key
+from hps_exp.cache import Entry, cached, content_key, stage_entry
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
 from hps_exp.generation import build_generator
@@ -88,9 +88,13 @@ class Env:
         """The numeric settings that change a stage's output."""
         return {"device": self.device.type, "autocast": str(self.autocast)}
 
-    def plan(self, name: str, key: str, cached: bool = True) -> None:
-        exists = cached and (Path(self.cache_dir) / f"{name}-{key}").exists()
-        self.planned.append((name, key, "hit" if exists else "run" if not cached else "miss"))
+    def entry(self, name: str, spec, **inputs: str) -> Entry:
+        """The stage's cache entry, keyed by its spec, the keys of its inputs and the numeric settings."""
+        return stage_entry(name, spec, inputs, self.numeric())
+
+    def plan(self, entry: Entry, cached: bool = True) -> None:
+        exists = cached and entry.path(self.cache_dir).exists()
+        self.planned.append((entry.name, entry.key, "hit" if exists else "run" if not cached else "miss"))
 
 
 # ---------------------------------------------------------------------------------------------- specs
@@ -260,9 +264,10 @@ def _drop(path: Path) -> None:
         path.unlink()
 
 
-def _checkpoint(env: Env, name: str, key: str) -> Path:
+def _checkpoint(env: Env, entry: Entry) -> Path:
     """Where a cached training stage keeps its resume checkpoint: keyed like the entry, outside it."""
-    return Path(env.cache_dir) / f".{name}-{key}.checkpoint"
+    path = entry.path(env.cache_dir)
+    return path.with_name(f".{path.name}.checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- SFT
@@ -270,11 +275,11 @@ def _checkpoint(env: Env, name: str, key: str) -> Path:
 def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
     """The SFT policy (and its tokenizer): built or loaded from spec.model, fine-tuned on the training responses.
     Checkpoints like the preference stage (trainer.save_every / resume); a killed SFT resumes where it stopped."""
-    key = stage_key("sft", spec, {"train": train.key}, env.numeric())
+    entry = env.entry("sft", spec, train=train.key)
     load = {"dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation}
     if env.dry_run:
-        env.plan("sft", key)
-        return SFTResult(Path(), key, 0.0, **load)
+        env.plan(entry)
+        return SFTResult(Path(), entry.key, 0.0, **load)
 
     def build(out: Path) -> None:
         if spec.model.name_or_path:
@@ -286,17 +291,16 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
             model = models.build_tiny(spec.model, len(tok), spec.seed)
         if spec.enabled:
             torch.manual_seed(spec.seed)
-            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, "sft", key))
+            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry))
             trainer.save_pretrained(tok, out / "model")
         elif _is_main(env):
             models.save(model, tok, out / "model")
 
     started = time.perf_counter()
-    path, _ = cached(env.cache_dir, "sft", key, {"spec": spec, "train": train.key, **env.numeric()}, build,
-                     env.world, all_ranks=spec.enabled)
+    path, _ = cached(env.cache_dir, entry, build, env.world, all_ranks=spec.enabled)
     if _is_main(env):
-        _drop(_checkpoint(env, "sft", key))
-    return SFTResult(path / "model", key, time.perf_counter() - started, **load)
+        _drop(_checkpoint(env, entry))
+    return SFTResult(path / "model", entry.key, time.perf_counter() - started, **load)
 
 
 def _is_main(env: Env) -> bool:
@@ -348,10 +352,10 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
                          env: Env) -> Scorer:
     """A Bradley-Terry reward model trained on the training pairs (the SFT tokenizer). Its held-out pair accuracy
     is measured on `heldout` each run (cheap), so a new test split does not retrain it."""
-    key = stage_key("reward_model", spec, {"train": train.key, "tokenizer": sft_result.key}, env.numeric())
+    entry = env.entry("reward_model", spec, train=train.key, tokenizer=sft_result.key)
     if env.dry_run:
-        env.plan("reward_model", key)
-        return Scorer(None, key)
+        env.plan(entry)
+        return Scorer(None, entry.key)
 
     def build(out: Path) -> None:
         tok, _ = sft_result.load()
@@ -361,25 +365,22 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
         rm.save(out)
         atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
 
-    path, _ = cached(env.cache_dir, "reward_model", key, {"spec": spec, "train": train.key,
-                                                          "tokenizer": sft_result.key, **env.numeric()},
-                     build, env.world)
+    path, _ = cached(env.cache_dir, entry, build, env.world)
     rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
     report = {**json.loads((path / "train.json").read_text()),
               "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items))}
     print(f"[reward_model] held-out pair accuracy {report['heldout_pair_accuracy']:.3f}")
-    return Scorer(rm, key, report)
+    return Scorer(rm, entry.key, report)
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
 
 def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotator: Scorer, env: Env) -> AugmentResult:
     """n samples per training prompt from the SFT policy, scored by the annotation reward model (+ the originals)."""
-    key = stage_key("augment", spec, {"train": train.key, "generator": sft_result.key, "annotator": annotator.key},
-                    env.numeric())
+    entry = env.entry("augment", spec, train=train.key, generator=sft_result.key, annotator=annotator.key)
     if env.dry_run:  # the augmented content is unknown until built; its stage key stands in for it
-        env.plan("augment", key)
-        return AugmentResult(Examples(train.items, key), {})
+        env.plan(entry)
+        return AugmentResult(Examples(train.items, entry.key), {})
 
     def build(out: Path) -> None:
         tok, model = sft_result.load()
@@ -395,8 +396,7 @@ def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotat
         write_examples(out / "train.jsonl", examples)
         atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
 
-    path, _ = cached(env.cache_dir, "augment", key, {"spec": spec, "train": train.key, "generator": sft_result.key,
-                                                     "annotator": annotator.key, **env.numeric()}, build, env.world)
+    path, _ = cached(env.cache_dir, entry, build, env.world)
     out = Examples.of(read_examples(path / "train.jsonl"))
     print(f"[augment] {len(out)} prompts, {sum(e.n for e in out.items) / max(1, len(out)):.1f} scored responses "
           f"per prompt")
@@ -408,15 +408,14 @@ def augmented(spec: AugmentSpec, train: Examples, sft_result: SFTResult, annotat
 def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, env: Env) -> RefLogps:
     """log pi_ref(response | prompt) of every response (pi_ref = the SFT policy), computed once per data set.
     Under several processes each computes its share of the prompts and the main process merges and writes."""
-    key = stage_key("reference", spec, {"sft": sft_result.key, "examples": examples.key}, env.numeric())
+    entry = env.entry("reference", spec, sft=sft_result.key, examples=examples.key)
     if env.dry_run:
-        env.plan("reference", key)
-        return RefLogps((), key, 0.0)
+        env.plan(entry)
+        return RefLogps((), entry.key, 0.0)
     started = time.perf_counter()
     world = env.world
-    final = Path(env.cache_dir) / f"reference-{key}"
     parts = None
-    if world is not None and world.distributed and not world.broadcast_object(final.exists()):
+    if world is not None and world.distributed and not world.broadcast_object(entry.path(env.cache_dir).exists()):
         mine = world.shard(list(range(len(examples))))
         parts = world.gather_object((mine, _ref_logps(spec, sft_result, [examples.items[i] for i in mine], env)))
 
@@ -430,10 +429,9 @@ def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, en
                     logps[i] = v
         torch.save(logps, out / "ref_logps.pt")
 
-    path, _ = cached(env.cache_dir, "reference", key, {"spec": spec, "sft": sft_result.key,
-                                                       "examples": examples.key, **env.numeric()}, build, world)
+    path, _ = cached(env.cache_dir, entry, build, world)
     logps = torch.load(path / "ref_logps.pt", weights_only=True)
-    return RefLogps(tuple(logps), key, time.perf_counter() - started)
+    return RefLogps(tuple(logps), entry.key, time.perf_counter() - started)
 
 
 def _ref_logps(spec: ReferenceSpec, sft_result: SFTResult, items, env: Env) -> list[torch.Tensor]:
@@ -450,11 +448,10 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
                env: Env, run_dir: Path) -> PolicyResult:
     """Train the SFT policy with the preference loss; the aligned policy is saved to run_dir/policy. Not cached:
     it checkpoints into run_dir and a rerun with the same run dir resumes."""
-    key = stage_key("preference", spec, {"sft": sft_result.key, "train": train.key, "reference": ref.key},
-                    env.numeric())
+    entry = env.entry("preference", spec, sft=sft_result.key, train=train.key, reference=ref.key)
     if env.dry_run:
-        env.plan("preference", key, cached=False)
-        return PolicyResult(Path(), key, 0.0, 0, sft_result)
+        env.plan(entry, cached=False)
+        return PolicyResult(Path(), entry.key, 0.0, 0, sft_result)
     tok, model = sft_result.load()
     models.disable_dropout(model)  # dropout would make the policy's log-probs noisy against the reference ones
     # LoRA adapters (the cached reference log-probs are the SFT policy's: the policy with adapters off).
@@ -503,7 +500,7 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
     if lora_adapter:   # the small adapter for sharing; evaluation reads the merged policy below
         trainer.save_pretrained(tok, run_dir / "policy_adapter", lora_save="adapter")
     trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
-    return PolicyResult(run_dir / "policy", key, result["seconds"], int(result["steps"]), sft_result)
+    return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -512,10 +509,10 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
                  env: Env) -> EvalResult:
     """The SFT policy's evaluation, cached: a sweep over losses evaluates the reference policy once per eval set.
     The SFT policy is the reference, so its policy log-probs are the reference ones (margins exactly 0)."""
-    key = stage_key("sft_eval", spec, {"sft": sft_result.key, "examples": eval_set.examples.key, "reference": ref.key,
-                                       "scorer": scorer.key if scorer else None}, env.numeric())
+    entry = env.entry("sft_eval", spec, sft=sft_result.key, examples=eval_set.examples.key, reference=ref.key,
+                      scorer=scorer.key if scorer else None)
     if env.dry_run:
-        env.plan("sft_eval", key)
+        env.plan(entry)
         return EvalResult({}, {}, [], 0.0)
 
     def build(out: Path) -> None:
@@ -525,10 +522,7 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
         atomic_write_text(out / "eval.json", json.dumps({"metrics": result.metrics, "per_prompt": result.per_prompt,
                                                          "samples": result.samples, "seconds": result.seconds}))
 
-    path, _ = cached(env.cache_dir, "sft_eval", key, {"spec": spec, "sft": sft_result.key, "reference": ref.key,
-                                                      "examples": eval_set.examples.key,
-                                                      "scorer": scorer.key if scorer else None, **env.numeric()},
-                     build, env.world)
+    path, _ = cached(env.cache_dir, entry, build, env.world)
     d = json.loads((path / "eval.json").read_text())
     return EvalResult(d["metrics"], d["per_prompt"], d["samples"], d["seconds"])
 
@@ -536,9 +530,8 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
 def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref: RefLogps, scorer: Scorer | None,
                     env: Env, margin_beta: float) -> EvalResult:
     if env.dry_run:
-        env.plan("eval", stage_key("eval", spec, {"policy": policy.key, "examples": eval_set.examples.key,
-                                                  "scorer": scorer.key if scorer else None}, env.numeric()),
-                 cached=False)
+        env.plan(env.entry("eval", spec, policy=policy.key, examples=eval_set.examples.key,
+                           scorer=scorer.key if scorer else None), cached=False)
         return EvalResult({}, {}, [], 0.0)
     tok, model = policy.load()
     model.to(env.device)

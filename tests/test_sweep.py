@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from hps_exp import sweep as sw
-from hps_exp.config import build
 from hps_exp.samplers import check_compatible
 
 from hps_exp.plan import loss_and_sampler
