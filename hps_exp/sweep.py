@@ -28,6 +28,12 @@ Arms run one after another with Hydra's basic launcher (the jobs share this mach
 finish, so the arms' multiruns are started all at once (`--parallel`, the default whenever a hydra/launcher other
 than basic is set), each logging to `<jobs dir>/.sweep_logs/<arm>.log`; `--no-parallel` forces one at a time.
 
+When it starts (not with --dry-run), the runner records the launched grid in `<jobs dir>/sweep_grid.json`: the
+sweep name and file, the command-line extras, and every arm's multirun overrides, command and jobs (each job's
+override list, job k = `<arm>/k`). `python -m hps_exp.tables` lists the "never started" jobs against this record
+(the grid that ran, e.g. only `seed=0` when the command line said so), and falls back to the sweep yaml only
+where no record exists. A relaunch into the same jobs dir replaces the record (and says so when the grid differs).
+
 `--write-wandb` (re)writes the W&B sweep files of the grid under sweeps/wandb/ (one file per sweep, or one per
 arm when an arm couples several overrides, which a W&B grid cannot express).
 """
@@ -52,6 +58,8 @@ WANDB_DIR = SWEEPS_DIR / "wandb"
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 TOP_KEYS = {"description", "arms", "grid", "fixed", "requires", "compare"}
 COMPARE_KEYS = {"treatment", "baselines"}
+GRID_RECORD = "sweep_grid.json"   # the launched grid, in the jobs dir (a file: the tables never take it for a job)
+GRID_RECORD_VERSION = 1
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
 
 
@@ -239,6 +247,59 @@ def wants_parallel(sweep: Sweep, extra: list[str], parallel: bool | None) -> boo
     return parallel if parallel is not None else launcher_of(sweep, extra) != "basic"
 
 
+# ----------------------------------------------------------------------------------------- grid record
+
+def grid_record(sweep: Sweep, extra: list[str], all_jobs: dict[str, list[list[str]]],
+                commands: dict[str, list[str]]) -> dict:
+    """What was launched: enough to list the jobs that never started and to relaunch any arm by hand."""
+    labels = [key_value.split("=", 1)[1] for key_value in arm_overrides(sweep, next(iter(sweep.arms)), extra)
+              if key_of(key_value) == "sweep"]
+    return {"version": GRID_RECORD_VERSION, "sweep": sweep.name, "label": labels[-1] if labels else sweep.name,
+            "sweep_file": str(sweep.path.resolve()),
+            "description": sweep.description, "extra": list(extra), "launcher": launcher_of(sweep, extra),
+            "compare": dict(sweep.compare),
+            "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "arms": {arm: {"overrides": arm_overrides(sweep, arm, extra), "command": commands[arm],
+                           "jobs": arm_jobs} for arm, arm_jobs in all_jobs.items()}}
+
+
+def read_grid_record(jobs_dir: Path) -> dict | None:
+    """The record in jobs_dir, None when there is none; SweepError naming the file when it is not a record."""
+    path = Path(jobs_dir) / GRID_RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path}: unreadable grid record ({e})") from None
+    arms = data.get("arms") if isinstance(data, dict) else None
+    ok = isinstance(arms, dict) and isinstance(data.get("sweep"), str) and all(
+        isinstance(a, dict) and isinstance(a.get("jobs"), list)
+        and all(isinstance(j, list) and all(isinstance(o, str) for o in j) for j in a["jobs"])
+        for a in arms.values())
+    if not ok:
+        raise SweepError(f"{path}: not a grid record (needs sweep and arms.<arm>.jobs, lists of overrides)")
+    return data
+
+
+def write_grid_record(jobs_dir: Path, record: dict, out) -> Path:
+    from hps_exp.data.schema import atomic_write_text
+
+    path = Path(jobs_dir) / GRID_RECORD
+    try:
+        old = read_grid_record(jobs_dir)
+    except SweepError as e:
+        print(f"[sweep] warning: {e}; replacing it", file=out)
+        old = None
+    if old is not None and {a: v.get("jobs") for a, v in old["arms"].items()} != \
+            {a: v["jobs"] for a, v in record["arms"].items()}:
+        print(f"[sweep] note: {path} recorded another grid (sweep {old.get('sweep')}, launched "
+              f"{old.get('launched_at', '?')}, extras {' '.join(old.get('extra') or []) or 'none'}); replaced by "
+              "this launch's", file=out)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 def job_status(job_dir: Path) -> str:
@@ -362,6 +423,8 @@ def run(sweep: Sweep, jobs_dir: Path, extra: list[str], dry_run: bool = False, o
         print(f"[sweep] warning: {jobs_dir} already holds {len(old)} job dir(s) of these arms; jobs with the same "
               "number are overwritten and resume from their checkpoints (trainer.resume=true). Use --jobs-dir "
               "or delete the dir for a fresh sweep.", file=out)
+    record = write_grid_record(jobs_dir, grid_record(sweep, extra, all_jobs, commands), out)
+    print(f"[sweep] recorded the launched grid in {record}", file=out)
     n_jobs = {arm: len(j) for arm, j in all_jobs.items()}
     started = time.perf_counter()
     runner = run_parallel if concurrent else run_sequential

@@ -8,7 +8,9 @@ it; sorted by the loss's `run.row_order`) -> main_table / timing_table / ablatio
 "mean [lo, hi]" with a 95 % bootstrap interval (held-out prompts within seeds where the run reports per-prompt
 values, else over seeds: hps_exp.stats) -> paired tests of the treatment preference model against the best
 baseline of its framework -> render_markdown / render_csv -> make_plots. Failed and missing runs, and the grid's
-jobs that never started (from the sweep yaml), are listed, never dropped.
+jobs that never started, are listed, never dropped: the grid is the one `python -m hps_exp.sweep` recorded at
+launch (`<sweep dir>/sweep_grid.json`, command-line extras included), or, for sweeps without a record, the one
+expanded from the sweep yaml (said in a note).
 
 No framework or preference-model name is known here: rows are ordered by `run.row_order` (supplied by the loss),
 plots grouped by `run.framework` and coloured by `run.preference_model`, and the treatment of the paired test
@@ -46,6 +48,9 @@ METRIC_LABELS = {"bleu": "BLEU", "bleu_char": "BLEU (char)", "reward": "Reward",
                  "win_rate": "Win rate vs SFT", "harmful_rate": "Harmful rate"}
 TIMING_LABELS = {"pref_s": "Preference stage (s)", "pref_step_s": "Per preference step (s)",
                  "total_s": "Whole job (s)"}
+# Recorded conditions of a job's timing (metrics.json timing), shown as ranges beside the cost: how many torch
+# threads it used, and the machine's 1-minute load average at its start and end (absent in older runs).
+SPAN_LABELS = {"threads": "Threads", "load": "Load avg (1 min) at start/end"}
 MARGINS = ("reward_margin", "reward_margin_hardest")
 # Main-table columns per eval set, in order; the optional ones only where some run reports them.
 OPTIONAL_METRICS = ("bleu_char", "reward_top1", "win_rate", "harmful_rate")
@@ -326,9 +331,34 @@ class Table:
     ranked: bool = True             # bold the best cell of each column
     notes: list[str] = field(default_factory=list)
     row_info: dict[str, Row] = field(default_factory=dict)
+    span_columns: list[str] = field(default_factory=list)  # SPAN_LABELS keys shown after the cells
+    spans: dict[tuple[str, str], Span] = field(default_factory=dict)
 
     def cell(self, row: str, col: tuple[str, Any]) -> Cell | None:
         return self.cells.get((row, col))
+
+
+@dataclass
+class Span:
+    """Lowest and highest of recorded values (no interval: conditions of a run, not results)."""
+    lo: float
+    hi: float
+    mean: float
+    n: int                  # runs that recorded it
+    source: str = ""        # how the value was chosen, when every run says the same (threads_source)
+
+
+def span_of(runs: list[Run], key: str) -> Span | None:
+    """threads: timing.threads (with timing.threads_source); load: timing.load_start and load_end."""
+    fields = ("load_start", "load_end") if key == "load" else (key,)
+    per_run = [[v for f in fields if (v := _number(r.timing.get(f))) is not None] for r in runs]
+    values = [v for vs in per_run for v in vs]
+    if not values:
+        return None
+    sources = {str(r.timing.get("threads_source")) for r, vs in zip(runs, per_run)
+               if vs and r.timing.get("threads_source")} if key == "threads" else set()
+    return Span(min(values), max(values), statistics.fmean(values), sum(1 for vs in per_run if vs),
+                sources.pop() if len(sources) == 1 else "mixed" if sources else "")
 
 
 def _seed_notes(label: str, runs: list[Run]) -> list[str]:
@@ -429,6 +459,14 @@ def timing_table(runs: list[Run], n_boot: int = stats.DEFAULT_N_BOOT) -> Table |
             cell = summarize((r.timing.get(col[1]) for r in row.runs), n_boot)
             if cell is not None:
                 table.cells[(row.label, col)] = cell
+        for key in SPAN_LABELS:
+            if (span := span_of(row.runs, key)) is not None:
+                table.spans[(row.label, key)] = span
+    table.span_columns = [k for k in SPAN_LABELS if any(key == k for _, key in table.spans)]
+    if table.span_columns:
+        table.notes.append("Threads: torch threads per job (how they were chosen, in brackets); load: the machine's "
+                           "1-minute load average at each job's start and end, lowest–highest over the row's jobs. "
+                           "A job that ran at a load above the machine's cores took longer than its method costs.")
     return table
 
 
@@ -574,6 +612,17 @@ def render_paired(results: list[PairedResult], treatment: str | None, decimals: 
 # ----------------------------------------------------------------------------------- never-started jobs
 
 @dataclass
+class Grid:
+    """A sweep's jobs: as recorded by `python -m hps_exp.sweep` at launch, or expanded from its yaml."""
+    name: str
+    source: Path                      # the record or the yaml
+    jobs: dict[str, list[list[str]]]  # arm -> job k's overrides
+    dirs: list[Path]                  # where its `<arm>/<k>` job dirs live
+    compare: dict = field(default_factory=dict)
+    recorded: bool = False
+
+
+@dataclass
 class NeverStarted:
     sweep: str
     arm: str
@@ -581,39 +630,95 @@ class NeverStarted:
     overrides: list[str]
 
 
-def never_started(runs: list[Run], sweep_dirs: list[Path], sweep_names: Iterable[str]) -> tuple[list, list[str]]:
-    """The grid's jobs (hps_exp.sweep.jobs of each sweep yaml) with no job dir. A job counts as started when a
-    job dir's overrides contain all of its overrides, or when `<sweep dir>/<arm>/<job number>` exists (the
-    runner's layout; covers jobs whose overrides were changed on the command line). Returns (jobs, notes)."""
+def find_grid_records(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
+    """Dirs at most `max_depth` below root (root included) holding a grid record; job dirs are not searched."""
+    from hps_exp.sweep import GRID_RECORD
+
+    if (root / GRID_RECORD).is_file():
+        return [root]
+    if max_depth == 0 or (root / ".hydra").is_dir() or (root / "metrics.json").is_file() or not root.is_dir():
+        return []
+    return [d for child in sorted(root.iterdir(), key=_natural_key)
+            if child.is_dir() and not child.name.startswith(".") for d in find_grid_records(child, max_depth - 1)]
+
+
+def _yaml_grid(name: str, sweep_dirs: list[Path]) -> Grid:
     from hps_exp import sweep as sweep_mod
 
-    seen = [set(r.overrides) for r in runs]
-    missing, notes = [], []
-    for name in sweep_names:
+    s = sweep_mod.load(name)
+    return Grid(name, s.path, sweep_mod.jobs(s), list(sweep_dirs), dict(s.compare))
+
+
+def grids_of(runs: list[Run], sweep_dirs: list[Path], names: Iterable[str] | None = None
+             ) -> tuple[list[Grid], list[str]]:
+    """The grids to check the job dirs against, and notes. `names` (--sweep): those sweep yamls, as asked.
+    Otherwise the grids recorded at launch under the sweep dirs (what ran, command-line extras included), and
+    for each sweep the runs name (run.sweep, else the sweep dir's name) that has no record, its yaml: said in a
+    note, since the yaml's seeds and values may not be the ones launched."""
+    from hps_exp import sweep as sweep_mod
+
+    grids, notes = [], []
+    if names is not None:
+        for name in names:
+            try:
+                grids.append(_yaml_grid(name, sweep_dirs))
+            except sweep_mod.SweepError as e:
+                notes.append(f"sweep {name!r}: cannot list its grid ({e})")
+        return grids, notes
+    for d in dict.fromkeys(r for root in sweep_dirs for r in find_grid_records(root)):
         try:
-            grid = sweep_mod.jobs(sweep_mod.load(name))
+            record = sweep_mod.read_grid_record(d)
         except sweep_mod.SweepError as e:
-            notes.append(f"sweep {name!r}: cannot list its grid ({e})")
+            notes.append(f"{e}: not used")
             continue
-        for arm, arm_jobs in grid.items():
+        grids.append(Grid(str(record.get("label") or record["sweep"]), d / sweep_mod.GRID_RECORD,
+                          {arm: v["jobs"] for arm, v in record["arms"].items()}, [d],
+                          record.get("compare") or {}, recorded=True))
+    recorded = {g.name for g in grids}
+    from_runs = sorted({str(r.run["sweep"]) for r in runs if r.run.get("sweep")})
+    fallback = [n for n in from_runs if n not in recorded] if grids or notes else \
+        (from_runs or [d.resolve().name for d in sweep_dirs])
+    for name in fallback:
+        try:
+            grid = _yaml_grid(name, sweep_dirs)
+        except sweep_mod.SweepError as e:
+            notes.append(f"sweep {name!r}: no grid recorded at launch ({sweep_mod.GRID_RECORD}) and none to "
+                         f"expand ({e})")
+            continue
+        grids.append(grid)
+        notes.append(f"sweep {name!r}: no grid recorded at launch ({sweep_mod.GRID_RECORD}) under "
+                     f"{', '.join(str(d) for d in sweep_dirs)}; its jobs are expanded from {grid.source}, whose "
+                     "seeds and values may differ from what was launched")
+    return grids, notes
+
+
+def missing_jobs(runs: list[Run], grids: list[Grid]) -> list[NeverStarted]:
+    """The grids' jobs with no job dir. A job counts as started when a job dir's overrides contain all of its
+    overrides, or when `<dir>/<arm>/<job number>` exists (the runner's layout; covers jobs whose overrides
+    were changed on the command line after the grid was expanded)."""
+    seen = [set(r.overrides) for r in runs]
+    missing = []
+    for grid in grids:
+        for arm, arm_jobs in grid.jobs.items():
             for k, job in enumerate(arm_jobs):
-                if any(set(job) <= s for s in seen) or any((d / arm / str(k)).is_dir() for d in sweep_dirs):
+                if any(set(job) <= s for s in seen) or any((d / arm / str(k)).is_dir() for d in grid.dirs):
                     continue
-                missing.append(NeverStarted(name, arm, k, job))
-    return missing, notes
+                missing.append(NeverStarted(grid.name, arm, k, job))
+    return missing
 
 
-def sweep_names_of(runs: list[Run], sweep_dirs: list[Path]) -> list[str]:
-    """The sweeps the runs say they belong to (run.sweep), else the sweep dirs' names."""
-    names = sorted({str(r.run["sweep"]) for r in runs if r.run.get("sweep")})
-    return names or [d.resolve().name for d in sweep_dirs]
+def never_started(runs: list[Run], sweep_dirs: list[Path], sweep_names: Iterable[str] | None = None
+                  ) -> tuple[list[NeverStarted], list[str]]:
+    """(jobs of the grid that never started, notes): grids_of + missing_jobs."""
+    grids, notes = grids_of(runs, sweep_dirs, sweep_names)
+    return missing_jobs(runs, grids), notes
 
 
-def render_never_started(missing: list[NeverStarted], names: list[str], notes: list[str]) -> str:
+def render_never_started(missing: list[NeverStarted], grids: list[Grid], notes: list[str]) -> str:
     parts = [f"- {n}" for n in notes]
     if not missing:
-        parts.append(f"None: every job of the grid ({', '.join(names) or 'no sweep yaml found'}) has a job dir."
-                     if not notes else "No other grid to check.")
+        described = ", ".join(f"{g.name}, {'recorded at launch' if g.recorded else 'from its yaml'}" for g in grids)
+        parts.append(f"None: every job of the grid ({described}) has a job dir." if grids else "No grid to check.")
         return "\n".join(parts)
     parts += ["| Sweep | Arm | Job | Overrides |", "|:---|:---|---:|:---|"]
     for m in missing:
@@ -639,13 +744,27 @@ def fmt_cell(cell: Cell | None, decimals: int, row_n: int | None = None, bold: b
     return f"**{text}**" if bold else text
 
 
+def fmt_span(span: Span | None, key: str, decimals: int, row_n: int | None = None) -> str:
+    if span is None:
+        return "–"
+    fmt = (lambda v: f"{v:g}") if key == "threads" else (lambda v: f"{v:.{decimals}f}")  # noqa: E731
+    text = fmt(span.lo) if fmt(span.lo) == fmt(span.hi) else f"{fmt(span.lo)}–{fmt(span.hi)}"
+    if span.source:
+        text += f" ({span.source})"
+    if row_n is not None and span.n != row_n:
+        text += f" (n={span.n})"
+    return text
+
+
 def render_table(table: Table, decimals: int = 2) -> str:
     bold = {col: best_rows(table, col, decimals) for col in table.columns} if table.ranked else {}
-    lines = ["| Method | n | " + " | ".join(_md(h) for h in table.headers) + " |",
-             "|:---|---:|" + "---:|" * len(table.columns)]
+    headers = [*table.headers, *(SPAN_LABELS[k] for k in table.span_columns)]
+    lines = ["| Method | n | " + " | ".join(_md(h) for h in headers) + " |",
+             "|:---|---:|" + "---:|" * len(headers)]
     for row in table.rows:
         cells = [fmt_cell(table.cell(row, col), decimals, table.n.get(row), row in bold.get(col, ()))
                  for col in table.columns]
+        cells += [_md(fmt_span(table.spans.get((row, k)), k, decimals, table.n.get(row))) for k in table.span_columns]
         lines.append(f"| {_md(row)} | {table.n.get(row, 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -676,7 +795,7 @@ class Report:
     treatment: str | None
     baselines: list[str] | None
     never: list[NeverStarted]
-    sweep_names: list[str]
+    grids: list[Grid]
     never_notes: list[str]
 
 
@@ -701,11 +820,12 @@ def render_markdown(report: Report, sweep_dirs: list[Path], command: str, decima
               render_paired(report.paired, report.treatment, decimals + 1, report.baselines)]
     if report.timing is not None:
         parts += [f"## {report.timing.title}", render_table(report.timing, decimals)]
+        parts += [f"- {note}" for note in report.timing.notes]
     for table in report.ablations.values():
         parts += [f"## Ablation: {table.title}", render_table(table, decimals)]
     parts += ["## Failed or missing runs", render_failed(runs),
               "## Jobs of the grid that never started",
-              render_never_started(report.never, report.sweep_names, report.never_notes),
+              render_never_started(report.never, report.grids, report.never_notes),
               "## Command", f"```\n{command}\n```"]
     return "\n\n".join(parts) + "\n"
 
@@ -725,6 +845,10 @@ def render_csv(table: Table, timing: Table | None = None) -> str:
                     writer.writerow([row, col[0], col[1], repr(cell.mean), repr(cell.lo), repr(cell.hi),
                                      "prompts_x_seeds" if cell.per_prompt else "seeds",
                                      "" if cell.std is None else repr(cell.std), cell.n])
+            for key in t.span_columns:  # recorded conditions: lowest / highest, no interval
+                if (span := t.spans.get((row, key))) is not None:
+                    writer.writerow([row, "timing", key, repr(span.mean), repr(span.lo), repr(span.hi), "range",
+                                     "", span.n])
     return buf.getvalue()
 
 
@@ -877,27 +1001,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="preference models the treatment is compared with (default: the sweep yaml's "
                         "compare.baselines, else every other one)")
     p.add_argument("--sweep", action="append", default=None, metavar="NAME",
-                   help="sweep yaml(s) whose grid lists the never-started jobs (default: run.sweep of the runs, "
-                        "else the sweep dir name)")
+                   help="sweep yaml(s) whose grid lists the never-started jobs (default: the grid recorded at "
+                        "launch in the sweep dir's sweep_grid.json, else the yaml of run.sweep or of the dir name)")
     p.add_argument("--n-boot", type=int, default=stats.DEFAULT_N_BOOT, help="bootstrap replicates per cell")
     return p.parse_args(argv)
 
 
-def compare_from_sweeps(names: list[str]) -> tuple[str | None, list[str] | None]:
-    """(treatment, baselines) from the sweep yamls' `compare` (None where no yaml names them)."""
-    from hps_exp import sweep as sweep_mod
-
-    found = set()
-    for name in names:
-        try:
-            compare = sweep_mod.load(name).compare
-        except sweep_mod.SweepError:
-            continue
-        if compare.get("treatment"):
-            found.add((compare["treatment"], tuple(compare.get("baselines") or ())))
+def compare_of(grids: list[Grid]) -> tuple[str | None, list[str] | None]:
+    """(treatment, baselines) from the grids' `compare` (None where none names one)."""
+    found = {(g.compare["treatment"], tuple(g.compare.get("baselines") or ())) for g in grids
+             if g.compare.get("treatment")}
     if len(found) > 1:
         described = "; ".join(f"{t} vs {', '.join(b) or 'all others'}" for t, b in sorted(found))
-        raise ValueError(f"sweeps {', '.join(names)} name different comparisons ({described}): pass --compare")
+        raise ValueError(f"sweeps {', '.join(g.name for g in grids)} name different comparisons ({described}): "
+                         "pass --compare")
     if not found:
         return None, None
     treatment, baselines = found.pop()
@@ -908,16 +1025,15 @@ def build_report(runs: list[Run], sweep_dirs: list[Path], args: argparse.Namespa
     main_tab = main_table(runs, args.stage, args.metric_margin, args.n_boot)
     ablations = {k: t for k in ABLATION_KEYS
                  if (t := ablation_table(runs, k, args.metric_margin, args.stage, args.n_boot))}
-    names = args.sweep or sweep_names_of(runs, sweep_dirs)
-    treatment, baselines = compare_from_sweeps(names)
+    grids, notes = grids_of(runs, sweep_dirs, args.sweep)
+    treatment, baselines = compare_of(grids)
     if args.compare:  # the command line wins; its baselines too, else every other preference model
         treatment, baselines = args.compare, None
     if args.baselines:
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     paired = paired_tests(runs, treatment, args.stage, baselines=baselines) if treatment else []
-    never, notes = never_started(runs, sweep_dirs, names)
-    return Report(runs, main_tab, ablations, timing_table(runs, args.n_boot), paired, treatment, baselines, never,
-                  names, notes)
+    return Report(runs, main_tab, ablations, timing_table(runs, args.n_boot), paired, treatment, baselines,
+                  missing_jobs(runs, grids), grids, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -934,10 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no completed runs under {where} ({len(runs)} job dir(s) found)", file=sys.stderr)
         if runs:
             print(render_failed(runs), file=sys.stderr)
-        names = args.sweep or sweep_names_of(runs, sweep_dirs)
-        never, notes = never_started(runs, sweep_dirs, names)
+        grids, notes = grids_of(runs, sweep_dirs, args.sweep)
+        never = missing_jobs(runs, grids)
         if never or notes:
-            print("Jobs of the grid that never started:\n" + render_never_started(never, names, notes),
+            print("Jobs of the grid that never started:\n" + render_never_started(never, grids, notes),
                   file=sys.stderr)
         return 1
     try:

@@ -467,3 +467,34 @@ def test_the_barrier_fails_when_an_arm_is_missing(tmp_path, fake_python, monkeyp
     assert rc == 1
     assert "barrier timeout" in (jobs_dir / ".sweep_logs" / "A.log").read_text()
     assert "total: 3 job(s), 0 completed" in capsys.readouterr().out
+
+
+def test_the_launched_grid_is_recorded_with_its_extras(tmp_path, fake_python, monkeypatch, capsys):
+    """Issue 18.7: the runner records what it launched (extras included) before any job starts; --dry-run
+    records nothing; a relaunch with another grid replaces the record and says so."""
+    monkeypatch.setenv("FAKE_ARMS", "1")
+    path = tmp_path / "rec.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"A": ["loss=bt"], "B": ["loss=pl"]}, "grid": {"seed": "0,1,2"},
+                                    "fixed": ["trainer.epochs=1"], "compare": {"treatment": "PL"}}))
+    jobs_dir = tmp_path / "jobs"
+    assert sw.main([str(path), "--dry-run", "--jobs-dir", str(jobs_dir), "seed=0"]) == 0
+    assert not (jobs_dir / sw.GRID_RECORD).exists()
+    assert sw.main([str(path), "--jobs-dir", str(jobs_dir), "--python", str(fake_python), "seed=0",
+                    "dataset.n_train=64"]) == 0
+    out = capsys.readouterr().out
+    assert f"recorded the launched grid in {jobs_dir / sw.GRID_RECORD}" in out
+    record = sw.read_grid_record(jobs_dir)
+    assert record["sweep"] == "rec" and record["label"] == "rec" and record["extra"] == ["seed=0", "dataset.n_train=64"]
+    assert record["compare"] == {"treatment": "PL"} and record["sweep_file"] == str(path.resolve())
+    assert {arm: v["jobs"] for arm, v in record["arms"].items()} == sw.jobs(sw.load(str(path)),
+                                                                            ["seed=0", "dataset.n_train=64"])
+    assert record["arms"]["A"]["jobs"] == [["trainer.epochs=1", "seed=0", "loss=bt", "sweep=rec",
+                                            "dataset.n_train=64"]]
+    assert record["arms"]["B"]["command"][-2] == f"hydra.sweep.dir={jobs_dir / 'B'}"
+    # Relaunch with the yaml's own seeds: the record follows, and the change is said.
+    assert sw.main([str(path), "--jobs-dir", str(jobs_dir), "--python", str(fake_python)]) == 1  # fake: job 0 only
+    assert "recorded another grid (sweep rec" in capsys.readouterr().out
+    assert [len(v["jobs"]) for v in sw.read_grid_record(jobs_dir)["arms"].values()] == [3, 3]
+    (jobs_dir / sw.GRID_RECORD).write_text("[]")
+    with pytest.raises(sw.SweepError, match="not a grid record"):
+        sw.read_grid_record(jobs_dir)

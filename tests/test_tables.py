@@ -567,3 +567,82 @@ def test_sft_reference_rows_split_by_the_number_of_responses(tmp_path):
     table = tables.main_table(tables.collect_runs([root]))
     sft = {label: table.cell(label, ("hh", "bleu")).mean for label in table.rows if label.startswith("SFT")}
     assert sft == {"SFT (reference, n_resp=2)": 2.0, "SFT (reference, n_resp=8)": 8.0}
+
+
+def _launch_record(jobs_dir, name, extra):
+    """What `python -m hps_exp.sweep NAME extra...` records when it starts (hps_exp.sweep.run)."""
+    from hps_exp import sweep as sw
+
+    s = sw.load(name)
+    all_jobs = sw.jobs(s, extra)
+    commands = {arm: sw.command(s, arm, jobs_dir, extra) for arm in all_jobs}
+    sw.write_grid_record(jobs_dir, sw.grid_record(s, extra, all_jobs, commands), out=sys.stdout)
+    return all_jobs
+
+
+def test_never_started_compares_against_the_recorded_grid(tmp_path, capsys):
+    """Issue 18.7: a sweep launched with `seed=0 dataset.n_train=64` over main_dpo_small lists no job of the
+    yaml's seeds 1-4 as never started; the grid that ran is the one recorded at launch."""
+    jobs_dir = tmp_path / "main_dpo_small"
+    launched = _launch_record(jobs_dir, "main_dpo_small", ["seed=0", "dataset.n_train=64"])
+    assert {arm: len(j) for arm, j in launched.items()} == {"DPO-BT": 1, "DPO-PL": 1, "DPO-HPS": 1, "DPO-HPS-full": 1}
+    for i, arm in enumerate(launched):
+        m = completed(arm, 0, 1.0, 1.0)
+        m["run"]["sweep"] = "main_dpo_small"
+        write_job(jobs_dir / arm / "0", m, launched[arm][0])
+    runs = tables.collect_runs([jobs_dir])
+    missing, notes = tables.never_started(runs, [jobs_dir])
+    assert missing == [] and notes == []
+    assert tables.main([str(jobs_dir), "--n-boot", "50"]) == 0
+    md = (jobs_dir / "table.md").read_text()
+    assert "0 job(s) of the grid never started" in md
+    assert "every job of the grid (main_dpo_small, recorded at launch) has a job dir" in md
+    # The recorded grid's compare (from the yaml at launch) names the paired test's treatment.
+    assert "| Reward margin | DPO-HPS | " in md
+    # One arm's job dir lost: exactly that job is listed, with the overrides it was launched with.
+    import shutil
+
+    shutil.rmtree(jobs_dir / "DPO-PL" / "0")
+    missing, _ = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    assert [(m.arm, m.number) for m in missing] == [("DPO-PL", 0)]
+    assert "dataset.n_train=64" in missing[0].overrides and "seed=0" in missing[0].overrides
+    # Without the record, the yaml's grid is the fallback, and the tables say so.
+    (jobs_dir / "sweep_grid.json").unlink()
+    missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    assert len(missing) == 1 + 4 * 4  # the lost job and seeds 1-4 of every arm, as the yaml has them
+    assert len(notes) == 1 and "no grid recorded at launch" in notes[0] and "main_dpo_small.yaml" in notes[0]
+
+
+def test_a_corrupt_grid_record_is_named_not_used(tmp_path):
+    jobs_dir = tmp_path / "jobs"
+    write_job(jobs_dir / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0))
+    (jobs_dir / "sweep_grid.json").write_text("{\"arms\": 3}")
+    missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    assert missing == [] and any("sweep_grid.json" in n and "not a grid record" in n for n in notes)
+
+
+def test_cost_table_shows_threads_and_load_range(paired_sweep, tmp_path):
+    """Issue 18.9: threads and the 1-minute load range per method; old runs without them are tolerated."""
+    for i, (threads, load) in enumerate(((2, (0.5, 1.25)), (1, (3.0, 7.5)))):
+        path = paired_sweep / str(i) / "metrics.json"  # jobs 0 and 1: DPO-HPS and DPO-PL of seed 0
+        m = json.loads(path.read_text())
+        m["timing"].update(threads=threads, threads_source="auto", load_start=load[0], load_end=load[1])
+        path.write_text(json.dumps(m))
+    path = paired_sweep / "6" / "metrics.json"  # DPO-HPS, seed 1
+    m = json.loads(path.read_text())
+    m["timing"].update(threads=4, threads_source="OMP_NUM_THREADS", load_start=2.0)
+    path.write_text(json.dumps(m))
+    assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "50"]) == 0
+    md = (tmp_path / "o" / "table.md").read_text()
+    headers, rows = parse_md_table(md, "## Training cost")
+    t, load = headers.index("Threads"), headers.index("Load avg (1 min) at start/end")
+    assert rows["DPO-HPS"][t] == "2–4 (mixed) (n=2)" and rows["DPO-HPS"][load] == "0.50–2.00 (n=2)"
+    assert rows["DPO-PL"][t] == "1 (auto) (n=1)" and rows["DPO-PL"][load] == "3.00–7.50 (n=1)"
+    assert rows["IPO-BT"][t] == "–" and rows["IPO-BT"][load] == "–"  # older runs: absent
+    with open(tmp_path / "o" / "table.csv", newline="") as f:
+        by_key = {(r["method"], r["metric"]): r for r in csv.DictReader(f) if r["eval_set"] == "timing"}
+    r = by_key[("DPO-PL", "load")]
+    assert (float(r["lo"]), float(r["hi"]), r["interval"], r["n_seeds"]) == (3.0, 7.5, "range", "1")
+    # Without any recorded conditions the table keeps its old columns.
+    old = tables.timing_table(tables.collect_runs([paired_sweep / "9"]), n_boot=50)
+    assert old.span_columns == [] and "Threads" not in tables.render_table(old)
