@@ -82,6 +82,8 @@ class Run:
     error: str | None = None
     overrides: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    circular: bool = False  # metrics.json circular_eval: scored by the annotation reward model itself
+    extra: dict = field(default_factory=dict)  # metrics.json's other blocks (reward_model, augment) for runs.csv
 
     @property
     def ok(self) -> bool:
@@ -144,8 +146,10 @@ def load_run(job_dir: Path) -> Run:
     if status == "completed" and not (isinstance(run, dict) and run.get("method") and isinstance(ev, dict)):
         return Run(job_dir, "unreadable", error="metrics.json says completed but lacks run.method or eval",
                    overrides=overrides)
+    extra = {k: data[k] for k in ("reward_model", "augment") if isinstance(data.get(k), dict)}
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
-               data.get("error"), overrides, timing if isinstance(timing, dict) else {})
+               data.get("error"), overrides, timing if isinstance(timing, dict) else {},
+               data.get("circular_eval") is True, extra)
 
 
 def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:
@@ -331,11 +335,20 @@ class Table:
     ranked: bool = True             # bold the best cell of each column
     notes: list[str] = field(default_factory=list)
     row_info: dict[str, Row] = field(default_factory=dict)
+    row_runs: dict[str, list[Run]] = field(default_factory=dict)  # SFT rows' runs (for the circular mark)
+    mark_circular: bool = True  # results tables mark circularly evaluated rows; the cost table does not
     span_columns: list[str] = field(default_factory=list)  # SPAN_LABELS keys shown after the cells
     spans: dict[tuple[str, str], Span] = field(default_factory=dict)
 
     def cell(self, row: str, col: tuple[str, Any]) -> Cell | None:
         return self.cells.get((row, col))
+
+    def circular(self, row: str) -> tuple[int, int]:
+        """(circularly evaluated runs, runs) behind a row."""
+        if not self.mark_circular:
+            return 0, 0
+        runs = self.row_info[row].runs if row in self.row_info else self.row_runs.get(row, [])
+        return sum(r.circular for r in runs), len(runs)
 
 
 @dataclass
@@ -374,7 +387,8 @@ def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
     return out
 
 
-def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int) -> tuple[dict, dict]:
+def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
+              circular: dict[str, list[Run]] | None = None) -> tuple[dict, dict]:
     """SFT metrics, one row per SFT policy: per train set and number of responses (both change the SFT data).
     Every method's run re-reports the same SFT policy of its seed, so one sample per seed: the mean of the runs'
     scalars, with the first run's per-prompt values."""
@@ -400,6 +414,8 @@ def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int) -> t
                 cells[(label, col)] = cell
         if any(key[0] == label for key in cells):
             n[label] = len(by_seed)
+            if circular is not None:
+                circular[label] = by_train[train]
     return cells, n
 
 
@@ -425,7 +441,7 @@ def main_table(runs: list[Run], stage: str = "aligned", margin: str = "reward_ma
     headers = [f"{e} · {METRIC_LABELS.get(m, m)} {'↓' if m in LOWER_IS_BETTER else '↑'}" for e, m in columns]
     table = Table(f"Main results ({stage} policy)", [], columns, headers, {}, {})
     if stage != "sft":
-        sft_cells, sft_n = _sft_rows(done, columns, n_boot)
+        sft_cells, sft_n = _sft_rows(done, columns, n_boot, table.row_runs)
         table.cells.update(sft_cells)
         table.n.update(sft_n)
         table.rows += list(sft_n)
@@ -450,7 +466,7 @@ def timing_table(runs: list[Run], n_boot: int = stats.DEFAULT_N_BOOT) -> Table |
         return None
     columns = [("timing", k) for k in keys]
     table = Table("Training cost (wall-clock seconds)", [], columns, [f"{TIMING_LABELS[k]} ↓" for k in keys],
-                  {}, {}, ranked=False)
+                  {}, {}, ranked=False, mark_circular=False)
     for row in build_rows(done):
         table.rows.append(row.label)
         table.row_info[row.label] = row
@@ -526,6 +542,7 @@ class PairedResult:
     n_pairs: int
     per_prompt: bool    # paired by (seed, prompt); False: by seed only
     p: float
+    circular: bool = False  # a run on either side was scored by its annotation reward model
 
 
 def _one_per_seed(runs: list[Run]) -> dict[Any, Run]:
@@ -582,7 +599,8 @@ def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metric
                 a, b, per_prompt = paired
                 diffs = [x - y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
                 results.append(PairedResult(e, metric, t.framework, t.label, best.label, statistics.fmean(diffs),
-                                            len(a), len(diffs), per_prompt, stats.paired_test(a, b)))
+                                            len(a), len(diffs), per_prompt, stats.paired_test(a, b),
+                                            any(r.circular for r in t.runs + best.runs)))
     return results
 
 
@@ -604,8 +622,11 @@ def render_paired(results: list[PairedResult], treatment: str | None, decimals: 
         pairs = f"{r.n_pairs}" + ("" if r.per_prompt else " (seeds)")
         # a difference within float rounding (e.g. n = 2, where the losses coincide) is no difference
         better = "equal" if abs(r.diff) <= 1e-6 else "yes" if r.diff > 0 and r.p < 0.05 else "no"
-        lines.append(f"| {_md(r.eval_set)} | {_md(METRIC_LABELS.get(r.metric, r.metric))} | {_md(r.treatment)} | "
+        treatment_text = f"{r.treatment} {CIRCULAR_MARK}" if r.circular else r.treatment
+        lines.append(f"| {_md(r.eval_set)} | {_md(METRIC_LABELS.get(r.metric, r.metric))} | {_md(treatment_text)} | "
                      f"{_md(r.baseline)} | {r.diff:+.{decimals}f} | {pairs} | {stats.fmt_p(r.p)} | {better} |")
+    if any(r.circular for r in results):
+        lines += ["", CIRCULAR_NOTE]
     return "\n".join(lines)
 
 
@@ -756,6 +777,17 @@ def fmt_span(span: Span | None, key: str, decimals: int, row_n: int | None = Non
     return text
 
 
+CIRCULAR_MARK = "‡"
+CIRCULAR_NOTE = (f"{CIRCULAR_MARK} circular evaluation (metrics.json `circular_eval`): the evaluation reward model is "
+                 "the annotation one, whose labels the policy was trained on, so its reward, margins and win rate "
+                 "can reward gaming the annotator; (k/n) = k of the row's n runs.")
+
+
+def row_text(table: Table, row: str) -> str:
+    k, n = table.circular(row)
+    return row if not k else f"{row} {CIRCULAR_MARK}" if k == n else f"{row} {CIRCULAR_MARK} ({k}/{n})"
+
+
 def render_table(table: Table, decimals: int = 2) -> str:
     bold = {col: best_rows(table, col, decimals) for col in table.columns} if table.ranked else {}
     headers = [*table.headers, *(SPAN_LABELS[k] for k in table.span_columns)]
@@ -765,7 +797,9 @@ def render_table(table: Table, decimals: int = 2) -> str:
         cells = [fmt_cell(table.cell(row, col), decimals, table.n.get(row), row in bold.get(col, ()))
                  for col in table.columns]
         cells += [_md(fmt_span(table.spans.get((row, k)), k, decimals, table.n.get(row))) for k in table.span_columns]
-        lines.append(f"| {_md(row)} | {table.n.get(row, 0)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md(row_text(table, row))} | {table.n.get(row, 0)} | " + " | ".join(cells) + " |")
+    if any(table.circular(row)[0] for row in table.rows):
+        lines += ["", CIRCULAR_NOTE]
     return "\n".join(lines)
 
 
@@ -849,6 +883,46 @@ def render_csv(table: Table, timing: Table | None = None) -> str:
                 if (span := t.spans.get((row, key))) is not None:
                     writer.writerow([row, "timing", key, repr(span.mean), repr(span.lo), repr(span.hi), "range",
                                      "", span.n])
+    return buf.getvalue()
+
+
+def scalar_metrics(run: Run) -> dict[str, Any]:
+    """Every scalar a job reports, flattened: eval/<set>/<stage>/<metric>, timing/<key>, reward_model/<key>,
+    augment/<key> (per-prompt lists and samples left out)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k != "per_prompt":
+                    walk(f"{prefix}/{k}", v)
+        elif isinstance(node, (int, float, str)) or node is None:
+            out[prefix] = node
+    walk("eval", run.eval)
+    walk("timing", run.timing)
+    for name, block in run.extra.items():
+        walk(name, block)
+    return out
+
+
+RUNS_FIXED = ["job_dir", "status", "method", "seed", "circular_eval", "overrides", "command", "error"]
+
+
+def render_runs_csv(runs: list[Run]) -> str:
+    """One row per job dir (completed or not): its overrides, seed, every scalar metric, and the command that
+    reruns it (`python -m hps_exp` with the job's own overrides; add hydra.run.dir=... and a fresh cache_dir
+    to retrain rather than reuse the cached stages)."""
+    metrics = [scalar_metrics(r) for r in runs]
+    columns = list(dict.fromkeys(k for m in metrics for k in m))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RUNS_FIXED + columns)
+    for r, m in zip(runs, metrics):
+        seed = r.run.get("seed", next((o.split("=", 1)[1] for o in r.overrides if o.startswith("seed=")), ""))
+        fixed = [str(r.job_dir), r.status, r.run.get("method", ""), seed, "true" if r.circular else "",
+                 " ".join(r.overrides), shlex.join(["python", "-m", "hps_exp", *r.overrides]), r.error or ""]
+        writer.writerow(fixed + ["" if m.get(c) is None else repr(m[c]) if isinstance(m[c], float) else m[c]
+                                 for c in columns])
     return buf.getvalue()
 
 
@@ -1067,9 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", markdown)
     atomic_write_text(out / "table.csv", render_csv(report.main, report.timing))
+    atomic_write_text(out / "runs.csv", render_runs_csv(runs))
     plots = make_plots(report.main, report.ablations, out, args.metric_margin)
     print(markdown)
-    print(f"[tables] wrote {out / 'table.md'}, {out / 'table.csv'}"
+    print(f"[tables] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'runs.csv'}"
           + "".join(f", {p}" for p in plots), file=sys.stderr)
     return 0
 

@@ -646,3 +646,55 @@ def test_cost_table_shows_threads_and_load_range(paired_sweep, tmp_path):
     # Without any recorded conditions the table keeps its old columns.
     old = tables.timing_table(tables.collect_runs([paired_sweep / "9"]), n_boot=50)
     assert old.span_columns == [] and "Threads" not in tables.render_table(old)
+
+
+def test_runs_csv_has_one_row_per_job_with_its_command(sweep):
+    """Issue 16: runs.csv = one row per job dir (failed and missing too): overrides, seed, every scalar metric and
+    the command that reruns it."""
+    import shlex
+
+    assert tables.main([str(sweep), "--n-boot", "50"]) == 0
+    with open(sweep / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and [r["job_dir"] for r in rows] == [str(sweep / str(i)) for i in range(12)]
+    by_dir = {r["job_dir"]: r for r in rows}
+    first = by_dir[str(sweep / "0")]  # IPO-HPS seed 0 (the fixture writes IPO-HPS first)
+    assert (first["status"], first["method"], first["seed"]) == ("completed", "IPO-HPS", "0")
+    assert shlex.split(first["command"]) == ["python", "-m", "hps_exp", "method=IPO-HPS", "seed=0"]
+    assert float(first["eval/hh/aligned/reward_margin"]) == pytest.approx(HH_MARGIN["IPO-HPS"][0])
+    assert float(first["eval/pku/aligned/harmful_rate"]) == pytest.approx(0.5 / LEVEL["IPO-HPS"])
+    assert float(first["timing/total_s"]) == 1.0 and first["eval/hh/aligned/harmful_rate"] == ""
+    assert not any(k.startswith("eval/hh/per_prompt") for k in rows[0])
+    failed, missing = by_dir[str(sweep / "10")], by_dir[str(sweep / "11")]
+    assert failed["status"] == "failed" and "loss.beta must be > 0" in failed["error"]
+    assert missing["status"] == "missing" and missing["seed"] == "7" and missing["overrides"] == "loss=pl seed=7"
+
+
+def test_circular_evaluation_rows_are_marked(paired_sweep, tmp_path):
+    """Issue 16: metrics.json circular_eval=true (the evaluation RM is the annotation RM) marks the row."""
+    for num in (0, 6):  # DPO-HPS seeds 0 and 1 of 5
+        path = paired_sweep / str(num) / "metrics.json"
+        m = json.loads(path.read_text())
+        assert m["run"]["method"] == "DPO-HPS"
+        m["circular_eval"] = True
+        path.write_text(json.dumps(m))
+    for num in range(1, 30, 6):  # every DPO-PL run
+        path = paired_sweep / str(num) / "metrics.json"
+        m = json.loads(path.read_text())
+        assert m["run"]["method"] == "DPO-PL"
+        m["circular_eval"] = True
+        path.write_text(json.dumps(m))
+    assert tables.main([str(paired_sweep), "--compare", "HPS", "--out", str(tmp_path / "o"), "--n-boot", "50"]) == 0
+    md = (tmp_path / "o" / "table.md").read_text()
+    _, rows = parse_md_table(md, "## Main results")
+    assert "DPO-HPS ‡ (2/5)" in rows and "DPO-PL ‡" in rows and "DPO-BT" in rows and "IPO-HPS" in rows
+    assert "SFT (reference) ‡ (7/30)" in rows
+    main_section = md.split("## Main results", 1)[1].split("\n## ", 1)[0]
+    assert "‡ circular evaluation" in main_section
+    paired = md.split("## Paired tests", 1)[1].split("\n## ", 1)[0]
+    assert "| DPO-HPS ‡ | DPO-PL |" in paired and "| IPO-HPS | IPO-BT |" in paired
+    cost = md.split("## Training cost", 1)[1].split("\n## ", 1)[0]
+    assert "‡" not in cost
+    with open(tmp_path / "o" / "runs.csv", newline="") as f:
+        marked = {r["job_dir"] for r in csv.DictReader(f) if r["circular_eval"] == "true"}
+    assert len(marked) == 7
