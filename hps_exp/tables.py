@@ -419,23 +419,24 @@ def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
     return cells, n
 
 
-def main_columns(done: list[Run], stage: str, margin: str) -> list[tuple[str, str]]:
+def main_columns(done: list[Run], stage: str, margin: str | tuple[str, ...]) -> list[tuple[str, str]]:
+    margins = [margin] if isinstance(margin, str) else list(margin)
     eval_sets = sorted({e for r in done for e in r.eval})
     columns: list[tuple[str, str]] = []
     for e in eval_sets:
         present = {m for m in OPTIONAL_METRICS
                    if any(metric_of(r, e, s, m) is not None for r in done for s in (stage, "sft"))}
         metrics = ["bleu"] + [m for m in ("bleu_char",) if m in present] + ["reward"] \
-            + [m for m in ("reward_top1",) if m in present] + [margin] \
+            + [m for m in ("reward_top1",) if m in present] + margins \
             + [m for m in ("win_rate", "harmful_rate") if m in present]
         columns += [(e, m) for m in metrics]
     return columns
 
 
-def main_table(runs: list[Run], stage: str = "aligned", margin: str = "reward_margin",
+def main_table(runs: list[Run], stage: str = "aligned", margin: str | tuple[str, ...] = "reward_margin",
                n_boot: int = stats.DEFAULT_N_BOOT) -> Table:
     """Rows = methods (+ the SFT reference), columns = per eval set: BLEU [, BLEU (char)], Reward [, top-1],
-    margin [, win rate] [, harmful rate]."""
+    margin (or several: the plots' table) [, win rate] [, harmful rate]."""
     done = [r for r in runs if r.ok]
     columns = main_columns(done, stage, margin)
     headers = [f"{e} · {METRIC_LABELS.get(m, m)} {'↓' if m in LOWER_IS_BETTER else '↑'}" for e, m in columns]
@@ -961,57 +962,64 @@ def _err(cells: list[Cell | None]) -> list[list[float]]:
             [max(0.0, c.hi - c.mean) if c else 0.0 for c in cells]]
 
 
-def plot_main(plt, main: Table, margin: str, path: Path) -> None:
-    """One panel per (eval set, metric) for BLEU, reward and the margin: bars grouped by framework, one colour
-    per preference model, value labels, the intervals as error bars, SFT as a dashed line."""
+def plot_main(plt, main: Table, margins: Iterable[str], path: Path) -> None:
+    """One panel row per (framework, eval set), one column per metric (BLEU, reward, then every margin given,
+    e.g. the mean and the hardest-negative one): a bar per preference model (the same colour and place in every
+    panel), the intervals as error bars, SFT as a dashed line, and the values in a strip along the top of each
+    panel, above every error bar (never on one)."""
     rows = [main.row_info[r] for r in main.rows if r in main.row_info]
-    eval_sets = sorted({e for e, m in main.columns if m == margin})
-    metrics = [m for m in ("bleu", "reward", margin) if any(c[1] == m for c in main.columns)]
+    margins = [m for m in margins if any(c[1] == m for c in main.columns)]
+    eval_sets = sorted({e for e, m in main.columns if m in margins})
+    metrics = [m for m in ("bleu", "reward") if any(c[1] == m for c in main.columns)] + margins
     frameworks = list(dict.fromkeys(row.framework for row in rows))
+    panels = [(fw, e) for fw in frameworks for e in eval_sets]
     styles = series_styles(rows)
     series = list(styles)
-    width = 0.8 / max(len(series), 1)
-    fig, axes = plt.subplots(len(eval_sets), len(metrics), squeeze=False,
-                             figsize=(max(4.5, 0.3 * len(series) * len(frameworks) + 1.5) * len(metrics),
-                                      3.8 * len(eval_sets)))
-    for i, e in enumerate(eval_sets):
+    vertical = len(series) > 5  # many bars: labels turned, so they keep to their bar
+    fig, axes = plt.subplots(len(panels), len(metrics), squeeze=False, sharex=True,
+                             figsize=(max(2.4, 0.45 * len(series) + 0.6) * len(metrics), 2.1 * len(panels) + 0.9))
+    for i, (fw, e) in enumerate(panels):
         for j, m in enumerate(metrics):
             ax = axes[i][j]
+            bars = []
             for k, s in enumerate(series):
-                xs, cells = [], []
-                for g, fw in enumerate(frameworks):
-                    match = [row for row in rows if row.framework == fw and row.series == s]
-                    cell = main.cell(match[0].label, (e, m)) if match else None
-                    if cell is not None:
-                        xs.append(g + (k - (len(series) - 1) / 2) * width)
-                        cells.append(cell)
-                if not cells:
+                match = [row for row in rows if row.framework == fw and row.series == s]
+                cell = main.cell(match[0].label, (e, m)) if match else None
+                if cell is None:
                     continue
                 colour, hatch = styles[s]
-                ax.bar(xs, [c.mean for c in cells], width, yerr=_err(cells), capsize=2, color=colour,
-                              hatch=hatch, edgecolor="white" if not hatch else "black", linewidth=0.5, label=s)
-                for x, c in zip(xs, cells):  # value label past the end of the error bar, not hidden by it
-                    up = c.mean >= 0
-                    ax.annotate(f"{c.mean:.2f}", (x, c.hi if up else c.lo), xytext=(0, 2 if up else -2),
-                                textcoords="offset points", ha="center", va="bottom" if up else "top",
-                                fontsize=6, rotation=90)
+                ax.bar([k], [cell.mean], 0.8, yerr=_err([cell]), capsize=2, color=colour, hatch=hatch,
+                       edgecolor="white" if not hatch else "black", linewidth=0.5, label=s)
+                bars.append((k, cell))
             sft = [main.cell(r, (e, m)) for r in main.rows if r in main.reference_rows]
-            if sft and sft[0] is not None and m != margin:
+            values = [v for _, c in bars for v in (c.lo, c.hi, c.mean)] + [0.0]
+            if sft and sft[0] is not None and m not in margins:
                 ax.axhline(sft[0].mean, color="0.4", linestyle="--", linewidth=1, label=SFT_LABEL)
+                values.append(sft[0].mean)
             ax.axhline(0.0, color="black", linewidth=0.6)
-            ax.set_xticks(range(len(frameworks)), [fw.upper() or "–" for fw in frameworks])
-            ax.set_title(f"{e} · {METRIC_LABELS.get(m, m)}", fontsize=9)
-            ax.margins(y=0.15)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+            lo, hi = min(values), max(values)
+            span = (hi - lo) or 1.0
+            strip = 0.32 if vertical else 0.16  # the top share of the panel that holds the value labels
+            top = hi + 0.03 * span
+            ax.set_ylim(lo - 0.05 * span, top + (top - (lo - 0.05 * span)) * strip / (1 - strip))
+            for k, c in bars:  # x in data, y in axes coordinates: inside the strip, above every error bar
+                ax.annotate(f"{c.mean:.2f}", (k, 0.985), xycoords=ax.get_xaxis_transform(), ha="center",
+                            va="top", fontsize=6.5, rotation=90 if vertical else 0)
+            ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+            if i == 0:
+                ax.set_title(METRIC_LABELS.get(m, m), fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{fw.upper() or '–'} · {e}", fontsize=9, fontweight="bold")
+    handles, labels = [], []
     for ax in axes.flat:  # the union of legends, once
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1.0 + 0.04 / max(1, len(eval_sets))))
-    fig.suptitle(f"Mean over seeds, error bars = {LEVEL:.0%} bootstrap interval", y=1.06, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8, title_fontsize=9,
+               title=f"Mean over seeds, error bars = {LEVEL:.0%} bootstrap interval", bbox_to_anchor=(0.5, 1.0))
     _save_png(fig, path)
     plt.close(fig)
 
@@ -1039,7 +1047,9 @@ def plot_ablation(plt, table: Table, key: str, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def make_plots(main: Table, ablations: dict[str, Table], out: Path, margin: str) -> list[Path]:
+def make_plots(main: Table, ablations: dict[str, Table], out: Path, margin: str,
+               plot_table: Table | None = None) -> list[Path]:
+    """`<margin>.png` (from plot_table, which carries both margins, else the main table) and `vs_<key>.png`."""
     try:
         import matplotlib  # lazy: the tables work without it
         matplotlib.use("Agg")
@@ -1049,7 +1059,7 @@ def make_plots(main: Table, ablations: dict[str, Table], out: Path, margin: str)
         return []
     written = []
     if any(m == margin for _, m in main.columns) and main.row_info:
-        plot_main(plt, main, margin, out / f"{margin}.png")
+        plot_main(plt, plot_table or main, [margin, *(m for m in MARGINS if m != margin)], out / f"{margin}.png")
         written.append(out / f"{margin}.png")
     for key, table in ablations.items():
         plot_ablation(plt, table, key, margin, out / f"vs_{key}.png")
@@ -1142,7 +1152,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "table.md", markdown)
     atomic_write_text(out / "table.csv", render_csv(report.main, report.timing))
     atomic_write_text(out / "runs.csv", render_runs_csv(runs))
-    plots = make_plots(report.main, report.ablations, out, args.metric_margin)
+    both = (args.metric_margin, *(m for m in MARGINS if m != args.metric_margin))  # the figure shows both margins
+    plots = make_plots(report.main, report.ablations, out, args.metric_margin,
+                       main_table(runs, args.stage, both, args.n_boot))
     print(markdown)
     print(f"[tables] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'runs.csv'}"
           + "".join(f", {p}" for p in plots), file=sys.stderr)

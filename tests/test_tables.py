@@ -523,13 +523,15 @@ def test_series_colours_never_collide():
 
 
 def test_main_plot_panels(paired_sweep, tmp_path):
+    """Issue 16: both margins in the default figure, one panel row per (framework, eval set), value labels
+    above every error bar of their panel."""
     pytest.importorskip("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = tables.main_table(tables.collect_runs([paired_sweep]), n_boot=100)
+    main = tables.main_table(tables.collect_runs([paired_sweep]), margin=tables.MARGINS, n_boot=100)
     captured = {}
     real_close = plt.close
 
@@ -537,22 +539,42 @@ def test_main_plot_panels(paired_sweep, tmp_path):
         captured["fig"] = fig
     plt.close = keep
     try:
-        tables.plot_main(plt, main, "reward_margin", tmp_path / "m.png")
+        tables.plot_main(plt, main, ["reward_margin", "reward_margin_hardest"], tmp_path / "m.png")
     finally:
         plt.close = real_close
     fig = captured["fig"]
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["hh · BLEU", "hh · Reward", "hh · Reward margin",
-                      "pku · BLEU", "pku · Reward", "pku · Reward margin"]
-    margin_ax = fig.axes[2]
-    labels = [t.get_text() for t in margin_ax.texts]
-    hps = main.cell("DPO-HPS", ("hh", "reward_margin"))
-    assert f"{hps.mean:.2f}" in labels and len(labels) == 6  # one value label per bar (2 frameworks x 3)
-    assert [t.get_text() for t in margin_ax.get_xticklabels()] == ["DPO", "IPO"]
-    colours = {tuple(p.get_facecolor()) for p in margin_ax.patches}
+    assert len(fig.axes) == 4 * 4  # (dpo, ipo) x (hh, pku) rows, 4 metric columns
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["BLEU", "Reward", "Reward margin", "Reward margin (hardest)"]
+    assert [fig.axes[4 * i].get_ylabel() for i in range(4)] == ["DPO · hh", "DPO · pku", "IPO · hh", "IPO · pku"]
+    hardest_ax = fig.axes[3]  # DPO · hh · hardest margin
+    labels = [t.get_text() for t in hardest_ax.texts]
+    hps = main.cell("DPO-HPS", ("hh", "reward_margin_hardest"))
+    assert f"{hps.mean:.2f}" in labels and len(labels) == 3  # one value label per bar (BT, PL, HPS)
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == ["BT", "PL", "HPS"]  # bottom row
+    colours = {tuple(p.get_facecolor()) for p in hardest_ax.patches}
     assert len(colours) == 3  # one colour per preference model
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        bar_tops = [seg[:, 1].max() for coll in ax.collections for seg in
+                    (ax.transData.transform(p) for p in coll.get_segments())]  # error bars, in pixels
+        assert bar_tops and ax.texts
+        for text in ax.texts:
+            assert text.get_window_extent(renderer).y0 > max(bar_tops), (ax.get_title(), text.get_text())
     real_close(fig)
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_default_figure_carries_both_margins(paired_sweep, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    seen = {}
+    monkeypatch.setattr(tables, "plot_main", lambda plt, table, margins, path: seen.update(
+        margins=list(margins), columns={m for _, m in table.columns}))
+    assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "50"]) == 0
+    assert seen["margins"] == ["reward_margin", "reward_margin_hardest"]
+    assert {"reward_margin", "reward_margin_hardest"} <= seen["columns"]
+    headers, _ = parse_md_table((tmp_path / "o" / "table.md").read_text(), "## Main results")
+    assert "hh · Reward margin (hardest) ↑" not in headers  # the table keeps the one margin asked for
 
 
 def test_sft_reference_rows_split_by_the_number_of_responses(tmp_path):
