@@ -34,6 +34,13 @@ override list, job k = `<arm>/k`). `python -m hps_exp.tables` lists the "never s
 (the grid that ran, e.g. only `seed=0` when the command line said so), and falls back to the sweep yaml only
 where no record exists. A relaunch into the same jobs dir replaces the record (and says so when the grid differs).
 
+Rerunning the same sweep (same NAME, extras and jobs dir) finishes it: each arm's multirun is relaunched with
+the same job numbers into the same `<arm>/<k>/` dirs, so a completed job reuses its cached stages and final
+checkpoint (or is skipped by the app where it skips a run dir with a completed metrics.json of the same
+config), an interrupted job resumes from its checkpoint (trainer.resume=true), and jobs that never started run.
+The summary counts a job as completed when its metrics.json says so, whichever launch finished it. Different
+extras make a different grid whose job k overwrites the old job k: give those another --jobs-dir.
+
 `--write-wandb` (re)writes the W&B sweep files of the grid under sweeps/wandb/ (one file per sweep, or one per
 arm when an arm couples several overrides, which a W&B grid cannot express).
 """

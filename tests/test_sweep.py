@@ -498,3 +498,40 @@ def test_the_launched_grid_is_recorded_with_its_extras(tmp_path, fake_python, mo
     (jobs_dir / sw.GRID_RECORD).write_text("[]")
     with pytest.raises(sw.SweepError, match="not a grid record"):
         sw.read_grid_record(jobs_dir)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_rerun_finishes_every_job_with_the_same_numbers(tmp_path):
+    """Issue 16 (resume): kill the runner and its jobs mid-way (SIGKILL to its process group, after arm A's job
+    finished), rerun the same command: every job completes, the summary counts the earlier one as completed, and
+    arm A's numbers are the ones it had before the kill."""
+    import signal
+    import time
+
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump({
+        "description": "resume test", "arms": {"A": ["loss=bt"], "B": ["loss=hps"]}, "grid": {"seed": "0"},
+        "fixed": ["dataset.n_train=12", "dataset.n_test=6", "dataset.n_responses=4", "eval.max_prompts=4",
+                  "eval.max_new_tokens=6", "eval.batch_size=8", "sft.epochs=1", "trainer.epochs=2",
+                  "trainer.batch_size=4", "trainer.save_every=1", "model.n_layer=1", "model.n_head=2",
+                  "model.n_embd=32", "model.vocab_size=300", "trainer.device=cpu", "logger.mode=disabled",
+                  "trainer.num_threads=1", f"cache_dir={tmp_path / 'cache'}"]}))
+    jobs_dir = tmp_path / "jobs"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HPS_EXP_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "hps_exp.sweep", str(path), "--jobs-dir", str(jobs_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    done_a = jobs_dir / "A" / "0" / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and sw.job_status(done_a.parent) != "completed":
+        time.sleep(0.2)
+    assert sw.job_status(done_a.parent) == "completed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its multirun (one process group, started here)
+    proc.wait()
+    before = json.loads(done_a.read_text())["eval"]
+    assert sw.job_status(jobs_dir / "B" / "0") != "completed"  # killed before B finished
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "total: 2 job(s), 2 completed" in r.stdout
+    assert json.loads(done_a.read_text())["eval"] == before
+    assert json.loads((jobs_dir / "B" / "0" / "metrics.json").read_text())["status"] == "completed"
