@@ -313,10 +313,6 @@ def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
     return [Row(row_label(m, s), m, s, groups[(m, s)]) for m, s in ordered]
 
 
-def group_rows(runs: list[Run], exclude: Iterable[str] = ()) -> dict[str, list[Run]]:
-    return {row.label: row.runs for row in build_rows(runs, exclude)}
-
-
 def row_label(method: str, settings: tuple) -> str:
     if not settings:
         return method
