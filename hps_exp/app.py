@@ -24,7 +24,7 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, distributed, evaluate, models, plan, stages
+from hps_exp import config, distributed, evaluate, models, plan, rundir, stages
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
@@ -155,12 +155,20 @@ def run(cfg: DictConfig) -> dict:
     env_args = dict(device=world.device, autocast=models.autocast_dtype(cfg.trainer.precision, world.device),
                     cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime,
                     world=world if world.distributed else None)
+    dry = stages.Env(**env_args, dry_run=True)
+    execute(cfg, r, dry, run_dir)   # every stage's key, nothing built
     if cfg.dry_run:
-        env = stages.Env(**env_args, dry_run=True)
-        execute(cfg, r, env, run_dir)
-        for name, key, status in env.planned:
+        for name, key, status in dry.planned:
             print(f"[plan] {name:<13} {key}  {status}")
-        return {"status": "planned", "stages": env.planned}
+        return {"status": "planned", "stages": dry.planned}
+    identity = rundir.identity(OmegaConf.to_container(cfg, resolve=True), dry.planned, _task_overrides())
+    reuse = _reuse_or_refuse(run_dir, identity, cfg.trainer.resume, world)
+    if reuse is not None:
+        if world.is_main:
+            print(f"[hps_exp] {run_dir} already holds this run's completed result (same stage keys): reusing its "
+                  f"metrics.json, nothing redone (trainer.resume=false redoes it)")
+        distributed.shutdown()
+        return reuse
     if world.is_main and (warning := plan.oversubscribed()):
         print(warning)
     seed_everything(cfg.seed)
@@ -180,7 +188,7 @@ def run(cfg: DictConfig) -> dict:
             return {}
         write_jsonl(run_dir / "samples.jsonl", out.pop("samples"))
         out["timing"]["total_s"] = time.perf_counter() - started
-        result = {"status": "completed", **out}
+        result = {"status": "completed", **out, "identity": identity}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
         logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()
                         for stage in ("sft", "aligned") for k, v in res[stage].items()
@@ -201,6 +209,33 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         distributed.shutdown()
+
+
+def _task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _reuse_or_refuse(run_dir: Path, identity: dict, resume: bool, world) -> dict | None:
+    """The main process reads the run dir's record: a completed result to reuse, None to run, or a refusal
+    (RunDirConflict on every process). Hydra has already rewritten .hydra/overrides.yaml with this job's
+    overrides; when the dir keeps its run (reused or refused) its own overrides are put back."""
+    decision = None
+    if world.is_main:
+        try:
+            reuse = rundir.decide(run_dir, identity, resume)
+            decision = ("reuse", reuse) if reuse is not None else ("run", None)
+        except rundir.RunDirConflict as e:
+            decision = ("refuse", str(e))
+        if decision[0] != "run":
+            rundir.restore_overrides(run_dir)
+    kind, value = world.broadcast_object(decision)
+    if kind == "refuse":
+        distributed.shutdown()
+        raise rundir.RunDirConflict(value)
+    return value
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -227,6 +262,8 @@ def results_table(eval_set: str, sft: dict, aligned: dict, method: str) -> str:
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
+    except rundir.RunDirConflict as e:   # the dir holds another run: leave its record as it is
+        raise RunFailed(f"error: {e}") from None
     except Exception as e:  # record the failure for the tables, then report it
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
