@@ -26,7 +26,7 @@ import torch
 from hps_exp import batching, evaluate, models
 from hps_exp.augment import augment
 from hps_exp.batching import Encoded, SequenceBatch
-from hps_exp.cache import Entry, cached, content_key, stage_entry
+from hps_exp.cache import Entry, cached, content_key, readable, stage_entry
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
 from hps_exp.generation import build_generator
@@ -291,16 +291,17 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
             model = models.build_tiny(spec.model, len(tok), spec.seed)
         if spec.enabled:
             torch.manual_seed(spec.seed)
-            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry))
+            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry), entry)
+            trained_s[0] = trainer.seconds_before   # the steps done before a resume, by an earlier process
             trainer.save_pretrained(tok, out / "model")
         elif _is_main(env):
             models.save(model, tok, out / "model")
 
-    started = time.perf_counter()
+    started, trained_s = time.perf_counter(), [0.0]
     path, _ = cached(env.cache_dir, entry, build, env.world, all_ranks=spec.enabled)
     if _is_main(env):
         _drop(_checkpoint(env, entry))
-    return SFTResult(path / "model", entry.key, time.perf_counter() - started, **load)
+    return SFTResult(path / "model", entry.key, time.perf_counter() - started + trained_s[0], **load)
 
 
 def _is_main(env: Env) -> bool:
@@ -319,7 +320,7 @@ class SFTBatch:
     num_prompts: int    # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
 
 
-def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> Trainer:
+def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path, entry: Entry) -> Trainer:
     encoded = _encode(tok, train, spec.model.max_prompt_length, spec.model.max_length)
     if spec.targets == "best":
         pairs = [(enc.prompt, enc.responses[ex.best]) for ex, enc in zip(train, encoded)]
@@ -339,7 +340,7 @@ def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> 
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=None)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="sft",
-                      checkpoint=checkpoint, world=env.world)
+                      checkpoint=checkpoint, world=env.world, key=entry.key, record=readable(entry))
     trainer.fit(make_epoch, -(-len(pairs) // bs), step)
     if env.logger is not None:
         env.logger.next_stage()
@@ -361,11 +362,13 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
         tok, _ = sft_result.load()
         rm = train_reward_model(list(train.items), tok=tok, max_prompt_length=spec.max_prompt_length,
                                 max_length=spec.max_length, seed=spec.seed, device=env.device,
-                                autocast=env.autocast, logger=env.logger, **spec.knobs)
+                                autocast=env.autocast, logger=env.logger, checkpoint=_checkpoint(env, entry),
+                                save_every=env.runtime.save_every, **spec.knobs)
         rm.save(out)
         atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
 
     path, _ = cached(env.cache_dir, entry, build, env.world)
+    _drop(_checkpoint(env, entry))
     rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
     report = {**json.loads((path / "train.json").read_text()),
               "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items))}
@@ -494,7 +497,8 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="train",
-                      checkpoint=run_dir / "checkpoints" / "preference", world=env.world)
+                      checkpoint=run_dir / "checkpoints" / "preference", world=env.world, key=entry.key,
+                      record=readable(entry))
     result = trainer.fit(make_epoch, -(-len(items) // bs), step)
     lora_adapter = models.is_lora(model) and env.runtime.lora_save == "adapter"
     if lora_adapter:   # the small adapter for sharing; evaluation reads the merged policy below
