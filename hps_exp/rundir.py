@@ -70,9 +70,18 @@ def decide(run_dir: Path, new: dict, resume: bool) -> dict | None:
     """The completed metrics.json to reuse (same stage keys), or None to run. Raises RunDirConflict when the dir
     holds a completed run with other keys and `resume` is true."""
     old = recorded(run_dir)
-    if old is None or old.get("status") != "completed" or not resume:
+    if old is None or not resume:
         return None
     old_id = old.get("identity")
+    if old.get("status") != "completed":
+        # An interrupted run's checkpoint resumes only this run (the trainer checks the checkpoint's own key
+        # too, e.g. after a kill that left no record); refused here, before any work.
+        if (isinstance(old_id, dict) and old_id.get("stages") != new["stages"]
+                and any((Path(run_dir) / "checkpoints").glob("*/meta.json"))):
+            raise RunDirConflict(f"{run_dir} holds the checkpoint of an interrupted run with other settings: "
+                                 f"{differences(old_id, new)}. Use another hydra.run.dir, or trainer.resume=false "
+                                 f"to start afresh there (the checkpoint is replaced)")
+        return None
     if not isinstance(old_id, dict):
         raise RunDirConflict(f"{run_dir} holds a completed run that recorded no stage keys (an older version): "
                              f"cannot tell whether it is this run. Use another hydra.run.dir, or "
@@ -97,3 +106,53 @@ def restore_overrides(run_dir: Path) -> None:
     from hps_exp.data.schema import atomic_write_text
 
     atomic_write_text(target, OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+LOCK = ".hps_exp.lock"
+
+
+def lock(run_dir: Path):
+    """The run dir's lock, held for the whole job: the same hydra.run.dir started twice is refused at once
+    instead of two jobs writing one checkpoint and one metrics.jsonl. The lock dies with its holder."""
+    from hps_exp.io import Busy, FileLock
+
+    try:
+        return FileLock(Path(run_dir) / LOCK).acquire(wait=False)
+    except Busy as e:
+        raise RunDirConflict(f"another job is running in {run_dir} ({e.holder or 'holder unknown'}): wait for it "
+                             f"or use another hydra.run.dir") from None
+
+
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove what killed jobs left half-written in the run dir (we hold its lock, so no live job owns them):
+    checkpoint temp dirs and a policy save's temp or old dir."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    partial = [*run_dir.glob("checkpoints/.*.tmp-*"), *run_dir.glob(".policy*.tmp-*"), *run_dir.glob(".policy*.old-*")]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` (or, when it does not exist yet, the nearest existing folder above it) can be written."""
+    import os
+
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_writable(run_dir: Path, cache_dir: Path, planned: list) -> None:
+    """Before any work: the run dir must be writable, and so must the cache when a stage will be built there
+    (a read-only cache holding every entry is fine)."""
+    from hps_exp.config import ConfigError
+
+    if not _writable(run_dir):
+        raise ConfigError(f"hydra.run.dir={run_dir} is not writable")
+    missing = [name for name, _, status in planned if status == "miss"]
+    if missing and not _writable(cache_dir):
+        raise ConfigError(f"cache_dir={cache_dir} is not writable and lacks the entries of "
+                          f"{', '.join(dict.fromkeys(missing))}: make it writable or point cache_dir elsewhere")
