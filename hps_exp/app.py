@@ -30,7 +30,7 @@ from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
 from hps_exp.cache import CacheError
-from hps_exp.trainer import CheckpointDamaged, CheckpointMismatch, TrainingInterrupted
+from hps_exp.trainer import CheckpointDamaged, CheckpointMismatch, NonFiniteError, TrainingInterrupted
 
 log = logging.getLogger("hps_exp")
 config.register()
@@ -135,6 +135,10 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     timing = {"sft_s": sft.seconds, "pref_s": policy.seconds, "pref_step_s": policy.seconds / max(1, policy.steps),
               "pref_steps": policy.steps}
     out = {"run": label, "eval": results, "timing": timing, "samples": samples}
+    if warnings := divergence_warnings(policy.final, results):
+        out["warnings"] = warnings
+        for w in warnings:
+            print(f"[hps_exp] warning: {w}", file=sys.stderr)
     if annotator is not None and annotator.report:
         out["reward_model"] = annotator.report
     if augmented is not None:
@@ -172,6 +176,28 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+DIVERGED_MARGIN = 100.0   # |reward margin| (beta x log-ratio units) beyond which a run is called diverged
+
+
+def divergence_warnings(final: dict, results: dict) -> list[str]:
+    """A run whose margins blew up, or that skipped non-finite steps, completes with a warning (README:
+    "Failures, interruptions and resume"): |train margin| or |aligned eval margin| > DIVERGED_MARGIN."""
+    out = []
+    margin = final.get("rewards/margins")
+    if margin is not None and not abs(margin) <= DIVERGED_MARGIN:
+        out.append(f"diverged: the last training step's reward margin is {margin:.4g} (|margin| > "
+                   f"{DIVERGED_MARGIN:g}); lower trainer.lr")
+    for name, res in results.items():
+        m = res["aligned"].get("reward_margin")
+        if isinstance(m, (int, float)) and not abs(m) <= DIVERGED_MARGIN:
+            out.append(f"diverged: the aligned policy's reward margin on {name} is {m:.4g} (|margin| > "
+                       f"{DIVERGED_MARGIN:g}); lower trainer.lr")
+    if final.get("nonfinite_skipped"):
+        out.append(f"{int(final['nonfinite_skipped'])} training step(s) skipped for a non-finite loss or gradient "
+                   f"(trainer.on_nonfinite=skip)")
+    return out
 
 
 def run(cfg: DictConfig) -> dict:
@@ -346,7 +372,7 @@ def main(cfg: DictConfig) -> dict:
             atomic_write_text(run_dir / "metrics.json",
                               json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
         if isinstance(e, (ConfigError, DataError, models.ModelError, distributed.DistributedError, CacheError,
-                          CheckpointDamaged)):
+                          CheckpointDamaged, NonFiniteError)):
             raise RunFailed(f"error: {e}") from None
         if not isinstance(e, Exception):   # e.g. torch's CheckpointException: as an Exception, so that Hydra
             raise RuntimeError(f"{type(e).__name__}: {e}") from e   # records the job and a multirun goes on
