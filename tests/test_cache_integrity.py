@@ -89,3 +89,35 @@ def test_large_files_are_verified_by_size_and_sampled_chunks(tmp_path, monkeypat
     raw[:4096] = bytes(4096)                       # the first chunk is always sampled
     f.write_bytes(bytes(raw))
     assert cache.file_digest(f) != digest
+
+
+def test_disk_full_while_building_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    def full(out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(cache.CacheError, match=r"\[cache\] sft_eval: disk full while writing .*\.sft_eval-.*\.tmp-"):
+        cache.cached(tmp_path, _json_entry("sft_eval", 1), full)
+
+    def torch_full(out):   # torch's writer says only this when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 4 << 20})())
+    with pytest.raises(cache.CacheError, match=r"disk full .* \(4 MiB free\): nothing was published"):
+        cache.cached(tmp_path, _json_entry("sft_eval", 2), torch_full)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]   # no entry, no temp dir
+
+
+def test_a_killed_policy_save_or_checkpoint_leaves_nothing_after_the_rerun(tmp_path):
+    from hps_exp import rundir
+
+    left = [tmp_path / ".policy.tmp-1234", tmp_path / "checkpoints" / ".preference.tmp-h-1-x-step3",
+            tmp_path / ".policy.old-99"]
+    for p in left:
+        p.mkdir(parents=True)
+    (tmp_path / "policy").mkdir()
+    assert sorted(rundir.clean_partial(tmp_path)) == sorted(left)
+    assert [p.name for p in tmp_path.iterdir()] in (["policy", "checkpoints"], ["checkpoints", "policy"])

@@ -20,6 +20,9 @@ def test_rerun_reuses_a_completed_run_and_refuses_other_settings(tmp_path):
     metrics = tmp_path / "run" / "metrics.json"
     recorded = metrics.read_bytes()
     assert json.loads(recorded)["identity"]["stages"]
+    timing = json.loads(recorded)["timing"]
+    assert timing["threads"] == 1 and timing["threads_source"] == "OMP_NUM_THREADS"   # conftest sets it
+    assert all(isinstance(timing[k], float) for k in ("load_start", "load_end"))
 
     again = run_app(args + ["logger.mode=offline"], cwd=REPO)   # logging never changes a result
     assert again.returncode == 0, again.stderr[-3000:]
@@ -42,6 +45,7 @@ def test_rerunning_a_multirun_skips_finished_jobs_and_resumes_the_interrupted_on
     job0, job1 = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
     done0 = (job0 / "metrics.json").read_bytes()
     # Job 1 as a kill after its last checkpoint leaves it: no result, no policy.
+    trained_s = json.loads((job1 / "metrics.json").read_text())["timing"]["pref_s"]
     (job1 / "metrics.json").unlink()
     shutil.rmtree(job1 / "policy")
     again = run_app(args, cwd=REPO)
@@ -49,7 +53,10 @@ def test_rerunning_a_multirun_skips_finished_jobs_and_resumes_the_interrupted_on
     assert again.stdout.count("already holds this run's completed result") == 1
     assert "resumed from" in again.stdout and "checkpoints/preference" in again.stdout
     assert (job0 / "metrics.json").read_bytes() == done0
-    assert json.loads((job1 / "metrics.json").read_text())["status"] == "completed"
+    resumed = json.loads((job1 / "metrics.json").read_text())
+    assert resumed["status"] == "completed"
+    # Resumed at its last step: its cost is still that of all its steps (item 4), not ~0 s.
+    assert resumed["timing"]["pref_s"] >= 0.5 * trained_s > 0
 
 
 def test_differences_name_the_settings_then_the_code_then_the_content():
