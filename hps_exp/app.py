@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, distributed, evaluate, models, plan, stages
+from hps_exp import config, distributed, evaluate, models, plan, rundir, stages
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
-from hps_exp.trainer import TrainingInterrupted
+from hps_exp.cache import CacheError
+from hps_exp.trainer import CheckpointDamaged, CheckpointMismatch, NonFiniteError, TrainingInterrupted
 
 log = logging.getLogger("hps_exp")
 config.register()
@@ -133,6 +135,10 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     timing = {"sft_s": sft.seconds, "pref_s": policy.seconds, "pref_step_s": policy.seconds / max(1, policy.steps),
               "pref_steps": policy.steps}
     out = {"run": label, "eval": results, "timing": timing, "samples": samples}
+    if warnings := divergence_warnings(policy.final, results):
+        out["warnings"] = warnings
+        for w in warnings:
+            print(f"[hps_exp] warning: {w}", file=sys.stderr)
     if annotator is not None and annotator.report:
         out["reward_model"] = annotator.report
     if augmented is not None:
@@ -140,11 +146,66 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     return out
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (loading, the reference pass, evaluation): nothing in flight to save.
+    A BaseException so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} outside training (cached stages and "
+                         f"checkpoints are kept)")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def choose_threads(num_threads: int, local_processes: int) -> tuple[int, str]:
+    """(torch threads, where the number came from): trainer.num_threads when set, else an explicit
+    OMP_NUM_THREADS, else the automatic choice (plan.environment_threads)."""
+    if num_threads > 0:
+        return num_threads, "trainer.num_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    return plan.environment_threads(0, local_processes), "auto"
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+DIVERGED_MARGIN = 100.0   # |reward margin| (beta x log-ratio units) beyond which a run is called diverged
+
+
+def divergence_warnings(final: dict, results: dict) -> list[str]:
+    """A run whose margins blew up, or that skipped non-finite steps, completes with a warning (README:
+    "Failures, interruptions and resume"): |train margin| or |aligned eval margin| > DIVERGED_MARGIN."""
+    out = []
+    margin = final.get("rewards/margins")
+    if margin is not None and not abs(margin) <= DIVERGED_MARGIN:
+        out.append(f"diverged: the last training step's reward margin is {margin:.4g} (|margin| > "
+                   f"{DIVERGED_MARGIN:g}); lower trainer.lr")
+    for name, res in results.items():
+        m = res["aligned"].get("reward_margin")
+        if isinstance(m, (int, float)) and not abs(m) <= DIVERGED_MARGIN:
+            out.append(f"diverged: the aligned policy's reward margin on {name} is {m:.4g} (|margin| > "
+                       f"{DIVERGED_MARGIN:g}); lower trainer.lr")
+    if final.get("nonfinite_skipped"):
+        out.append(f"{int(final['nonfinite_skipped'])} training step(s) skipped for a non-finite loss or gradient "
+                   f"(trainer.on_nonfinite=skip)")
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     quiet_libraries()
-    torch.set_num_threads(plan.environment_threads(cfg.trainer.num_threads,
-                                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    threads, threads_source = choose_threads(cfg.trainer.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    load_start = load_average()
     world = distributed.init_world(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     if world.distributed and cfg.trainer.strategy == "none":
         raise ConfigError(f"launched as {world.world_size} processes but trainer.strategy=none (each would train "
@@ -155,20 +216,54 @@ def run(cfg: DictConfig) -> dict:
     env_args = dict(device=world.device, autocast=models.autocast_dtype(cfg.trainer.precision, world.device),
                     cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime,
                     world=world if world.distributed else None)
+    dry = stages.Env(**env_args, dry_run=True)
+    execute(cfg, r, dry, run_dir)   # every stage's key, nothing built
     if cfg.dry_run:
-        env = stages.Env(**env_args, dry_run=True)
-        execute(cfg, r, env, run_dir)
-        for name, key, status in env.planned:
+        for name, key, status in dry.planned:
             print(f"[plan] {name:<13} {key}  {status}")
-        return {"status": "planned", "stages": env.planned}
-    if world.is_main and (warning := plan.oversubscribed()):
-        print(warning)
+        return {"status": "planned", "stages": dry.planned}
+    identity = rundir.identity(OmegaConf.to_container(cfg, resolve=True), dry.planned, _task_overrides())
+    lock, reuse = _claim(run_dir, identity, cfg.trainer.resume, world)
+    try:
+        if reuse is not None:
+            if world.is_main:
+                print(f"[hps_exp] {run_dir} already holds this run's completed result (same stage keys): reusing "
+                      f"its metrics.json, nothing redone (trainer.resume=false redoes it)")
+            distributed.shutdown()
+            return reuse
+        if world.is_main:
+            rundir.check_writable(run_dir, env_args["cache_dir"], dry.planned)
+        return _work(cfg, r, env_args, run_dir, world, identity, started,
+                     {"threads": threads, "threads_source": threads_source, "load_start": load_start})
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict, started: float,
+          timing: dict) -> dict:
+    if world.is_main:
+        print(f"[hps_exp] torch threads: {timing['threads']} ({timing['threads_source']}), load average "
+              f"{timing['load_start']}")
+        if warning := plan.oversubscribed():
+            print(warning)
     seed_everything(cfg.seed)
     logger = None
     if world.is_main:   # the main process alone writes the config, W&B and metrics
         atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
     env = stages.Env(**env_args, logger=logger)
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+
+    def interrupted(error: str, stage, step, signum: int):
+        if logger is not None:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(
+                {"status": "interrupted", "error": error, "stage": stage, "step": step, "identity": identity},
+                indent=2))
+            logger.finish(exit_code=128 + signum)
+        print(f"[hps_exp] {error}; rerun with hydra.run.dir={run_dir} to resume", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
     try:
         if world.is_main:
             print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) "
@@ -179,8 +274,8 @@ def run(cfg: DictConfig) -> dict:
         if not world.is_main:
             return {}
         write_jsonl(run_dir / "samples.jsonl", out.pop("samples"))
-        out["timing"]["total_s"] = time.perf_counter() - started
-        result = {"status": "completed", **out}
+        out["timing"].update(timing, load_end=load_average(), total_s=time.perf_counter() - started)
+        result = {"status": "completed", **out, "identity": identity}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
         logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()
                         for stage in ("sft", "aligned") for k, v in res[stage].items()
@@ -189,18 +284,58 @@ def run(cfg: DictConfig) -> dict:
         logger.finish()
         return result
     except TrainingInterrupted as e:   # preemption: the checkpoint is saved; a rerun resumes
-        if logger is not None:
-            atomic_write_text(run_dir / "metrics.json", json.dumps(
-                {"status": "interrupted", "error": str(e), "stage": e.stage, "step": e.step}, indent=2))
-            logger.finish(exit_code=128 + e.signum)
-        print(f"[hps_exp] {e}; rerun with hydra.run.dir={run_dir} to resume", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
+        interrupted(str(e), e.stage, e.step, e.signum)
+    except Terminated as e:
+        interrupted(str(e), None, None, e.signum)
+    except KeyboardInterrupt:
+        interrupted("interrupted by SIGINT (Ctrl-C twice)", None, None, signal.SIGINT)
     except BaseException:
         if logger is not None:
             logger.finish(exit_code=1)
         raise
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         distributed.shutdown()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _claim(run_dir: Path, identity: dict, resume: bool, world):
+    """The main process takes the run dir's lock (a second job in the same dir is refused, never interleaved)
+    and reads its record: (lock, a completed result to reuse or None to run), or a refusal (RunDirConflict on
+    every process). Hydra has already rewritten .hydra/overrides.yaml with this job's overrides; when the dir
+    keeps its run (reused or refused) its own overrides are put back."""
+    decision, lock = None, None
+    if world.is_main:
+        try:
+            lock = rundir.lock(run_dir)
+            reuse = rundir.decide(run_dir, identity, resume)
+            decision = ("reuse", reuse) if reuse is not None else ("run", None)
+        except rundir.RunDirConflict as e:
+            decision = ("refuse", str(e))
+        if decision[0] == "reuse" or decision[0] == "refuse" and lock is not None:
+            rundir.restore_overrides(run_dir)
+        if decision[0] == "run":
+            rundir.clean_partial(run_dir)
+    kind, value = world.broadcast_object(decision)
+    if kind == "refuse":
+        if lock is not None:
+            lock.release()
+        distributed.shutdown()
+        raise rundir.RunDirConflict(value)
+    return lock, value
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -227,13 +362,20 @@ def results_table(eval_set: str, sft: dict, aligned: dict, method: str) -> str:
 def main(cfg: DictConfig) -> dict:
     try:
         return run(cfg)
-    except Exception as e:  # record the failure for the tables, then report it
+    except (rundir.RunDirConflict, CheckpointMismatch) as e:   # the dir holds another run: its record stays
+        raise RunFailed(f"error: {e}") from None
+    except (SystemExit, KeyboardInterrupt, GeneratorExit):   # interrupted: recorded by run
+        raise
+    except BaseException as e:  # record the failure for the tables, then report it
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             atomic_write_text(run_dir / "metrics.json",
                               json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}, indent=2))
-        if isinstance(e, (ConfigError, DataError, models.ModelError, distributed.DistributedError)):
+        if isinstance(e, (ConfigError, DataError, models.ModelError, distributed.DistributedError, CacheError,
+                          CheckpointDamaged, NonFiniteError)):
             raise RunFailed(f"error: {e}") from None
+        if not isinstance(e, Exception):   # e.g. torch's CheckpointException: as an Exception, so that Hydra
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e   # records the job and a multirun goes on
         raise
 
 

@@ -227,7 +227,7 @@ def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: i
                        batch_size: int, seed: int, device="cpu", autocast: torch.dtype | None = None,
                        logger=None, pairs: str = "auto", dropout: float = 0.1, weight_decay: float = 0.0,
                        warmup_ratio: float = 0.1, grad_accum: int = 1, checkpoint: Path | None = None,
-                       stage: str = "reward_model") -> TrainedRewardModel:
+                       save_every: int = 0, stage: str = "reward_model") -> TrainedRewardModel:
     """Train a tiny GPT-2 Bradley-Terry reward model on the preference pairs of `train`.
 
     batch_size = preference pairs per micro-batch (2 x batch_size sequences). `pairs` picks which pairs of
@@ -272,7 +272,8 @@ def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: i
         return loss, {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
 
     cfg = TrainerConfig(lr=lr, epochs=epochs, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                      weight_decay=weight_decay, log_every=10, resume=checkpoint is not None)
+                      weight_decay=weight_decay, log_every=10, resume=checkpoint is not None,
+                      save_every=save_every)
     trainer = Trainer(model, cfg, device=device, autocast=autocast, logger=logger, stage=stage,
                       checkpoint=checkpoint)
     result = trainer.fit(make_epoch, math.ceil(len(index) / batch_size), step)

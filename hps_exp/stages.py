@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from hps_exp import batching, evaluate, models
 from hps_exp.augment import augment
 from hps_exp.batching import Encoded, SequenceBatch
-from hps_exp.cache import Entry, cached, content_key, stage_entry
+from hps_exp.cache import Entry, cached, content_key, readable, stage_entry
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
 from hps_exp.generation import build_generator
@@ -233,6 +234,7 @@ class PolicyResult:
     seconds: float
     steps: int
     sft: SFTResult | None = None   # how to load it: the SFT policy's dtype and attention
+    final: dict = field(default_factory=dict)   # the last step's training metrics (divergence check)
 
     def load(self):
         return models.load_saved(self.path, dtype=self.sft.dtype, attn_implementation=self.sft.attn_implementation)
@@ -291,16 +293,17 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
             model = models.build_tiny(spec.model, len(tok), spec.seed)
         if spec.enabled:
             torch.manual_seed(spec.seed)
-            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry))
+            trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry), entry)
+            trained_s[0] = trainer.seconds_before   # the steps done before a resume, by an earlier process
             trainer.save_pretrained(tok, out / "model")
         elif _is_main(env):
             models.save(model, tok, out / "model")
 
-    started = time.perf_counter()
+    started, trained_s = time.perf_counter(), [0.0]
     path, _ = cached(env.cache_dir, entry, build, env.world, all_ranks=spec.enabled)
     if _is_main(env):
         _drop(_checkpoint(env, entry))
-    return SFTResult(path / "model", entry.key, time.perf_counter() - started, **load)
+    return SFTResult(path / "model", entry.key, time.perf_counter() - started + trained_s[0], **load)
 
 
 def _is_main(env: Env) -> bool:
@@ -319,7 +322,7 @@ class SFTBatch:
     num_prompts: int    # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
 
 
-def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> Trainer:
+def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path, entry: Entry) -> Trainer:
     encoded = _encode(tok, train, spec.model.max_prompt_length, spec.model.max_length)
     if spec.targets == "best":
         pairs = [(enc.prompt, enc.responses[ex.best]) for ex, enc in zip(train, encoded)]
@@ -339,7 +342,7 @@ def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path) -> 
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=None)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="sft",
-                      checkpoint=checkpoint, world=env.world)
+                      checkpoint=checkpoint, world=env.world, key=entry.key, record=readable(entry))
     trainer.fit(make_epoch, -(-len(pairs) // bs), step)
     if env.logger is not None:
         env.logger.next_stage()
@@ -361,11 +364,13 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
         tok, _ = sft_result.load()
         rm = train_reward_model(list(train.items), tok=tok, max_prompt_length=spec.max_prompt_length,
                                 max_length=spec.max_length, seed=spec.seed, device=env.device,
-                                autocast=env.autocast, logger=env.logger, **spec.knobs)
+                                autocast=env.autocast, logger=env.logger, checkpoint=_checkpoint(env, entry),
+                                save_every=env.runtime.save_every, **spec.knobs)
         rm.save(out)
         atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
 
     path, _ = cached(env.cache_dir, entry, build, env.world)
+    _drop(_checkpoint(env, entry))
     rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
     report = {**json.loads((path / "train.json").read_text()),
               "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items))}
@@ -488,19 +493,44 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         dev = env.device
         mask = batch.mask.to(dev)
         policy = batching.preference_logps(model, batch)
-        out = loss_fn(policy, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
+        finite = bool(torch.isfinite(policy[mask]).all())
+        # A diverged policy's log-probs overflow: the loss would refuse them; give the trainer a NaN loss instead
+        # (still connected to the graph) so that its non-finite guard decides (error names the rows, skip skips).
+        inputs = policy if finite else torch.nan_to_num(policy.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        out = loss_fn(inputs, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
         metrics = {k: float(v) for k, v in out.metrics.items()}
-        return out.losses.mean(), {**metrics, **batch.stats}
+        loss = out.losses.mean() if finite else (policy[mask] * float("nan")).sum()
+        return loss, {**metrics, **batch.stats}
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="train",
-                      checkpoint=run_dir / "checkpoints" / "preference", world=env.world)
+                      checkpoint=run_dir / "checkpoints" / "preference", world=env.world, key=entry.key,
+                      record=readable(entry))
     result = trainer.fit(make_epoch, -(-len(items) // bs), step)
+    _check_finite_weights(model, env, result)
     lora_adapter = models.is_lora(model) and env.runtime.lora_save == "adapter"
     if lora_adapter:   # the small adapter for sharing; evaluation reads the merged policy below
         trainer.save_pretrained(tok, run_dir / "policy_adapter", lora_save="adapter")
     trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
-    return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result)
+    return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result,
+                        final=dict(result))
+
+
+def _check_finite_weights(model, env: Env, result: dict) -> None:
+    """A policy whose weights overflowed (every later step skipped under on_nonfinite=skip) cannot be evaluated:
+    stop with one line instead of a sampling error deep in generation."""
+    from hps_exp.trainer import NonFiniteError
+
+    bad = sum(int(not torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
+    if env.world is not None:
+        bad = int(env.world.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0])
+    skipped = int(result.get("nonfinite_skipped", 0))
+    if bad:
+        raise NonFiniteError(f"[train] the trained policy has non-finite weights ({bad} tensor(s); {skipped} "
+                             f"step(s) skipped): training diverged; lower trainer.lr")
+    if not math.isfinite(result.get("loss", 0.0)):   # the final policy gives non-finite log-probs on its data
+        raise NonFiniteError(f"[train] the last training step's loss is non-finite ({skipped} step(s) skipped): "
+                             f"training diverged and the policy cannot be evaluated; lower trainer.lr")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

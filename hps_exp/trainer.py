@@ -74,13 +74,32 @@ def _state(module: torch.nn.Module, opt) -> tuple[dict, dict]:
     return get_state_dict(module, opt)
 
 
-def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: World) -> None:
-    """DCP save into a temp directory, then rank 0 renames it over `path`: an interrupted save never
-    corrupts the last checkpoint. Multi-node runs need `path` on storage every node sees."""
+class CheckpointMismatch(Exception):
+    """The checkpoint found was made by another run (other stage key): resuming would mix two runs."""
+
+
+class CheckpointDamaged(Exception):
+    """The checkpoint of this run cannot be loaded (truncated, a file missing)."""
+
+
+META = "meta.json"   # beside the DCP files: the stage's key and record, the step and the seconds trained so far
+
+
+def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: World,
+                    meta: dict | None = None) -> None:
+    """DCP save into a temp directory of this process (host + pid: two savers never share one), then rank 0
+    writes `meta.json` (the stage's key, the step, the training seconds so far) and renames it over `path`:
+    an interrupted save never corrupts the last checkpoint. Multi-node runs need `path` on storage every node
+    sees."""
+    import json
+
     import torch.distributed.checkpoint as dcp
 
+    from hps_exp.io import owner_tag
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-step{step}")
+    tag = world.broadcast_object(owner_tag() if world.is_main else None)
+    tmp = path.with_name(f".{path.name}.tmp-{tag}-step{step}")
     if world.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +112,7 @@ def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: 
                  checkpoint_id=str(tmp))
     world.barrier()
     if world.is_main:
+        (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True))
         old = path.with_name(path.name + ".old")
         _remove(old)
         if path.exists():
@@ -100,6 +120,38 @@ def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: 
         os.rename(tmp, path)
         _remove(old)
     world.barrier()
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json ({} for one written before it existed, or a plain-file checkpoint)."""
+    import json
+
+    f = Path(path) / META
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointMismatch(f"{f} is unreadable ({e}); delete {path} to start afresh") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_meta(found: Path, meta: dict, key: str, record: dict | None) -> None:
+    """Refuse a checkpoint made under another stage key, naming what differs (its record against ours)."""
+    if meta.get("key") == key:
+        return
+    if "key" not in meta:
+        what = "records no stage key (an older version's): cannot tell whether it is this run's"
+    else:
+        from hps_exp.rundir import flat
+
+        a, b = flat(meta.get("record") or {}), flat(record or {})
+        diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+                if a.get(k, "<unset>") != b.get(k, "<unset>") and not k.endswith("__type__")]
+        shown = "; ".join(diff[:8]) or f"stage key {meta['key']} -> {key}"
+        what = f"was made by another run ({shown})"
+    raise CheckpointMismatch(f"checkpoint {found} {what}: use another hydra.run.dir, or trainer.resume=false to "
+                             f"start this stage afresh (the checkpoint is then replaced)")
 
 
 def _remove(p: Path) -> None:
@@ -223,8 +275,14 @@ def num_prompts(batch: Any) -> int:
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, device: torch.device,
                  autocast: torch.dtype | None, logger=None, stage: str = "train",
-                 checkpoint: Path | None = None, world: World | None = None):
+                 checkpoint: Path | None = None, world: World | None = None, key: str | None = None,
+                 record: dict | None = None):
         self.model, self.cfg, self.device, self.autocast = model, cfg, device, autocast
+        # The stage's cache key (and the readable record it hashes): written into each checkpoint and required
+        # of the one resumed from, so a checkpoint never resumes another run. None: not checked.
+        self.key, self.record = key, record
+        self.seconds_before = 0.0   # training seconds of the steps done before a resume (from the checkpoint)
+        self._started = time.perf_counter()
         self.logger, self.stage = logger, stage
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.world = world if world is not None else World(device=device)
@@ -254,7 +312,7 @@ class Trainer:
             opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * self.total_steps), self.total_steps))
         self._resume(opt, sched)
 
-        started, last = time.perf_counter(), {}
+        self._started, last = time.perf_counter(), {}
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                    disable=os.environ.get("HPS_EXP_NO_PROGRESS") == "1" or not world.is_main)
         start_epoch = self.step // steps_per_epoch
@@ -289,8 +347,11 @@ class Trainer:
                         self._save(opt)
                 self._save(opt)
         bar.close()
-        elapsed = time.perf_counter() - started
-        return {**last, "steps": self.step, "seconds": elapsed}
+        # The seconds of every step, those before a resume included: a resumed stage's cost is its whole cost.
+        return {**last, "steps": self.step, "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self._started
 
     def _resume(self, opt, sched) -> None:
         if not (self.cfg.resume and self.checkpoint is not None):
@@ -298,7 +359,19 @@ class Trainer:
         found = find_checkpoint(self.checkpoint)
         if found is None:
             return
-        self.step = load_checkpoint(found, self.module, opt)
+        meta = read_meta(found) if found.is_dir() else {}
+        if self.key is not None:
+            check_meta(found, meta, self.key, self.record)
+        try:
+            self.step = load_checkpoint(found, self.module, opt)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:   # torch's CheckpointException is a BaseException
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointDamaged(f"[{self.stage}] checkpoint {found} cannot be loaded ({type(e).__name__}: "
+                                    f"{first}): it is damaged; delete it, or trainer.resume=false starts this "
+                                    f"stage afresh") from e
+        self.seconds_before = float(meta.get("seconds", 0.0))
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying the schedule
             warnings.simplefilter("ignore")
             for _ in range(self.step):
@@ -386,7 +459,10 @@ class Trainer:
     def _save(self, opt) -> None:
         if self.checkpoint is None:
             return
-        save_checkpoint(self.checkpoint, self.module, opt, self.step, self.world)
+        meta = {"seconds": self.seconds(), "stage": self.stage}
+        if self.key is not None:
+            meta.update(key=self.key, record=self.record)
+        save_checkpoint(self.checkpoint, self.module, opt, self.step, self.world, meta)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded model state dict (CPU tensors) on rank 0, None elsewhere; a collective under FSDP2."""

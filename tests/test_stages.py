@@ -150,24 +150,33 @@ def test_examples_key_is_the_content():
     assert stages.Examples.of(a).key == stages.Examples.of(b).key != stages.Examples.of(c).key
 
 
-def test_stale_temp_dirs_of_dead_processes_are_removed(tmp_path):
+def test_stale_temp_dirs_are_removed_by_lock_not_by_pid(tmp_path):
+    """A temp dir is a dead builder's when its entry's lock is free; one whose builder holds the lock is kept even
+    when its name's pid is gone here (a job in another pid namespace: containers on one node, issue 18 item 2)."""
     import subprocess
+    import sys
 
-    from hps_exp.cache import _host
+    from hps_exp.io import owner_tag
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    live = subprocess.Popen(["sleep", "30"])
+    host = owner_tag().split("-")[0]
+    stale = tmp_path / f".sft-{'a' * 16}.tmp-{host}-{dead.pid}-x"
+    busy = tmp_path / f".sft-{'b' * 16}.tmp-{host}-{dead.pid}-y"          # its pid is gone, its lock is held
+    busy_ckpt = tmp_path / f"..sft-{'b' * 16}.checkpoint.tmp-{host}-{dead.pid}-y-step3"
+    for d in (stale, busy, busy_ckpt):
+        d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, fcntl, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / f".sft-{'b' * 16}.lock")], stdout=subprocess.PIPE, text=True)
     try:
-        stale = tmp_path / f".sft-abc.tmp-{_host()}-{dead.pid}"
-        busy = tmp_path / f".sft-def.tmp-{_host()}-{live.pid}"
-        other_host = tmp_path / f".sft-ghi.tmp-otherhost-{dead.pid}"
-        for d in (stale, busy, other_host):
-            d.mkdir()
+        assert holder.stdout.readline().strip() == "held"
         assert clean_stale(tmp_path) == [stale]
-        assert not stale.exists() and busy.exists() and other_host.exists()
+        assert not stale.exists() and busy.exists() and busy_ckpt.exists()
     finally:
-        live.kill()
+        holder.kill()
+        holder.wait()
+    assert sorted(clean_stale(tmp_path)) == sorted([busy, busy_ckpt])   # its holder died: now stale
 
 
 def test_config_key_ignores_where_results_go(compose):

@@ -249,3 +249,71 @@ def test_strategy_choice_is_checked():
         decoder_block_classes(fresh())
     with pytest.raises(ValueError, match="trainer.on_nonfinite='ignore'"):
         Trainer(fresh(), cfg(on_nonfinite="ignore"), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+
+
+# ---------------------------------------------------------------- issue 18: a checkpoint resumes only its own run
+
+def _crash_after_checkpoint(tmp_path, key="k1", record=None, sleep=0.0):
+    import time
+
+    class Crash(Exception):
+        pass
+
+    calls = 0
+
+    def crashing_step(model, batch):   # dies in the 6th optimizer step, after the step-5 checkpoint
+        nonlocal calls
+        calls += 1
+        if calls == 11:
+            raise Crash
+        time.sleep(sleep)
+        return step(model, batch)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key=key,
+                record=record or {"config": {"lr": 0.2}}).fit(make_epoch, 8, crashing_step)
+    return ckpt
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
+    from hps_exp.trainer import CheckpointMismatch
+
+    ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2, "loss": "dpo"}})
+    other = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
+                    record={"config": {"lr": 0.01, "loss": "pl"}})
+    with pytest.raises(CheckpointMismatch, match=r"config.loss: 'dpo' -> 'pl'; config.lr: 0.2 -> 0.01"):
+        other.fit(make_epoch, 8, step)
+    # trainer.resume=false starts afresh instead (and replaces the checkpoint)
+    out = Trainer(fresh(), cfg(resume=False), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
+                  record={"config": {"lr": 0.01}}).fit(make_epoch, 8, step)
+    assert out["steps"] == 12
+    same = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2")
+    same.fit(make_epoch, 8, step)
+    assert same.step == 12
+
+
+def test_a_resumed_stage_keeps_the_time_of_the_steps_before(tmp_path):
+    per_call = 0.05
+    ckpt = _crash_after_checkpoint(tmp_path, sleep=per_call)   # 5 steps x 2 micro-batches saved
+    import time
+
+    def slow_step(model, batch):
+        time.sleep(per_call)
+        return step(model, batch)
+
+    out = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
+                  record={"config": {"lr": 0.2}}).fit(make_epoch, 8, slow_step)
+    assert out["steps"] == 12
+    assert out["seconds"] >= 12 * 2 * per_call * 0.95          # all 12 steps, not only the 7 after the resume
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from hps_exp.trainer import CheckpointDamaged
+
+    ckpt = _crash_after_checkpoint(tmp_path)
+    data = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:50])
+    with pytest.raises(CheckpointDamaged, match="cannot be loaded"):
+        Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
+                record={"config": {"lr": 0.2}}).fit(make_epoch, 8, step)

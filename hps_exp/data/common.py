@@ -301,6 +301,19 @@ def check_overlap(train: Sequence[Example], test: Sequence[Example], allow_overl
 
 # ----------------------------------------------------------------------------- the whole pipeline
 
+def launch_relative(path: str) -> str:
+    """A relative path as seen from where the job was launched (like cache_dir), also when hydra.job.chdir=true
+    moved the job into its run dir; otherwise the path as given (messages name it so)."""
+    if os.path.isabs(path):
+        return path
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    if HydraConfig.initialized() and os.path.realpath(get_original_cwd()) != os.path.realpath(os.getcwd()):
+        return os.path.join(get_original_cwd(), path)
+    return path
+
+
 def build_splits(
     parse: RowParser,
     *,
@@ -326,7 +339,7 @@ def build_splits(
         raise DataError("dataset.test_path is set but dataset.path is not; give both (or neither, to use the hub)")
 
     def load_local(p: str | os.PathLike) -> tuple[list[Example], int]:
-        p = os.path.expanduser(str(p))
+        p = launch_relative(os.path.expanduser(str(p)))
         return parse_rows(iter_file_rows(p), parse, on_bad_row=on_bad_row, label=p)
 
     def load_hub(split: str) -> tuple[list[Example], int]:

@@ -23,6 +23,18 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line (or the config key)."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_unicode(text: str, name: str, where: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (JSON's "\ud800") cannot be encoded, and the tokenizer dies on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {name} holds a lone surrogate {text[e.start]!r} at character {e.start} "
+                        f"(not valid Unicode text)") from None
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
@@ -43,8 +55,14 @@ class Example:
         for i, r in enumerate(self.responses):
             if not isinstance(r, str) or not r.strip():
                 raise DataError(f"{where}: response {i} is empty or not text")
+        for name, text in (("prompt", self.prompt), *((f"response {i}", r) for i, r in enumerate(self.responses))):
+            _check_unicode(text, name, where)
         if self.scores is not None and len(self.scores) != n:
             raise DataError(f"{where}: {len(self.scores)} scores for {n} responses")
+        for i, v in enumerate(self.scores or ()):
+            if not abs(v) <= FLOAT32_MAX:   # NaN too
+                raise DataError(f"{where}: score {i} = {v!r} is not a finite float32 (|score| <= {FLOAT32_MAX:.3g}); "
+                                f"training computes in float32")
         if self.harmful is not None and len(self.harmful) != n:
             raise DataError(f"{where}: {len(self.harmful)} harmful labels for {n} responses")
         if not (0 <= self.chosen < n and 0 <= self.rejected < n and self.chosen != self.rejected):

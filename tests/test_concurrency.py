@@ -1,0 +1,60 @@
+"""Jobs that share a cache or a run dir cannot collide (issue 18 item 2): one builder per cache entry (the others
+wait and reuse it), per-process temp paths, a run dir used by one job at a time."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from test_end_to_end import run_app
+from test_rundir import TINY
+
+from hps_exp.io import FileLock
+
+
+def _start(args):
+    env = {**os.environ, "HPS_EXP_NO_PROGRESS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hps_exp", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_three_jobs_at_once_on_one_cache_build_each_entry_once(tmp_path):
+    # Same SFT and reference entries, three preference runs; SFT saves a checkpoint every step (where two
+    # builders used to share a temp path and one died).
+    common = [*TINY, "sft.epochs=2", "trainer.save_every=1", f"cache_dir={tmp_path}/cache"]
+    jobs = [_start([*common, f"trainer.lr={lr}", f"hydra.run.dir={tmp_path}/run{i}"])
+            for i, lr in enumerate((1e-4, 2e-4, 3e-4))]
+    outs = [p.communicate(timeout=600) for p in jobs]
+    for p, (out, err) in zip(jobs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    for i in range(3):
+        assert json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["status"] == "completed"
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("[cache] sft: built") == 1 and stdout.count("[cache] sft_eval: built") == 1
+    assert stdout.count("[cache] reference: built") == 2          # the training set's and the eval set's
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name or p.name.endswith(".checkpoint")]
+    assert leftovers == []
+
+
+def test_a_run_dir_in_use_is_refused_and_left_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    lock = FileLock(run_dir / ".hps_exp.lock").acquire()   # a live job in that dir
+    try:
+        p = run_app([*TINY, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path}/cache"], cwd=REPO)
+    finally:
+        lock.release()
+    assert p.returncode != 0 and "another job is running in" in p.stderr and "Traceback" not in p.stderr
+    assert f"pid {os.getpid()}" in p.stderr                    # names the holder
+    assert not (run_dir / "metrics.json").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_three_arms_at_once(tmp_path):
+    p = run_app(["-m", "trainer.lr=1e-4,2e-4,3e-4", "hydra/launcher=submitit_local", *TINY, "trainer.save_every=1",
+                 f"hydra.sweep.dir={tmp_path}/sweep", f"cache_dir={tmp_path}/cache"], cwd=REPO, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for k in range(3):
+        assert json.loads((tmp_path / "sweep" / str(k) / "metrics.json").read_text())["status"] == "completed"
+    assert len(list((tmp_path / "cache").glob("sft-*"))) == 1

@@ -1,0 +1,188 @@
+"""Issue 18: every training stage resumes, every ending is recorded, divergence is not silent, bad input fails
+before any work (scores beyond float32, lone surrogates, relative paths under hydra.job.chdir, unwritable dirs),
+and the thread count is what the user asked for."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_end_to_end import run_app
+from test_rundir import TINY
+
+from hps_exp import app, rundir, stages
+from hps_exp.data.schema import DataError, Example
+
+
+# ----------------------------------------------------------------------------- item 8: the reward model resumes
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashingLogger:
+    def __init__(self, at):
+        self.at = at
+
+    def log(self, metrics, step):
+        if step == self.at:
+            raise _Crash(f"killed at step {step}")
+
+    def next_stage(self):
+        pass
+
+
+def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
+    from hps_exp.data.synthetic import load
+
+    data = load(n_train=16, n_test=4, n_responses=2)
+    train, heldout = stages.Examples.of(data.train), stages.Examples.of(data.test)
+    sft_spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=False, targets="all",
+                              epochs=1, lr=1e-3, batch_size=8, optim=stages.OptimSpec(1, 0.0, "cosine", 0.0, 1.0),
+                              seed=0)
+    spec = stages.RewardModelSpec(knobs={"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 48, "epochs": 2,
+                                         "lr": 1e-3, "batch_size": 4}, max_prompt_length=24, max_length=48, seed=0)
+    runtime = stages.Runtime(save_every=1, log_every=1)
+
+    def env(cache, logger=None):
+        return stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / cache, runtime=runtime,
+                          logger=logger)
+
+    def scores(scorer):
+        return scorer.model.score_batch([e.prompt for e in heldout.items], [e.responses[0] for e in heldout.items])
+
+    whole = stages.trained_reward_model(spec, train, heldout, stages.sft(sft_spec, train, env("a")), env("a"))
+    sft_b = stages.sft(sft_spec, train, env("b"))
+    with pytest.raises(_Crash):
+        # its last step: it logs every 10th and the last, and has saved the one before
+        stages.trained_reward_model(spec, train, heldout, sft_b, env("b", _CrashingLogger(at=8)))
+    assert list((tmp_path / "b").glob(".reward_model-*.checkpoint"))
+    capsys.readouterr()
+    resumed = stages.trained_reward_model(spec, train, heldout, sft_b, env("b"))
+    assert "[reward_model] resumed from" in capsys.readouterr().out and resumed.key == whole.key
+    assert scores(resumed) == pytest.approx(scores(whole), abs=1e-6)
+    assert not list((tmp_path / "b").glob(".reward_model-*.checkpoint"))   # dropped once the entry exists
+
+
+# ----------------------------------------------------------------------------- item 10: every ending is recorded
+
+def test_sigterm_outside_training_is_recorded_as_interrupted(tmp_path):
+    env = {**os.environ, "HPS_EXP_NO_PROGRESS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "hps_exp", *TINY, "sft.enabled=false", "dataset.n_train=400",
+                          f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path}/cache"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:          # the job's start line: next come the tokenizer and the SFT entry (no training)
+        if line.startswith("[hps_exp] DPO"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and "outside training" in record["error"]
+
+
+def test_a_base_exception_is_recorded_and_does_not_stop_a_multirun(tmp_path, monkeypatch):
+    """Hydra's job runner catches Exception only: a BaseException would end a multirun's loop."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONF
+
+    class CheckpointLike(BaseException):   # torch's CheckpointException is a BaseException
+        pass
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"hydra.runtime.output_dir={tmp_path}"],
+                            return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)   # as it was, after the test
+    HydraConfig.instance().set_config(cfg)
+
+    def failing_run(cfg):
+        raise CheckpointLike("EOFError inside")
+
+    monkeypatch.setattr(app, "run", failing_run)
+    with pytest.raises(RuntimeError, match="CheckpointLike: EOFError inside"):   # an Exception: Hydra goes on
+        app.main.__wrapped__(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "failed",
+                                                                   "error": "CheckpointLike: EOFError inside"}
+
+
+# ----------------------------------------------------------------------------- item 5: divergence is not silent
+
+def test_divergence_is_warned_in_metrics_json():
+    assert app.divergence_warnings({"rewards/margins": 3.0}, {"s": {"aligned": {"reward_margin": 2.0}}}) == []
+    warned = app.divergence_warnings({"rewards/margins": -8000.0, "nonfinite_skipped": 2.0},
+                                     {"s": {"aligned": {"reward_margin": float("nan")}}})
+    assert len(warned) == 3 and "diverged" in warned[0] and "on s" in warned[1] and "2 training step(s)" in warned[2]
+
+
+def test_log_probs_that_overflow_reach_the_non_finite_guard(tmp_path):
+    p = run_app([*TINY, "trainer.lr=1e30", "trainer.epochs=3", "trainer.on_nonfinite=skip",
+                 f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"], cwd=REPO)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "training diverged" in p.stderr and "step(s) skipped" in p.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------- items 6, 11: checked before work
+
+@pytest.mark.parametrize("score", [1e39, 1e308, -1e308, float("nan")])
+def test_scores_beyond_float32_are_refused_at_load(score):
+    with pytest.raises(DataError, match=r"train.jsonl:3: score 1 = .* is not a finite float32"):
+        Example("p", (" a", " b"), (0.0, score), source="train.jsonl:3")
+
+
+def test_a_lone_surrogate_is_refused_with_file_and_line(tmp_path):
+    from hps_exp.data.ranked_jsonl import load
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"q{i}", "responses": [" a", " b"], "scores": [1.0, 0.0]} for i in range(4)]
+    rows[2]["prompt"] = "q\ud800"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))   # json.dumps writes it as \\ud800
+    with pytest.raises(DataError, match=r"train.jsonl:3: prompt holds a lone surrogate"):
+        load(path=str(path), test_fraction=0.25)
+
+
+def test_a_relative_dataset_path_is_resolved_from_the_launch_dir_under_chdir(tmp_path):
+    rows = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "responses": [f" good {i}", f" bad {i}"],
+             "scores": [1.0, 0.0]} for i in range(20)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_app(["dataset=ranked_jsonl", "dataset.path=data.jsonl", "hydra.job.chdir=true", "dry_run=true",
+                 "model.n_embd=32", "logger.mode=disabled", f"hydra.run.dir={tmp_path}/run",
+                 f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    assert p.returncode == 0 and "[plan] sft" in p.stdout, p.stderr[-3000:]
+
+
+def test_an_unwritable_cache_missing_an_entry_fails_before_work(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(rundir, "_writable", lambda p: p != cache_dir)   # (root may write anywhere)
+    with pytest.raises(Exception, match=r"cache_dir=.* is not writable and lacks the entries of sft_eval"):
+        rundir.check_writable(tmp_path, cache_dir, [("sft", "k", "hit"), ("sft_eval", "e", "miss")])
+    rundir.check_writable(tmp_path, cache_dir, [("sft", "k", "hit")])   # a read-only cache that has it all
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only dir")
+def test_writable_sees_a_read_only_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert not rundir._writable(ro / "cache") and rundir._writable(tmp_path / "new" / "cache")
+    finally:
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- item 9: threads as asked
+
+def test_threads_explicit_settings_win_over_auto(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert app.choose_threads(0, 1) == (3, "OMP_NUM_THREADS")
+    assert app.choose_threads(2, 1) == (2, "trainer.num_threads")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    n, source = app.choose_threads(0, 1)
+    assert source == "auto" and n >= 1
