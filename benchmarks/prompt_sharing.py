@@ -77,10 +77,10 @@ def shared_prompt_logps(model, sp: SharedPrompts) -> torch.Tensor | None:
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    split = batching.head_split(model)
-    if split is None:
+    head = batching.scoring_head(model)
+    if head is None:
         return None
-    decoder, head = split
+    decoder = batching.unwrap(model).get_decoder()
     try:
         out = decoder(input_ids=sp.prompt_ids, attention_mask=sp.prompt_mask, use_cache=True,
                       past_key_values=DynamicCache())

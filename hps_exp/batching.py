@@ -5,6 +5,7 @@ value: with pad == eos (GPT-2 and our tiny model) a value-based mask would drop 
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -66,70 +67,91 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
 #
 # The LM head and the log-softmax over the vocabulary are the widest tensors of a forward; a
 # preference or SFT step only needs them where a label is scored (response tokens, ~half the
-# positions). So run the decoder body, pick the scored hidden states, and apply the head to those.
-# That is only exact when the model's logits are head(last hidden state) with nothing after it;
-# models that scale or soft-cap logits (Cohere's logit_scale, Gemma 2's final_logit_softcapping,
-# Granite's logits_scaling, ...) or anything we cannot split fall back to the full forward.
+# positions). So the model's own forward runs as usual, and a forward pre-hook on its LM head hands
+# the head only the scored hidden states: logits are [K, V] instead of [S, T, V]. Because the forward
+# is the model's (or its wrapper's) own, DDP's reducer and FSDP2's root hooks (which gather the
+# root's parameters, the head's among them) run as they always do: the fast path works wrapped.
+# What the forward does after the head runs on the [K, V] logits, so element-wise transforms (Cohere's
+# logit_scale, Gemma 2's soft-cap) stay exact; a numerical check once per model catches anything else
+# (a transform across positions, a head that is not an nn.Linear): such models take the full forward.
 
-# config attributes that change logits after the head; a non-trivial value means "do not split"
-_LOGIT_TRANSFORMS = {"logit_scale": (None, 1, 1.0), "final_logit_softcapping": (None, 0, 0.0),
-                     "logits_scaling": (None, 1, 1.0), "output_multiplier_scale": (None, 1, 1.0),
-                     "mup_width_scale": (None, 1, 1.0), "logit_softcapping": (None, 0, 0.0)}
-_SPLITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def head_split(model):
-    """(decoder, head) with logits == head(decoder(...).last_hidden_state), checked once per model; None if not."""
+def unwrap(model):
+    """The transformers model under a DDP and/or PEFT wrapper (FSDP2 shards in place: no wrapper)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def head_inputs(head: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+    """Within the block, `head` sees only the hidden states at (rows, cols): [S, T, H] -> [K, H]."""
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols], *args[1:]))
     try:
-        return _SPLITS[model]
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode inside the block (no dropout), each submodule's own mode restored after (a wrapper's mode
+    may differ from its inner model's)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def scoring_head(model):
+    """The LM head (an nn.Linear) whose inputs may be narrowed to the scored positions, checked once per
+    model (wrapped or not); None when the model's logits are not head(last hidden state)."""
+    try:
+        return _HEADS[model]
     except (KeyError, TypeError):
         pass
-    split = _find_split(model)
+    head = _find_head(model)
     try:
-        _SPLITS[model] = split
+        _HEADS[model] = head
     except TypeError:
         pass
-    return split
+    return head
 
 
-def _find_split(model):
-    from torch.distributed.fsdp import FSDPModule
+def _find_head(model):
     from transformers import PreTrainedModel
 
-    if isinstance(model, FSDPModule):
-        # FSDP2 gathers the root's parameters in the root's forward hook: calling the decoder and the head
-        # directly would meet sharded (DTensor) weights. The full forward goes through the hooks.
-        return None
-    # a PEFT wrapper (LoRA) injects its layers into the wrapped model: split that one
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if not isinstance(base, PreTrainedModel) or not hasattr(base, "get_output_embeddings"):
         return None
-    config = base.config
-    if any(getattr(config, k, None) not in ok for k, ok in _LOGIT_TRANSFORMS.items()):
-        return None
     try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        head = base.get_output_embeddings()
     except (AttributeError, NotImplementedError, ValueError):
         return None
-    if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear):
         return None
-    # A numerical check on a short input catches any other post-head transform (model code we have
-    # not read). Eval mode so that dropout does not make the two forwards differ.
-    was_training = model.training
-    model.eval()
+    # A numerical check on a short input catches a post-head transform across positions (model code we
+    # have not read). Eval mode so that dropout does not make the two forwards differ. Under FSDP2 these
+    # forwards are collectives: every rank reaches this check at the same step.
     try:
         device = next(model.parameters()).device
         ids = torch.arange(1, 7, device=device).remainder(max(2, head.out_features)).unsqueeze(0)
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            full = model(input_ids=ids, use_cache=False).logits.float()
-            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            split = head(hidden).float()
+        rows, cols = torch.zeros(3, dtype=torch.long, device=device), torch.tensor([1, 3, 4], device=device)
+        with _eval_mode(model), torch.no_grad(), torch.autocast(device.type, enabled=False):
+            full = model(input_ids=ids, use_cache=False).logits.float()[rows, cols]
+            with head_inputs(head, rows, cols):
+                split = model(input_ids=ids, use_cache=False).logits.float()
         same = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
     except Exception:  # noqa: BLE001 - any failure means "use the full forward", never a crash
         same = False
-    finally:
-        model.train(was_training)
-    return (decoder, head) if same else None
+    return head if same else None
 
 
 def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -139,16 +161,15 @@ def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     Token t is predicted from position t - 1, so position 0 is never scored.
     """
     labels_mask = scored[:, 1:]
-    rows = labels_mask.nonzero(as_tuple=True)[0]
+    rows, cols = labels_mask.nonzero(as_tuple=True)   # the hidden state at (row, col) predicts col + 1
     labels = input_ids[:, 1:][labels_mask]
-    split = head_split(model)
-    if split is None:
+    head = scoring_head(model)
+    if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         logits = logits[labels_mask]
     else:
-        decoder, head = split
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][labels_mask])
+        with head_inputs(head, rows, cols):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     # cross_entropy avoids materialising a second [K, V] log-softmax tensor
     return -F.cross_entropy(logits.float(), labels, reduction="none"), rows
 
@@ -340,17 +361,18 @@ def block_causal_mask(segments: torch.Tensor, attn_implementation: str, dtype: t
 
 
 def _packed_token_logps(model, packed: PackedRows) -> torch.Tensor | None:
-    split = head_split(model)
-    if split is None:
+    head = scoring_head(model)
+    if head is None:
         return None
-    decoder, head = split
     dtype = next(model.parameters()).dtype
-    mask = block_causal_mask(packed.segments, getattr(model.config, "_attn_implementation", None) or "", dtype)
+    mask = block_causal_mask(packed.segments, getattr(unwrap(model).config, "_attn_implementation", None) or "",
+                             dtype)
     if mask is None:
         return None
-    hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.positions,
-                     use_cache=False).last_hidden_state
-    logits = head(hidden[packed.predictors[:, 0], packed.predictors[:, 1]])
+    # The model's own forward (through any DDP/FSDP2 wrapper) with the block-causal mask and restarting positions.
+    with head_inputs(head, packed.predictors[:, 0], packed.predictors[:, 1]):
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.positions,
+                       use_cache=False).logits
     token_logps = -F.cross_entropy(logits.float(), packed.labels, reduction="none")
     return torch.zeros(packed.n_responses, device=token_logps.device).index_add(0, packed.owner, token_logps)
 
@@ -369,9 +391,9 @@ def packing_supported(model) -> bool:
     except (KeyError, TypeError):
         pass
     ok = False
-    split = head_split(model)
-    if split is not None:
-        vocab = split[1].out_features
+    head = scoring_head(model)
+    if head is not None:
+        vocab = head.out_features
         prompt, responses = [1, 2, 3], [[4, 5], [6, 7, 8], [9]]
         tokens = lambda ids: [i % vocab for i in ids]  # noqa: E731
         prompt, responses = tokens(prompt), [tokens(r) for r in responses]
@@ -379,17 +401,14 @@ def packing_supported(model) -> bool:
         device = param.device
         # fp32 weights: the two paths differ only by summation order; bf16/fp16 weights: by rounding too
         tol = 1e-4 if param.dtype == torch.float32 else 3e-2
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the check runs inside a step
+            # eval mode: dropout would make the paths differ; autocast off: the check runs inside a step
+            with _eval_mode(model), torch.no_grad(), torch.autocast(device.type, enabled=False):
                 want = sequence_logps(model, collate([(prompt, r) for r in responses], 0).to(device))
                 got = _packed_token_logps(model, pack_rows([prompt], responses, [0, 0, 0], 0).to(device))
             ok = got is not None and torch.allclose(got, want, rtol=tol, atol=tol)
         except Exception:  # noqa: BLE001 - any failure means "use the plain path", never a crash
             ok = False
-        finally:
-            model.train(was_training)
     try:
         _PACKING_OK[model] = ok
     except TypeError:

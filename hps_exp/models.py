@@ -252,13 +252,14 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def save(model, tok, directory: Path, state_dict: dict | None = None, lora_save: str = "merged") -> None:
+def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool = True) -> None:
     """A plain HF directory (safetensors), written to a temp dir then renamed: an interrupted save never
     leaves a half-written policy that evaluation or the cache would read.
 
-    `state_dict`: the full weights when the live model is sharded (FSDP2, see Trainer.save_pretrained).
     A LoRA (peft) model is saved merged into its base (`lora_save="merged"`, the default: loads like any
-    model) or as the adapter only (`"adapter"`: small; load with peft on top of the same base).
+    model) or as the adapter only (`"adapter"`: small; load with peft on top of the same base). Merging
+    works on a copy so the live model keeps its adapters; `keep_live=False` merges `model` itself (a
+    throw-away twin, see `unsharded_copy`: no second copy in host memory).
     """
     import shutil
 
@@ -267,22 +268,68 @@ def save(model, tok, directory: Path, state_dict: dict | None = None, lora_save:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if is_lora(model) and lora_save == "merged":
-        if state_dict is not None:
-            raise ModelError("model.lora.save=merged needs the unsharded model; with trainer.strategy=fsdp2 use "
-                             "model.lora.save=adapter (or strategy=ddp, which suits LoRA)")
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()   # the live model keeps its adapters
-        merged.save_pretrained(tmp, safe_serialization=True)
+        (copy.deepcopy(model) if keep_live else model).merge_and_unload().save_pretrained(tmp)
     else:
-        kwargs = {} if state_dict is None else {"state_dict": state_dict}
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        # safetensors: transformers 5 always writes them (it has no safe_serialization switch); peft's default
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def empty_twin(model):
+    """A parameter-free (meta-device) copy of `model`'s structure: the same transformers class and config and,
+    for a peft model, the same LoRA adapters. What a sharded model is gathered into for saving, and what the
+    ranks that do not load weights build before sharding (docs/scaling.md)."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+
+    lora = is_lora(model)
+    base = model.get_base_model() if lora else model
+    # fully_shard swaps a module's class for an FSDP subclass of it: build the original class
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        twin = cls(copy.deepcopy(base.config))
+        if lora:
+            from peft import get_peft_model
+
+            name = model.active_adapter
+            twin = get_peft_model(twin, copy.deepcopy(model.peft_config[name]), adapter_name=name)
+    return twin
+
+
+def check_twin(model) -> None:
+    """Refuse, before training, a model that `empty_twin` cannot rebuild with the same parameters and buffers
+    (an FSDP2 save gathers into such a twin: it would otherwise fail after training)."""
+    cls = type(model.get_base_model() if is_lora(model) else model).__name__
+    try:
+        twin = empty_twin(model)
+    except Exception as e:  # noqa: BLE001 - any failure is reported with what to do instead
+        raise ModelError(f"trainer.strategy=fsdp2 saves by gathering the weights into a {cls} rebuilt from its "
+                         f"config, which fails here ({type(e).__name__}: {e}); use trainer.strategy=ddp") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))
+        raise ModelError(f"trainer.strategy=fsdp2: a {cls} rebuilt from its config does not hold the same weights "
+                         f"(first difference: {diff[0][0]}), so the sharded model could not be saved; use "
+                         f"trainer.strategy=ddp")
+
+
+def unsharded_copy(model, state_dict: dict):
+    """`model` (sharded by FSDP2, or any) as a plain module holding `state_dict`'s full tensors (no copy of
+    them): saves and merges like the unwrapped model, tied weights tied again (so save_pretrained writes each
+    once). Keys must match exactly."""
+    twin = empty_twin(model)
+    twin.load_state_dict(state_dict, strict=True, assign=True)
+    (twin.get_base_model() if is_lora(twin) else twin).tie_weights()
+    return twin
 
 
 def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None):

@@ -206,9 +206,11 @@ def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
     return classes
 
 
-def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World,
+         param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the step function calls: the model itself (none / one process), a DDP wrapper, or the
-    model sharded in place by FSDP2 (each decoder block, then the root)."""
+    model sharded in place by FSDP2 (`shard_from_rank0`). The model is on `world.device` except under FSDP2,
+    which moves only each rank's shards there."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={cfg.strategy!r} is not allowed; choose one of {', '.join(STRATEGIES)}")
     if cfg.activation_checkpointing:
@@ -222,22 +224,47 @@ def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World) -> torch.nn.M
         if world.distributed:
             raise DistributedError(f"{world.world_size} processes were launched but trainer.strategy=none; set "
                                    f"trainer.strategy=ddp or fsdp2")
-        return model
+        return model.to(world.device)
     if cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [world.device.index] if world.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # gradients as views into the all-reduce buckets: no second gradient copy
+        return DDP(model.to(world.device), device_ids=ids, gradient_as_bucket_view=True)
+    return shard_from_rank0(model, world, param_dtype)
+
+
+def shard_from_rank0(model: torch.nn.Module, world: World, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: shard `model` in place block by block (each decoder block, then the root), each rank keeping only
+    its shards on its device, with rank 0's weights broadcast to every rank (as DDP does at construction).
+    Only rank 0 needs real weights: the other ranks may pass the model built on the meta device
+    (models.empty_twin), so no rank but 0 ever holds the whole model, and rank 0 holds it in host memory only.
+    `param_dtype` (the autocast dtype, None for fp32): the dtype parameters are gathered and computed in;
+    gradients are reduced in fp32."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # bf16 compute/communication of parameters with fp32 gradient reduction on CUDA; plain fp32 on CPU.
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if world.device.type == "cuda" else MixedPrecisionPolicy())
+    full = {k: v.detach() for k, v in model.state_dict().items()} if world.is_main else {}
+    # buffers outside the state dict (e.g. rotary inv_freq): small, broadcast as objects below
+    extra = ({name: b.detach().cpu() for name, b in model.named_buffers() if name not in full}
+             if world.is_main else None)
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
+          else MixedPrecisionPolicy())
     blocks = decoder_block_classes(model)
     for m in list(model.modules()):
         if isinstance(m, blocks):
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        model.to_empty(device=world.device)   # allocates this rank's shards only
+    else:
+        model.to(world.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for name, value in world.broadcast_object(extra).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(world.device)
     return model
 
 
@@ -303,8 +330,11 @@ class Trainer:
         self.total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.model.to(self.device)
-        self.module = wrap(self.model, cfg, world)
+        if cfg.strategy == "fsdp2" and world.distributed:
+            from hps_exp import models
+
+            models.check_twin(self.model)   # the final save gathers into a rebuilt twin: fail now, not after training
+        self.module = wrap(self.model, cfg, world, param_dtype=self.autocast)
         # Created after wrapping: FSDP2 replaces parameters by sharded DTensors.
         opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay)
@@ -475,15 +505,19 @@ class Trainer:
 
     def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None, **save_kwargs) -> None:
         """Write the trained model as a plain HF directory (safetensors) on rank 0; every rank must call it.
-        `save_fn(model, tok, directory, state_dict=..., **save_kwargs)` defaults to hps_exp.models.save
-        (e.g. lora_save="adapter")."""
+        Under FSDP2 the full weights are gathered to rank 0 (CPU) into an unsharded twin of the model, which
+        is saved (and, for a LoRA model with lora_save="merged", merged) like the unwrapped model.
+        `save_fn(model, tok, directory, **save_kwargs)` defaults to hps_exp.models.save (e.g. lora_save="adapter")."""
         from hps_exp import models
 
         save_fn = save_fn or models.save
-        sharded = self.cfg.strategy == "fsdp2" and self.world.distributed
-        sd = self.full_state_dict() if sharded else None
-        if self.world.is_main:
-            save_fn(self.model, tok, Path(directory), state_dict=sd, **save_kwargs)
+        if self.cfg.strategy == "fsdp2" and self.world.distributed:
+            sd = self.full_state_dict()
+            if self.world.is_main:
+                save_fn(models.unsharded_copy(self.model, sd), tok, Path(directory), keep_live=False, **save_kwargs)
+                del sd
+        elif self.world.is_main:
+            save_fn(self.model, tok, Path(directory), **save_kwargs)
         self.world.barrier()
 
 

@@ -81,3 +81,25 @@ def test_sigterm_saves_marks_interrupted_and_the_rerun_resumes(tmp_path):
     assert max_diff(weights(tmp_path / "whole"), weights(run)) < 1e-6
     steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if r["stage"] == "train"]
     assert steps == sorted(set(steps))   # the log continues from the checkpoint: no step twice
+
+
+def test_lora_under_fsdp2_finishes_with_both_saves(tmp_path):
+    """LoRA + fsdp2, 2 processes: the app ends with the merged policy (what evaluation reads) and, with
+    model.lora.save=adapter, the adapter beside it; both equal one process's LoRA run."""
+    lora = ["loss=pl", "model.lora.enabled=true", "model.lora.r=4"]
+    one = app([*lora, f"hydra.run.dir={tmp_path}/one", f"cache_dir={tmp_path}/c1", "model.lora.save=adapter"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = tmp_path / "two"
+    p = app([*lora, "trainer.strategy=fsdp2", "model.lora.save=adapter", f"hydra.run.dir={run}",
+             f"cache_dir={tmp_path}/c2"], nproc=2)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+    merged, ref = weights(run), weights(tmp_path / "one")
+    assert merged.keys() == ref.keys() and "lm_head.weight" not in merged   # merged, each tied weight once
+    assert max_diff(ref, merged) < 5e-5
+    from safetensors.torch import load_file
+
+    adapter = load_file(run / "policy_adapter" / "adapter_model.safetensors")
+    ref_adapter = load_file(tmp_path / "one" / "policy_adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == ref_adapter.keys() and all("lora_" in k for k in adapter)
+    assert max_diff(ref_adapter, adapter) < 5e-5

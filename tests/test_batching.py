@@ -111,7 +111,7 @@ def test_scored_positions_only_equals_full_vocabulary(arch):
     model, tok = tiny_model_and_tok()
     if arch == "llama":
         model = tiny_llama(len(tok))
-    assert batching.head_split(model) is not None  # the fast path is the one under test
+    assert batching.scoring_head(model) is not None  # the fast path is the one under test
     batch = some_batch(tok)
     got, want = batching.sequence_logps(model, batch), full_vocab_logps(model, batch)
     assert torch.allclose(got, want, atol=1e-5), (got, want)
@@ -124,20 +124,25 @@ def test_scored_positions_only_equals_full_vocabulary(arch):
     assert torch.allclose(nll, want_nll, atol=1e-6)
 
 
-def test_logit_scaling_model_falls_back_to_the_full_forward():
-    """A model whose logits are scaled after the head: the split would be wrong, so it is refused."""
+@pytest.mark.parametrize("post", ["scale", "softcap", "mixes_positions"])
+def test_post_head_transforms_stay_exact(post):
+    """The head sees only the scored positions, but the model's own forward still runs after it: an
+    element-wise transform of the logits (Cohere's scale, Gemma 2's soft-cap) stays exact on the fast path;
+    one that mixes positions is caught by the numerical check and falls back to the full forward."""
     model, tok = tiny_model_and_tok()
+    transforms = {"scale": lambda x: x * 0.5, "softcap": lambda x: 3.0 * torch.tanh(x / 3.0),
+                  "mixes_positions": lambda x: x - x.mean(dim=-2, keepdim=True)}
 
-    class Scaled(type(model)):
+    class Transformed(type(model)):
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 0.5
+            out.logits = transforms[post](out.logits)
             return out
 
-    scaled = Scaled(model.config)
-    scaled.load_state_dict(model.state_dict())
-    scaled.eval()
-    assert batching.head_split(scaled) is None
+    other = Transformed(model.config)
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    assert (batching.scoring_head(other) is None) == (post == "mixes_positions")
     batch = some_batch(tok)
     with torch.no_grad():
-        assert torch.allclose(batching.sequence_logps(scaled, batch), full_vocab_logps(scaled, batch), atol=1e-5)
+        assert torch.allclose(batching.sequence_logps(other, batch), full_vocab_logps(other, batch), atol=1e-5)

@@ -100,8 +100,9 @@ def _data():
 
 
 class Micro:
-    def __init__(self, seqs, ref, scores, num_prompts, sources):
-        self.seqs, self.ref, self.scores, self.num_prompts, self.sources = seqs, ref, scores, num_prompts, sources
+    def __init__(self, seqs, packed, ref, scores, num_prompts, sources):
+        self.seqs, self.packed, self.ref, self.scores = seqs, packed, ref, scores
+        self.num_prompts, self.sources = num_prompts, sources
 
 
 def worker(args: list[str]) -> None:
@@ -140,7 +141,9 @@ def worker(args: list[str]) -> None:
         for idx in batches:
             local, n = world.shard_padded(list(idx))
             pairs = [(prompts[i], responses[i][m]) for i in local for m in range(width)]
-            yield Micro(batching.collate(pairs, 0), ref[local, :width], scores[local, :width], n,
+            packed = batching.pack_rows([prompts[i] for i in local], [r for _, r in pairs],
+                                        [b for b in range(len(local)) for _ in range(width)], 0)
+            yield Micro(batching.collate(pairs, 0), packed, ref[local, :width], scores[local, :width], n,
                         [f"row{i}" for i in local])
 
     def step(module, b: Micro):
@@ -148,8 +151,12 @@ def worker(args: list[str]) -> None:
         calls += 1
         if calls == opts.get("die_at_call"):
             os._exit(9)   # a hard kill: no handler, no save
-        logps = batching.sequence_logps(module, b.seqs).view(-1, width)
-        mask = torch.ones_like(logps, dtype=torch.bool)
+        mask = torch.ones(b.ref.shape, dtype=torch.bool)
+        if opts.get("pack"):   # the packed listwise rows (each prompt forwarded once), through the wrapper
+            pb = batching.PreferenceBatch(b.seqs, mask, b.ref, b.scores, torch.zeros(len(mask)), {}, b.packed)
+            logps = batching.preference_logps(module, pb)
+        else:                  # one (prompt, response) row each; head-only log-softmax
+            logps = batching.sequence_logps(module, b.seqs).view(-1, width)
         o = loss_fn(logps, b.ref, mask, b.scores, torch.full((logps.shape[0],), width - 1))
         return o.losses.mean(), {k: float(v) for k, v in o.metrics.items()}
 
@@ -165,6 +172,9 @@ def worker(args: list[str]) -> None:
     trainer = Trainer(model, cfg, device=world.device, autocast=None, logger=RankLog(), stage="train",
                       checkpoint=Path(opts["ckpt"]) if "ckpt" in opts else None, world=world)
     result = trainer.fit(make_epoch, -(-N_PROMPTS // GLOBAL_BATCH), step)
+    # Which fast paths ran on the module the steps saw (the DDP wrapper / the FSDP2-sharded model).
+    fast = {"head_only": batching.scoring_head(trainer.module) is not None,
+            "packed": batching.packing_supported(trainer.module)}
     sd = trainer.full_state_dict()
     # The World's other collectives, as the stages use them (rank 0 merges, everyone agrees).
     checks = {"mean": world.all_reduce_mean({"r": float(world.rank)}),
@@ -173,7 +183,7 @@ def worker(args: list[str]) -> None:
     if world.is_main:
         torch.save(sd, out / "params.pt")
         (out / "result.json").write_text(json.dumps({**{k: v for k, v in result.items() if k != "seconds"},
-                                                     "world": world.world_size, "checks": checks}))
+                                                     "world": world.world_size, "checks": checks, "fast": fast}))
     if opts.get("save_pretrained"):
         from transformers import PreTrainedTokenizerFast
 
@@ -237,15 +247,18 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("strategy,kind", [("ddp", "pair"), ("ddp", "ranking"), ("fsdp2", "pair"),
                                            ("fsdp2", "ranking")])
 def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
+    """The wrapped runs take the fast paths (head-only log-softmax; listwise: the packed rows, each prompt
+    forwarded once) and equal one unwrapped process on plain (prompt, response) rows."""
     ref = one_process(kind)
     out = tmp_path / "run"
-    r = _run(out, strategy, kind, 2, max_steps=4, save_pretrained=True)
+    r = _run(out, strategy, kind, 2, max_steps=4, save_pretrained=True, pack=kind == "ranking")
     assert r.returncode == 0, r.stdout
     _assert_close(_params(out), _params(ref))
     r0 = json.loads((ref / "result.json").read_text())
     assert r0["steps"] == 4
     r2 = json.loads((out / "result.json").read_text())
     assert r2["world"] == 2 and r2["checks"] == {"mean": {"r": 0.5}, "bcast": {"from": 0}, "gather": [0, 10]}
+    assert r2["fast"] == {"head_only": True, "packed": True}, r2["fast"]
     # Metrics are all-reduced: rank 0's logged loss equals the one-process loss at every step.
     logs = [json.loads(x) for x in (out / "log-rank0.jsonl").read_text().splitlines()]
     ref_logs = [json.loads(x) for x in (ref / "log-rank0.jsonl").read_text().splitlines()]

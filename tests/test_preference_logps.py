@@ -109,7 +109,7 @@ def test_lora_wrapped_model_takes_the_fast_paths():
     model, batch = batch_and_model("gpt2")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
                                                       fan_in_fan_out=True, init_lora_weights=False)).eval()
-    assert batching.head_split(lora) is not None and batching.packing_supported(lora)
+    assert batching.scoring_head(lora) is not None and batching.packing_supported(lora)
     plain, g_plain = value_and_grads(lora, batch, pack=False)
     got, g_packed = value_and_grads(lora, batch, pack=True)
     assert torch.allclose(got, plain, atol=1e-5)
