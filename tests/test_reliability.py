@@ -13,28 +13,13 @@ import torch
 from conftest import REPO
 from test_end_to_end import run_app
 from test_rundir import TINY
+from test_stages import _Crash, _CrashingLogger
 
 from hps_exp import app, rundir, stages
 from hps_exp.data.schema import DataError, Example
 
 
 # ----------------------------------------------------------------------------- item 8: the reward model resumes
-
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashingLogger:
-    def __init__(self, at):
-        self.at = at
-
-    def log(self, metrics, step):
-        if step == self.at:
-            raise _Crash(f"killed at step {step}")
-
-    def next_stage(self):
-        pass
-
 
 def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     from hps_exp.data.synthetic import load

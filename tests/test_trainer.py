@@ -39,26 +39,35 @@ def test_training_reduces_loss_and_counts_steps():
     assert step(model, (X, Y))[0].item() < 0.2 * before
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
-    full = fresh()
-    Trainer(full, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+def _crash_after_checkpoint(tmp_path, sleep=0.0, **run_identity):
+    """Trains 8-step epochs with save_every=5 and dies in the 6th step: the step-5 checkpoint is left in tmp_path/ckpt.
+    `run_identity` (key=, record=) goes to the Trainer as given."""
+    import time
 
     class Crash(Exception):
         pass
 
     calls = 0
 
-    def crashing_step(model, batch):  # dies in the 6th optimizer step, after the step-5 checkpoint
+    def crashing_step(model, batch):   # dies in the 6th optimizer step, after the step-5 checkpoint
         nonlocal calls
         calls += 1
         if calls == 11:
             raise Crash
+        time.sleep(sleep)
         return step(model, batch)
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
-        Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None,
-                checkpoint=ckpt).fit(make_epoch, 8, crashing_step)
+        Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt,
+                **run_identity).fit(make_epoch, 8, crashing_step)
+    return ckpt
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    full = fresh()
+    Trainer(full, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    ckpt = _crash_after_checkpoint(tmp_path)
     assert ckpt.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left
     probe = fresh()
     assert load_checkpoint(ckpt, probe, torch.optim.AdamW(probe.parameters())) == 5
@@ -253,27 +262,6 @@ def test_strategy_choice_is_checked():
 
 # ---------------------------------------------------------------- issue 18: a checkpoint resumes only its own run
 
-def _crash_after_checkpoint(tmp_path, key="k1", record=None, sleep=0.0):
-    import time
-
-    class Crash(Exception):
-        pass
-
-    calls = 0
-
-    def crashing_step(model, batch):   # dies in the 6th optimizer step, after the step-5 checkpoint
-        nonlocal calls
-        calls += 1
-        if calls == 11:
-            raise Crash
-        time.sleep(sleep)
-        return step(model, batch)
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(Crash):
-        Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key=key,
-                record=record or {"config": {"lr": 0.2}}).fit(make_epoch, 8, crashing_step)
-    return ckpt
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
@@ -295,7 +283,8 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
 
 def test_a_resumed_stage_keeps_the_time_of_the_steps_before(tmp_path):
     per_call = 0.05
-    ckpt = _crash_after_checkpoint(tmp_path, sleep=per_call)   # 5 steps x 2 micro-batches saved
+    ckpt = _crash_after_checkpoint(tmp_path, sleep=per_call, key="k1", record={"config": {"lr": 0.2}})
+    # 5 steps x 2 micro-batches saved
     import time
 
     def slow_step(model, batch):
@@ -311,7 +300,7 @@ def test_a_resumed_stage_keeps_the_time_of_the_steps_before(tmp_path):
 def test_a_damaged_checkpoint_is_named(tmp_path):
     from hps_exp.trainer import CheckpointDamaged
 
-    ckpt = _crash_after_checkpoint(tmp_path)
+    ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2}})
     data = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
     data.write_bytes(data.read_bytes()[:50])
     with pytest.raises(CheckpointDamaged, match="cannot be loaded"):
