@@ -133,8 +133,11 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
         if not env.dry_run:
             print(results_table(eval_set.name, before.metrics, after.metrics, label["method"]))
     timing = {"sft_s": sft.seconds, "pref_s": policy.seconds, "pref_step_s": policy.seconds / max(1, policy.steps),
-              "pref_steps": policy.steps}
+              "pref_steps": policy.steps, "pref_tokens": policy.tokens,
+              "pref_tokens_per_s": policy.tokens / policy.seconds if policy.seconds > 0 else 0.0}
     out = {"run": label, "eval": results, "timing": timing, "samples": samples}
+    if r.eval_by_annotator:   # the tables mark such rows (‡)
+        out["circular_eval"] = True
     if warnings := divergence_warnings(policy.final, results):
         out["warnings"] = warnings
         for w in warnings:
@@ -181,6 +184,18 @@ def load_average() -> float | None:
 DIVERGED_MARGIN = 100.0   # |reward margin| (beta x log-ratio units) beyond which a run is called diverged
 
 
+CIRCULAR = ("eval.reward_model=annotation: the evaluation is circular: the reward model that labelled the training "
+            "data also scores the evaluation, so a policy that games it looks good (metrics.json circular_eval, ‡ in "
+            "the tables). Score with an independent reward model: eval.reward_model=<_target_ node> or one trained "
+            "on other pairs")
+
+
+def eval_set_sizes(eval_set, max_prompts: int) -> str:
+    n = len(eval_set.examples)
+    generated = f": margins on all, generations on the first {max_prompts}" if max_prompts < n else ""
+    return f"{eval_set.name} ({n} prompts{generated})"
+
+
 def divergence_warnings(final: dict, results: dict) -> list[str]:
     """A run whose margins blew up, or that skipped non-finite steps, completes with a warning (README:
     "Failures, interruptions and resume"): |train margin| or |aligned eval margin| > DIVERGED_MARGIN."""
@@ -213,7 +228,9 @@ def run(cfg: DictConfig) -> dict:
     # Every process must use the main process's run dir (Hydra's timestamp may differ by a second).
     run_dir = Path(world.broadcast_object(str(HydraConfig.get().runtime.output_dir)))
     r = prepare(cfg, world.device)
-    env_args = dict(device=world.device, autocast=models.autocast_dtype(cfg.trainer.precision, world.device),
+    autocast, precision_why = models.resolve_precision(cfg.trainer.precision, world.device,
+                                                       pretrained=cfg.model.name_or_path is not None)
+    env_args = dict(device=world.device, autocast=autocast,
                     cache_dir=Path(to_absolute_path(cfg.cache_dir)), runtime=r.plan.runtime,
                     world=world if world.distributed else None)
     dry = stages.Env(**env_args, dry_run=True)
@@ -234,7 +251,8 @@ def run(cfg: DictConfig) -> dict:
         if world.is_main:
             rundir.check_writable(run_dir, env_args["cache_dir"], dry.planned)
         return _work(cfg, r, env_args, run_dir, world, identity, started,
-                     {"threads": threads, "threads_source": threads_source, "load_start": load_start})
+                     {"threads": threads, "threads_source": threads_source, "load_start": load_start,
+                      "precision": precision_why})
     finally:
         if lock is not None:
             lock.release()
@@ -244,7 +262,7 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
           timing: dict) -> dict:
     if world.is_main:
         print(f"[hps_exp] torch threads: {timing['threads']} ({timing['threads_source']}), load average "
-              f"{timing['load_start']}")
+              f"{timing['load_start']}, precision {timing['precision']}")
         if warning := plan.oversubscribed():
             print(warning)
     seed_everything(cfg.seed)
@@ -268,8 +286,10 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
         if world.is_main:
             print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) "
                   f"on {cfg.dataset.name}: {len(r.train)} train prompts, eval on "
-                  f"{', '.join(f'{s.name} ({len(s.examples)})' for s in r.eval_sets)}, device={world.device}"
+                  f"{', '.join(eval_set_sizes(s, cfg.eval.max_prompts) for s in r.eval_sets)}, device={world.device}"
                   f"{f' x {world.world_size} processes' if world.distributed else ''}, run dir {run_dir}")
+            if r.eval_by_annotator:
+                print(f"[hps_exp] warning: {CIRCULAR}", file=sys.stderr)
         out = execute(cfg, r, env, run_dir)
         if not world.is_main:
             return {}

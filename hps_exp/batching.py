@@ -464,8 +464,20 @@ def preference_logps(model, batch: PreferenceBatch, pack: bool = True) -> torch.
     device = next(model.parameters()).device
     mask = batch.mask.to(device)
     flat = None
-    if pack and batch.packed is not None and packing_supported(model):
+    if _use_packed(model, batch, pack):
         flat = _packed_token_logps(model, batch.packed.to(device))
     if flat is None:
         flat = sequence_logps(model, batch.sequences.to(device))
     return torch.zeros(mask.shape, device=device).masked_scatter(mask, flat.float())
+
+
+def _use_packed(model, batch: PreferenceBatch, pack: bool = True) -> bool:
+    return pack and batch.packed is not None and packing_supported(model)
+
+
+def forwarded_tokens(model, batch: PreferenceBatch, pack: bool = True) -> int:
+    """Real (non-padding) tokens `preference_logps` feeds the model for this batch: each prompt once on the packed
+    path, once per response on the plain one. The unit of the per-token costs (pref_tokens_per_s)."""
+    if _use_packed(model, batch, pack):
+        return int((batch.packed.segments >= 0).sum())
+    return int(batch.sequences.attention_mask.sum())

@@ -34,6 +34,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    chat_template: bool = False           # prompts written by the tokenizer's chat template (hps_exp/data/chat.py)
     lora: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
 

@@ -225,6 +225,22 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
     return tok, model
 
 
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """The tokenizer alone (hub id, local dir or GGUF file), as load_pretrained loads it."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file, package = resolve_gguf(name_or_path)
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    if gguf_file is not None:
+        _check_gguf_support(package)
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load the tokenizer of '{name_or_path}' ({first})") from None
+
+
 def _gguf_dense_kwargs() -> dict:
     """Ask transformers (>= 5.x) to unpack every GGUF block into a dense fp32 weight: with the `kernels` package
     present it would otherwise keep the weights packed, and packed weights cannot be trained or saved.
@@ -349,8 +365,30 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; plain fp32 on CPU (bf16 on CPU is slower there)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware (measured here: SmolLM2-135M training 1.5x, generation
+    7x faster than fp32); without them bf16 is emulated and slower than fp32."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_precision(precision: str, device: torch.device, pretrained: bool) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = plain fp32) for trainer.precision, and why, for the run's first line.
+
+    auto: bf16 on CUDA; on a CPU with native bf16, bf16 for pretrained models (model.name_or_path), fp32 for the
+    tiny model built from config (the embedded default's numbers stay those of fp32); fp32 elsewhere."""
+    if precision == "fp32":
+        return None, "fp32 (trainer.precision=fp32)"
+    if precision == "bf16":
+        return torch.bfloat16, "bf16 autocast (trainer.precision=bf16)"
+    if device.type == "cuda":
+        return torch.bfloat16, "bf16 autocast (auto: CUDA)"
+    if not cpu_has_native_bf16():
+        return None, "fp32 (auto: this CPU has no native bf16)"
+    if not pretrained:
+        return None, "fp32 (auto: the model is built from config; trainer.precision=bf16 to use this CPU's bf16)"
+    return torch.bfloat16, "bf16 autocast (auto: pretrained model, this CPU has native bf16)"
+
+
+def autocast_dtype(precision: str, device: torch.device, pretrained: bool = False) -> torch.dtype | None:
+    return resolve_precision(precision, device, pretrained)[0]

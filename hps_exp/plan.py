@@ -11,9 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hps_exp import evaluate
+from hps_exp import evaluate, models
 from hps_exp.cache import content_key
 from hps_exp.config import ConfigError, build, check_node
+from hps_exp.data import chat
 from hps_exp.data.schema import Splits
 from hps_exp.samplers import check_compatible
 from hps_exp.stages import (AugmentSpec, EvalSet, EvalSpec, Examples, ModelSpec, OptimSpec, PreferenceSpec,
@@ -95,7 +96,23 @@ def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
         sets.append(EvalSet(name, Examples.of(test)))
     if len({s.name for s in sets}) != len(sets):
         raise ConfigError(f"eval.datasets lists a set twice: {list(cfg.eval.datasets)}")
-    return Examples.of(splits.train), Examples.of(splits.test), sets
+    train, test = splits.train, splits.test
+    if cfg.model.chat_template:   # every set in the policy's own format (the eval sets too: transfer)
+        tok = chat_tokenizer(cfg.model)
+        train, test = chat.render(train, tok), chat.render(test, tok)
+        sets = [EvalSet(s.name, Examples.of(chat.render(s.examples.items, tok))) for s in sets]
+    return Examples.of(train), Examples.of(test), sets
+
+
+def chat_tokenizer(model: DictConfig):
+    """The tokenizer whose chat template model.chat_template=true applies; refused for models without one."""
+    if model.name_or_path is None:
+        raise ConfigError("model.chat_template=true needs a pretrained model with a chat template "
+                          "(model.name_or_path); the tiny model built from config has none")
+    tok = models.load_tokenizer(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    if not tok.chat_template:
+        raise ConfigError(f"model.chat_template=true but {model.name_or_path} has no chat template")
+    return tok
 
 
 def check_data(cfg: DictConfig, loss_fn, sampler, train: Examples) -> None:

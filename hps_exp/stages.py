@@ -235,6 +235,7 @@ class PolicyResult:
     steps: int
     sft: SFTResult | None = None   # how to load it: the SFT policy's dtype and attention
     final: dict = field(default_factory=dict)   # the last step's training metrics (divergence check)
+    tokens: int = 0       # real tokens forwarded in training (batching.forwarded_tokens), resumed steps included
 
     def load(self):
         return models.load_saved(self.path, dtype=self.sft.dtype, attn_implementation=self.sft.attn_implementation)
@@ -500,7 +501,7 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         out = loss_fn(inputs, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
         metrics = {k: float(v) for k, v in out.metrics.items()}
         loss = out.losses.mean() if finite else (policy[mask] * float("nan")).sum()
-        return loss, {**metrics, **batch.stats}
+        return loss, {**metrics, **batch.stats, "tokens": batching.forwarded_tokens(model, batch)}
 
     tcfg = _trainer_config(env.runtime, spec.optim, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps)
     trainer = Trainer(model, tcfg, device=env.device, autocast=env.autocast, logger=env.logger, stage="train",
@@ -513,7 +514,7 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         trainer.save_pretrained(tok, run_dir / "policy_adapter", lora_save="adapter")
     trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
     return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result,
-                        final=dict(result))
+                        final=dict(result), tokens=int(result["tokens"]))
 
 
 def _check_finite_weights(model, env: Env, result: dict) -> None:

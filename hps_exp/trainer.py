@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from hps_exp.config import TrainerConfig
 from hps_exp.distributed import DistributedError, World
 
-# step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float})
+# step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float}); metrics["tokens"], if given, is the
+# micro-batch's real token count: summed over the stage (and ranks) into fit()'s "tokens", not averaged
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # make_epoch(epoch, progress) -> iterator over micro-batches; progress() is the fraction of training done
 EpochFn = Callable[[int, Callable[[], float]], Iterator[Any]]
@@ -309,6 +310,7 @@ class Trainer:
         # of the one resumed from, so a checkpoint never resumes another run. None: not checked.
         self.key, self.record = key, record
         self.seconds_before = 0.0   # training seconds of the steps done before a resume (from the checkpoint)
+        self.tokens = 0.0           # real tokens forwarded (step_fn's "tokens", summed over ranks), resumes too
         self._started = time.perf_counter()
         self.logger, self.stage = logger, stage
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -378,7 +380,7 @@ class Trainer:
                 self._save(opt)
         bar.close()
         # The seconds of every step, those before a resume included: a resumed stage's cost is its whole cost.
-        return {**last, "steps": self.step, "seconds": self.seconds()}
+        return {**last, "steps": self.step, "seconds": self.seconds(), "tokens": self.tokens}
 
     def seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self._started
@@ -402,6 +404,7 @@ class Trainer:
                                     f"{first}): it is damaged; delete it, or trainer.resume=false starts this "
                                     f"stage afresh") from e
         self.seconds_before = float(meta.get("seconds", 0.0))
+        self.tokens = float(meta.get("tokens", 0.0))
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying the schedule
             warnings.simplefilter("ignore")
             for _ in range(self.step):
@@ -428,7 +431,7 @@ class Trainer:
         if total <= 0:
             raise ValueError(f"[{self.stage}] step {self.step + 1}: the micro-batches hold no prompts (num_prompts=0)")
         sums: dict[str, float] = {}
-        bad_loss = False
+        bad_loss, tokens = False, 0.0
         for i, (batch, n) in enumerate(zip(group, counts)):
             last = i == len(group) - 1
             with self._grad_sync(last), torch.autocast(self.device.type, dtype=self.autocast,
@@ -438,6 +441,7 @@ class Trainer:
                 (loss * float(n * world.world_size) / total).backward()
             value = loss.item()
             bad_loss |= not math.isfinite(value)
+            tokens += float(metrics.pop("tokens", 0.0))   # a count: summed, not averaged over prompts
             for k, v in {"loss": value, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
         keys = sorted(sums)
@@ -447,9 +451,10 @@ class Trainer:
                 raise DistributedError(f"[{self.stage}] ranks returned different metric names from step_fn: "
                                        f"{names} (by rank)")
             self._keys_checked = True
-        flags = [float(bad_loss), float(stop.signum is not None)]
+        flags = [tokens, float(bad_loss), float(stop.signum is not None)]
         reduced = world.all_reduce_sum(torch.tensor([sums[k] for k in keys] + flags, dtype=torch.float64))
         out = {k: float(v) for k, v in zip(keys, reduced)}
+        self.tokens += reduced[-3].item()
         any_bad_loss, want_stop = reduced[-2].item() > 0, reduced[-1].item() > 0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -489,7 +494,7 @@ class Trainer:
     def _save(self, opt) -> None:
         if self.checkpoint is None:
             return
-        meta = {"seconds": self.seconds(), "stage": self.stage}
+        meta = {"seconds": self.seconds(), "tokens": self.tokens, "stage": self.stage}
         if self.key is not None:
             meta.update(key=self.key, record=self.record)
         save_checkpoint(self.checkpoint, self.module, opt, self.step, self.world, meta)

@@ -27,6 +27,20 @@ def test_device_and_precision_choice():
     assert models.pick_device("cpu").type == "cpu"
     assert models.autocast_dtype("auto", torch.device("cpu")) is None
     assert models.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert models.autocast_dtype("fp32", torch.device("cuda")) is None
+    assert models.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_uses_native_bf16_for_pretrained_models(monkeypatch, native):
+    """trainer.precision=auto on CPU: bf16 autocast only where the CPU has bf16 in hardware and the model is a
+    pretrained one; the tiny model built from config stays fp32 (the embedded default's numbers)."""
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    dtype, why = models.resolve_precision("auto", cpu, pretrained=True)
+    assert dtype is (torch.bfloat16 if native else None)
+    assert ("native bf16" in why) if native else ("no native bf16" in why)
+    assert models.resolve_precision("auto", cpu, pretrained=False)[0] is None
     if not torch.cuda.is_available():
         with pytest.raises(models.ModelError, match="trainer.device=auto"):
             models.pick_device("cuda")
