@@ -70,6 +70,7 @@ class TrainerConfig:
     on_nonfinite: str = "error"           # error | skip: a NaN/inf loss or gradient
     num_threads: int = 0                  # torch CPU threads; 0 = auto
     bucketing: bool = False               # length-bucketed preference batches (less padding, less mixing)
+    seed: Optional[int] = None            # preference training + evaluation seed; null = the top-level seed
 
 
 @dataclass
@@ -86,6 +87,8 @@ class EvalConfig:
     dataset_args: dict[str, Any] = field(default_factory=dict)  # per-set overrides: dataset_args.<name>.<key>
     backend: str = "hf"                   # hf | vllm: generation engine
     vllm: dict[str, Any] = field(default_factory=dict)   # vLLM engine settings (tensor_parallel_size, ...)
+    validation_prompts: int = 0           # training prompts held out as the validation set (never trained on)
+    split: str = "test"                   # test | validation: what the policies are evaluated on
 
 
 @dataclass
@@ -128,6 +131,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "eval.backend": ("hf", "vllm"),
     "eval.protocol": ("default", "paper"),
+    "eval.split": ("test", "validation"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 # key: (low, high, low inclusive): every numeric knob's allowed range, checked before any work.
@@ -142,6 +146,7 @@ RANGES = {
     "eval.max_prompts": (1, INF, True), "eval.max_new_tokens": (1, INF, True), "eval.batch_size": (1, INF, True),
     "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False), "eval.num_samples": (0, 1000, True),
     "model.max_length": (2, INF, True), "model.max_prompt_length": (1, INF, True),
+    "eval.validation_prompts": (0, INF, True), "trainer.seed": (0, 2**32 - 1, True),
 }
 # Sizes of the model built from its config (model.name_or_path unset); a pretrained model ignores them.
 BUILT_MODEL_RANGES = {"model.n_layer": (1, INF, True), "model.n_head": (1, INF, True),
@@ -156,7 +161,7 @@ def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
 
 
-OPTIONAL = ("trainer.max_steps", "eval.temperature")   # null means "the default"
+OPTIONAL = ("trainer.max_steps", "eval.temperature", "trainer.seed")   # null means "the default"
 
 
 def _check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool) -> None:

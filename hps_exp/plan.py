@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hps_exp import evaluate, models
@@ -97,11 +98,26 @@ def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
     if len({s.name for s in sets}) != len(sets):
         raise ConfigError(f"eval.datasets lists a set twice: {list(cfg.eval.datasets)}")
     train, test = splits.train, splits.test
+    if cfg.eval.validation_prompts or cfg.eval.split == "validation":
+        train, validation = split_validation(train, cfg.eval.validation_prompts)
+        if cfg.eval.split == "validation":
+            sets = [EvalSet("validation", Examples.of(validation))]
     if cfg.model.chat_template:   # every set in the policy's own format (the eval sets too: transfer)
         tok = chat_tokenizer(cfg.model)
         train, test = chat.render(train, tok), chat.render(test, tok)
         sets = [EvalSet(s.name, Examples.of(chat.render(s.examples.items, tok))) for s in sets]
     return Examples.of(train), Examples.of(test), sets
+
+
+def split_validation(train: list, n: int) -> tuple[list, list]:
+    """(train without the validation prompts, the validation prompts): n training prompts drawn by a fixed
+    generator, the same whatever the run's seed, so tuning runs (eval.split=validation) and final runs
+    (eval.split=test) train on exactly the same prompts and share every cached stage up to evaluation."""
+    if not 0 < n < len(train):
+        raise ConfigError(f"eval.validation_prompts={n}: must be between 1 and the {len(train) - 1} training "
+                          f"prompts that leave one to train on (eval.split=validation needs it > 0)")
+    held = set(np.random.default_rng(0).permutation(len(train))[:n].tolist())
+    return ([e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held])
 
 
 def chat_tokenizer(model: DictConfig):
@@ -208,6 +224,7 @@ def _lora_spec(lora: dict) -> dict:
 
 def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     m, t, e = cfg.model, cfg.trainer, cfg.eval
+    train_seed = training_seed(cfg)
     lengths = {"max_prompt_length": m.max_prompt_length, "max_length": m.max_length}
     model = ModelSpec(name_or_path=m.name_or_path, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                       n_positions=m.n_positions, vocab_size=m.vocab_size, dtype=m.dtype,
@@ -235,12 +252,12 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
         aug = AugmentSpec(knobs=knobs, generator=gen, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
     pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
-                          seed=cfg.seed, lora=_lora_spec(plain(m.lora)), bucketing=t.bucketing, **lengths)
+                          seed=train_seed, lora=_lora_spec(plain(m.lora)), bucketing=t.bucketing, **lengths)
     protocol = evaluate.PROTOCOLS[e.protocol]
     ev = EvalSpec(protocol=e.protocol, num_samples=e.num_samples or protocol["num_samples"],
                   max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens,
                   temperature=protocol["temperature"] if e.temperature is None else e.temperature,
-                  top_p=e.top_p, batch_size=e.batch_size, seed=cfg.seed, backend=e.backend, vllm=plain(e.vllm),
+                  top_p=e.top_p, batch_size=e.batch_size, seed=train_seed, backend=e.backend, vllm=plain(e.vllm),
                   **lengths)
     if ev.backend == "hf" and ev.vllm:
         raise ConfigError("eval.vllm does nothing with eval.backend=hf")
@@ -253,6 +270,11 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
                 preference=pref, eval=ev, runtime=runtime)
 
 
+def training_seed(cfg: DictConfig) -> int:
+    """The preference stage's and the evaluation's seed: trainer.seed, else the top-level seed."""
+    return cfg.seed if cfg.trainer.seed is None else cfg.trainer.seed
+
+
 def run_label(cfg: DictConfig, loss_fn, sampler, train: Examples) -> dict:
     """The run's coordinates in the paper's tables (metrics.json "run"), as the loss describes itself."""
     row = dict(loss_fn.row)
@@ -263,7 +285,8 @@ def run_label(cfg: DictConfig, loss_fn, sampler, train: Examples) -> dict:
         gamma = sampler.gamma_label
     experiment = {k: v for k, v in plain(cfg).items() if k not in NOT_EXPERIMENT}
     return {**row, "loss": cfg.loss.name, "sampler": cfg.sampler.name, "train_dataset": cfg.dataset.name,
-            "seed": cfg.seed, "n_responses": max(e.n for e in train.items), "gamma": gamma,
+            "seed": training_seed(cfg), "pipeline_seed": cfg.seed, "n_responses": max(e.n for e in train.items),
+            "gamma": gamma, "eval_split": cfg.eval.split,
             "beta": loss_fn.margin_beta, "sweep": cfg.sweep, "config_key": content_key(experiment)}
 
 

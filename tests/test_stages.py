@@ -16,6 +16,8 @@ NONE: set = set()
 
 # What a change of each knob must rebuild (with reward_model=train, augment=sample, one eval set).
 EXPECTED = {
+    "trainer.seed": {"preference", "sft_eval", "eval"},   # the shared pipeline (SFT, RM, augmentation) stays
+    "eval.validation_prompts": ALL,                        # the held-out prompts leave the training data
     "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
     "trainer.resample": POLICY, "trainer.max_steps": POLICY, "trainer.bucketing": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
@@ -41,11 +43,11 @@ CHANGE = {
     "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
     "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s", "cache_dir": "elsewhere",
     "model.lora.enabled": True, "model.lora.target_modules": "c_attn", "model.lora.save": "adapter",
-    "augment.backend": "vllm", "eval.protocol": "paper", "eval.num_samples": 3, "eval.temperature": 0.5,
+    "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4, "eval.num_samples": 3, "eval.temperature": 0.5,
 }
 # model.chat_template: refused for the tiny model; with a template it rewrites the data (keys follow the content)
 SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.tags", "model.name_or_path",
-        "model.chat_template")
+        "model.chat_template", "eval.split")   # eval.split: tested in test_plan_validation.py
 
 
 def planned(cfg, tmp_path) -> dict:
