@@ -4,10 +4,12 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 
 from hps_exp import tables
+from hps_exp.tables import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -509,10 +511,10 @@ def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
 def test_series_colours_never_collide():
     runs = []
     for i in range(15):  # more series than palette colours
-        r = tables.Run(tables.Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
+        r = tables.Run(Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
                                                                  "preference_model": f"P{i}", "row_order": [i % 3, i]})
         runs.append(r)
-    runs.append(tables.Run(tables.Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
+    runs.append(tables.Run(Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
                                                                 "preference_model": "P0", "row_order": [1, 0]}))
     rows = tables.build_rows(runs)
     styles = tables.series_styles(rows)
@@ -568,7 +570,7 @@ def test_main_plot_panels(paired_sweep, tmp_path):
 def test_default_figure_carries_both_margins(paired_sweep, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     seen = {}
-    monkeypatch.setattr(tables, "plot_main", lambda plt, table, margins, path: seen.update(
+    monkeypatch.setattr(plots, "plot_main", lambda plt, table, margins, path: seen.update(
         margins=list(margins), columns={m for _, m in table.columns}))
     assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "50"]) == 0
     assert seen["margins"] == ["reward_margin", "reward_margin_hardest"]
