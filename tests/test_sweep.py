@@ -110,6 +110,9 @@ def test_expansion_keeps_hydras_value_syntax():
                  "trainer.epochs=range(1,3)"]
     assert sw.expand(overrides) == hydra_basic_sweeper_jobs(overrides)
     assert len(sw.expand(overrides)) == 16
+    for axis in ("loss.beta=interval(0.1,0.5)", "loss=glob(*)"):  # Hydra's basic sweeper refuses these too
+        with pytest.raises(sw.SweepError, match=axis.split("=")[0]):
+            sw.expand(["seed=0,1", axis])
 
 
 def _compose_job(compose, name, job):
