@@ -3,15 +3,15 @@
     python -m hps_exp.tables SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--metric-margin reward_margin]
                              [--stage aligned] [--compare PREFERENCE_MODEL] [--sweep NAME]
 
-Pipeline, one module per step: collect.collect_runs (every job dir, completed or not) -> aggregate: rows (a method, split by settings that vary within
-it; sorted by the loss's `run.row_order`) -> main_table / timing_table / ablation_table, every cell
-"mean [lo, hi]" with a 95 % bootstrap interval (held-out prompts within seeds where the run reports per-prompt
-values, else over seeds: hps_exp.stats) -> paired.paired_tests of the treatment preference model against the
-best baseline of its framework -> render.render_markdown / render_csv / render_runs_csv -> plots.make_plots;
-cli.main runs them and writes the files. Failed and missing runs, and the grid's
-jobs that never started (collect.never_started), are listed, never dropped: the grid is the one `python -m hps_exp.sweep` recorded at
-launch (`<sweep dir>/sweep_grid.json`, command-line extras included), or, for sweeps without a record, the one
-expanded from the sweep yaml (said in a note).
+Pipeline, one module per step: collect.collect_runs (every job dir, completed or not) -> aggregate: rows (a
+method, split by settings that vary within it; sorted by the loss's `run.row_order`) -> main_table /
+timing_table / ablation_table, every cell "mean [lo, hi]" with a 95 % bootstrap interval (held-out prompts within
+seeds where the run reports per-prompt values, else over seeds: hps_exp.stats) -> paired.paired_tests of the
+treatment preference model against the best baseline of its framework -> render.render_markdown / render_csv /
+render_runs_csv -> plots.make_plots; cli.main runs them and writes the files. Failed and missing runs, and the
+grid's jobs that never started (collect.never_started), are listed, never dropped: the grid is the one
+`python -m hps_exp.sweep` recorded at launch (`<sweep dir>/sweep_grid.json`, command-line extras included), or,
+for sweeps without a record, the one expanded from the sweep yaml (said in a note).
 
 No framework or preference-model name is known here: rows are ordered by `run.row_order` (supplied by the loss),
 plots grouped by `run.framework` and coloured by `run.preference_model`, and the treatment of the paired test
