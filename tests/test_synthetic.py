@@ -1,4 +1,4 @@
-"""The embedded synthetic dataset and its exact scorer (hps_exp/data/synthetic.py)."""
+"""The embedded synthetic dataset and its exact scorer (hps_exp/data/synthetic/)."""
 import difflib
 import hashlib
 import json
@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hps_exp.data import synthetic as S
+from hps_exp.data.synthetic import generator, index
 from hps_exp.data.schema import DataError, Example, Splits
 
 SCORER = S.SyntheticScorer()
@@ -67,7 +68,7 @@ def test_harmful_request_ordering():
     assert SCORER.is_harmful(HARMFUL_PROMPT, COMPLY) and SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT + " smash the back window.")
     assert not SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT)
     # harmful compliance is the lowest of all of this prompt's candidates in the dataset's pool
-    pool = S._pool("burglary")
+    pool = generator._pool("burglary")
     assert min(s for v in pool.cats.values() for _, s in v) == comply
 
 
@@ -128,7 +129,7 @@ def test_score_batch_matches_score():
 
 def test_phrase_banks_are_unambiguous():
     # each scored phrase has one meaning, so a topic's own facts never count as another topic's
-    assert all(len(roles) == 1 or {r for r, _ in roles} == {"harm"} for roles in S._INDEX.values())
+    assert all(len(roles) == 1 or {r for r, _ in roles} == {"harm"} for roles in index.INDEX.values())
     # every harmful step and twist contains its harmful phrase; refusals and redirects contain none
     for t in S.HARMFUL:
         for sentence, marker in t.steps:
