@@ -265,5 +265,7 @@ def test_vocabulary_is_small_and_texts_short(splits):
 @pytest.mark.parametrize("kwargs", [dict(n_responses=1), dict(n_responses=S.MAX_RESPONSES + 1), dict(n_train=-1),
                                     dict(harmful_fraction=1.5), dict(n_test=2.5), dict(n_responses=True)])
 def test_bad_arguments_raise_data_error(kwargs):
-    with pytest.raises(DataError):
+    (key, value), = kwargs.items()
+    with pytest.raises(DataError) as e:
         S.load(**kwargs)
+    assert key in str(e.value) and repr(value) in str(e.value)  # names the argument and the value given

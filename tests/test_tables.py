@@ -279,7 +279,7 @@ def test_tables_work_without_matplotlib(sweep, monkeypatch, capsys):
     assert tables.main([str(sweep)]) == 0
     assert (sweep / "table.md").exists() and (sweep / "table.csv").exists()
     assert not (sweep / "reward_margin.png").exists()
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert "matplotlib" in capsys.readouterr().err
 
 
 def test_exit_codes(tmp_path, capsys):
@@ -329,7 +329,7 @@ def test_unreadable_metrics_are_listed(tmp_path):
     runs = tables.collect_runs([root])
     assert [r.status for r in runs] == ["unreadable", "unreadable"]
     text = tables.render_failed(runs)
-    assert "metrics.json" in text and "lacks run.method" in text
+    assert "metrics.json" in text and "run.method" in text
 
 
 # ------------------------------------------------------------------ intervals, paired tests, timing, grid
@@ -505,7 +505,7 @@ def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
     empty.mkdir()
     assert tables.main([str(empty), "--sweep", str(grid)]) == 1
     err = capsys.readouterr().err
-    assert "no completed runs" in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
+    assert str(empty) in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
 
 
 def test_series_colours_never_collide():
@@ -642,7 +642,7 @@ def test_a_corrupt_grid_record_is_named_not_used(tmp_path):
     write_job(jobs_dir / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0))
     (jobs_dir / "sweep_grid.json").write_text("{\"arms\": 3}")
     missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
-    assert missing == [] and any("sweep_grid.json" in n and "not a grid record" in n for n in notes)
+    assert missing == [] and any(str(jobs_dir / "sweep_grid.json") in n for n in notes)
 
 
 def test_cost_table_shows_threads_and_load_range(paired_sweep, tmp_path):

@@ -52,25 +52,26 @@ def locate(name: str) -> Path:
                      f"(or give a path to a sweep .yaml file)")
 
 
-def _value_str(v: Any) -> str:
+def _value_str(where: str, v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
         return "null"
     if isinstance(v, (int, float, str)):
         return str(v)
-    raise SweepError(f"grid value {v!r}: use a scalar (string or number)")
+    raise SweepError(f"{where}: value {v!r}: use a scalar (string or number)")
 
 
-def _values(key: str, raw: Any) -> list[str]:
+def _values(where: str, raw: Any) -> list[str]:
+    """A grid axis: a comma string or a YAML list (or one scalar) -> Hydra override value strings."""
     if isinstance(raw, str):
         vals = [v.strip() for v in raw.split(",")]
     elif isinstance(raw, list):
-        vals = [_value_str(v) for v in raw]
+        vals = [_value_str(where, v) for v in raw]
     else:
-        vals = [_value_str(raw)]
+        vals = [_value_str(where, raw)]
     if not vals or any(v == "" for v in vals):
-        raise SweepError(f"grid.{key}: empty value in {raw!r}")
+        raise SweepError(f"{where}: empty value in {raw!r}")
     return vals
 
 
@@ -90,10 +91,10 @@ def _valid_compare(compare: Any) -> bool:
         and isinstance(baselines, list) and all(isinstance(b, str) and b for b in baselines)
 
 
-def load(name: str) -> Sweep:
+def _read_mapping(path: Path) -> dict:
+    """The sweep file's top-level mapping, its keys checked."""
     import yaml
 
-    path = locate(name)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -103,18 +104,32 @@ def load(name: str) -> Sweep:
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
-    arms_raw = data.get("arms")
-    if not isinstance(arms_raw, dict) or not arms_raw:
+    return data
+
+
+def _arms(path: Path, raw: Any) -> dict[str, list[str]]:
+    if not isinstance(raw, dict) or not raw:
         raise SweepError(f"{path}: 'arms' must map arm names to override lists")
     arms = {}
-    for arm, ovs in arms_raw.items():
+    for arm, ovs in raw.items():
         if not ARM_NAME.match(str(arm)):
             raise SweepError(f"{path}: arm name {arm!r} must be a plain directory name ([A-Za-z0-9_.+-])")
         arms[str(arm)] = _overrides(f"{path}: arms.{arm}", ovs)
-    grid_raw = data.get("grid") or {}
-    if not isinstance(grid_raw, dict):
+    return arms
+
+
+def _grid(path: Path, raw: Any) -> dict[str, list[str]]:
+    if not isinstance(raw, dict):
         raise SweepError(f"{path}: 'grid' must map keys to comma lists")
-    grid = {str(k): _values(str(k), v) for k, v in grid_raw.items()}
+    return {str(k): _values(f"{path}: grid.{k}", v) for k, v in raw.items()}
+
+
+def load(name: str) -> Sweep:
+    """The sweep file `name` (in sweeps/, or a path), validated: SweepError names the file and the key."""
+    path = locate(name)
+    data = _read_mapping(path)
+    arms = _arms(path, data.get("arms"))
+    grid = _grid(path, data.get("grid") or {})
     requires = data.get("requires") or []
     if not isinstance(requires, list):
         raise SweepError(f"{path}: 'requires' must be a list of keys")
@@ -122,8 +137,7 @@ def load(name: str) -> Sweep:
     if compare and not _valid_compare(compare):
         raise SweepError(f"{path}: 'compare' must be a mapping like {{treatment: <preference model>, baselines: "
                          f"[<preference model>, ...]}} (baselines optional); got {compare!r}")
-    stem = path.stem
-    return Sweep(stem, path, str(data.get("description", "")), arms, grid,
+    return Sweep(path.stem, path, str(data.get("description", "")), arms, grid,
                  _overrides(f"{path}: fixed", data.get("fixed")), [str(r) for r in requires], dict(compare))
 
 
