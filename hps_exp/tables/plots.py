@@ -8,10 +8,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Iterable
 
 from hps_exp.tables.aggregate import (KEY_LABELS, LEVEL, MARGINS, METRIC_LABELS, SFT_LABEL, Cell, Row, Table,
                                       fmt_value, row_order_of)
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+    from matplotlib.figure import Figure
 
 # Okabe-Ito (colour-blind safe) then tab10-like extras: one colour per series, never reused; past the end,
 # colours repeat with a hatch, so (colour, hatch) stays unique.
@@ -20,8 +24,10 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
 
 
-def _save_png(fig, path: Path) -> None:
-    # Render to memory, then temp file + rename: a crash never leaves half a PNG.
+def _save_png(fig: Figure, path: Path) -> None:
+    # Render to memory, then temp file + rename: a crash never leaves half a PNG. The bytes twin of
+    # hps_exp.data.schema.atomic_write_text, which writes text only; to become one call once a shared
+    # atomic_write_bytes exists there (or in the io module).
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -53,7 +59,7 @@ def _err(cells: list[Cell | None]) -> list[list[float]]:
             [max(0.0, c.hi - c.mean) if c else 0.0 for c in cells]]
 
 
-def plot_main(plt, main: Table, margins: Iterable[str], path: Path) -> None:
+def plot_main(plt: ModuleType, main: Table, margins: Iterable[str], path: Path) -> None:
     """One panel row per (framework, eval set), one column per metric (BLEU, reward, then every margin given,
     e.g. the mean and the hardest-negative one): a bar per preference model (the same colour and place in every
     panel), the intervals as error bars, SFT as a dashed line, and the values in a strip along the top of each
@@ -115,7 +121,7 @@ def plot_main(plt, main: Table, margins: Iterable[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_ablation(plt, table: Table, key: str, metric: str, path: Path) -> None:
+def plot_ablation(plt: ModuleType, table: Table, key: str, metric: str, path: Path) -> None:
     """Metric vs the ablation value, one line per method, one panel per eval set, intervals as error bars."""
     eval_sets = sorted({e for e, _ in table.columns})
     values = [v for e, v in table.columns if e == eval_sets[0]]
