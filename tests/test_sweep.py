@@ -1,4 +1,4 @@
-"""The sweep runner (hps_exp/sweep.py) and the grid files (sweeps/*.yaml, sweeps/wandb/*.yaml)."""
+"""The sweep runner (hps_exp/sweep/) and the grid files (sweeps/*.yaml, sweeps/wandb/*.yaml)."""
 from __future__ import annotations
 
 import json
