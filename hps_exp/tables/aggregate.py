@@ -184,6 +184,12 @@ class Table:
     def cell(self, row: str, col: tuple[str, Any]) -> Cell | None:
         return self.cells.get((row, col))
 
+    def add_row(self, row: Row) -> None:
+        """Append a method's row: its label, its runs (row_info) and how many there are (n)."""
+        self.rows.append(row.label)
+        self.row_info[row.label] = row
+        self.n[row.label] = len(row.runs)
+
     def circular(self, row: str) -> tuple[int, int]:
         """(circularly evaluated runs, runs) behind a row."""
         if not self.mark_circular:
@@ -289,9 +295,7 @@ def main_table(runs: list[Run], stage: str = "aligned", margin: str | tuple[str,
         table.rows += list(sft_n)
         table.reference_rows = set(sft_n)
     for row in build_rows(done):
-        table.rows.append(row.label)
-        table.row_info[row.label] = row
-        table.n[row.label] = len(row.runs)
+        table.add_row(row)
         table.notes += _seed_notes(row.label, row.runs)
         for col in columns:
             cell = summarize_samples(samples_of(row.runs, col[0], stage, col[1]), n_boot)
@@ -310,9 +314,7 @@ def timing_table(runs: list[Run], n_boot: int = stats.DEFAULT_N_BOOT) -> Table |
     table = Table("Training cost (wall-clock seconds)", [], columns, [f"{TIMING_LABELS[k]} ↓" for k in keys],
                   {}, {}, ranked=False, mark_circular=False)
     for row in build_rows(done):
-        table.rows.append(row.label)
-        table.row_info[row.label] = row
-        table.n[row.label] = len(row.runs)
+        table.add_row(row)
         for col in columns:
             cell = summarize((r.timing.get(col[1]) for r in row.runs), n_boot)
             if cell is not None:
