@@ -1,10 +1,13 @@
-"""The embedded synthetic dataset and its exact scorer (hps_exp/data/synthetic.py)."""
+"""The embedded synthetic dataset and its exact scorer (hps_exp/data/synthetic/)."""
 import difflib
+import hashlib
+import json
 import math
 
 import pytest
 
 from hps_exp.data import synthetic as S
+from hps_exp.data.synthetic import generator, index
 from hps_exp.data.schema import DataError, Example, Splits
 
 SCORER = S.SyntheticScorer()
@@ -65,7 +68,7 @@ def test_harmful_request_ordering():
     assert SCORER.is_harmful(HARMFUL_PROMPT, COMPLY) and SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT + " smash the back window.")
     assert not SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT)
     # harmful compliance is the lowest of all of this prompt's candidates in the dataset's pool
-    pool = S._pool("burglary")
+    pool = generator._pool("burglary")
     assert min(s for v in pool.cats.values() for _, s in v) == comply
 
 
@@ -126,7 +129,7 @@ def test_score_batch_matches_score():
 
 def test_phrase_banks_are_unambiguous():
     # each scored phrase has one meaning, so a topic's own facts never count as another topic's
-    assert all(len(roles) == 1 or {r for r, _ in roles} == {"harm"} for roles in S._INDEX.values())
+    assert all(len(roles) == 1 or {r for r, _ in roles} == {"harm"} for roles in index.INDEX.values())
     # every harmful step and twist contains its harmful phrase; refusals and redirects contain none
     for t in S.HARMFUL:
         for sentence, marker in t.steps:
@@ -163,6 +166,27 @@ def test_split_by_prompt_without_overlap(splits):
     assert {S.topic_of(p).key for p in test_prompts} <= train_topics == set(S.TOPIC_BY_KEY)
     big = S.load(n_train=3000, n_test=600, n_responses=2)
     assert not {e.prompt for e in big.train} & {e.prompt for e in big.test}
+
+
+def split_jsonl(examples: list[Example]) -> bytes:
+    """A split as the JSONL file it would be written to (one row per prompt, every field)."""
+    return "".join(json.dumps({"prompt": e.prompt, "responses": list(e.responses), "scores": list(e.scores),
+                               "harmful": list(e.harmful), "chosen": e.chosen, "rejected": e.rejected,
+                               "source": e.source}, sort_keys=True) + "\n" for e in examples).encode()
+
+
+# sha256[:16] of the train and test files; recorded from the generator before it was split into modules. A seed
+# must keep giving the same data (cached stages and published numbers depend on it): a change here is a new dataset.
+RECORDED = [({}, "2bc9074d6e0cd8a5", "ca5fa2b3ed2fd210"),
+            ({"n_train": 100, "n_test": 50, "n_responses": 32, "harmful_fraction": 0.3, "seed": 3},
+             "ccd2c1bb9e6e370a", "9cc2f56bf517e7f7")]
+
+
+@pytest.mark.parametrize("kwargs, train_hash, test_hash", RECORDED)
+def test_same_seed_gives_the_recorded_files_byte_for_byte(kwargs, train_hash, test_hash):
+    sp = S.load(**kwargs)
+    assert hashlib.sha256(split_jsonl(sp.train)).hexdigest()[:16] == train_hash
+    assert hashlib.sha256(split_jsonl(sp.test)).hexdigest()[:16] == test_hash
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 16, 24, S.MAX_RESPONSES])
@@ -241,5 +265,7 @@ def test_vocabulary_is_small_and_texts_short(splits):
 @pytest.mark.parametrize("kwargs", [dict(n_responses=1), dict(n_responses=S.MAX_RESPONSES + 1), dict(n_train=-1),
                                     dict(harmful_fraction=1.5), dict(n_test=2.5), dict(n_responses=True)])
 def test_bad_arguments_raise_data_error(kwargs):
-    with pytest.raises(DataError):
+    (key, value), = kwargs.items()
+    with pytest.raises(DataError) as e:
         S.load(**kwargs)
+    assert key in str(e.value) and repr(value) in str(e.value)  # names the argument and the value given

