@@ -46,8 +46,8 @@ def content_key(inputs: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Modules that only report on finished runs and cannot change a stage's output.
-REPORTING = ("tables.py", "sweep.py")
+# Modules and packages (top level of hps_exp) that only read finished runs: editing them rebuilds nothing.
+REPORTING = ("tables", "sweep", "tune")
 
 
 @lru_cache(maxsize=1)
@@ -55,7 +55,7 @@ def code_fingerprint() -> str:
     """Hash of the package's .py files (but the reporting ones): a code change never reuses an old result."""
     h = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name in REPORTING and path.parent == PACKAGE:
+        if path.relative_to(PACKAGE).parts[0].removesuffix(".py") in REPORTING:
             continue
         h.update(str(path.relative_to(PACKAGE)).encode())
         h.update(path.read_bytes())
