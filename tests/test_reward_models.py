@@ -284,3 +284,29 @@ def test_smollm2_backbone_rm_saved_dir_scores_the_same(tmp_path):
     r = [x for e in items for x in e.responses]
     hf = HFRewardModel(str(tmp_path / "rm"), batch_size=4, max_length=128)
     assert hf.score_batch(p, r) == pytest.approx(rm.score_batch(p, r), abs=1e-4)
+
+
+def test_run_with_a_trained_evaluation_reward_model_says_which_scored_what(tmp_path):
+    """eval.reward_model=trained: the evaluation RM is trained in the run on the prompts the annotator did not
+    see; metrics.json names each RM, its half, its held-out accuracy and what it scored."""
+    import json
+
+    from test_end_to_end import run_app
+    from conftest import REPO
+
+    args = ["dataset.n_train=24", "dataset.n_test=8", "dataset.n_responses=2", "sft.epochs=1", "trainer.epochs=1",
+            "eval.max_prompts=4", "eval.max_new_tokens=8", "model.n_embd=32", "reward_model=train",
+            "reward_model.epochs=1", "reward_model.n_embd=32", "reward_model.subset=half_a",
+            "eval.reward_model=trained", "logger.mode=disabled", f"hydra.run.dir={tmp_path}/run",
+            f"cache_dir={tmp_path}/cache"]
+    p = run_app(args, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    annotator, judge = m["reward_model"], m["eval_reward_model"]
+    assert (annotator["subset"], judge["subset"]) == ("half_a", "half_b") and judge["scored"] == ["eval"]
+    assert annotator["scored"] == [] and m["circular_eval"] is False
+    train = synthetic.load(n_train=24, n_test=8, n_responses=2, seed=0).train
+    assert annotator["pairs"] + judge["pairs"] == sum(len(preference_pairs(e, "auto")) for e in train)
+    assert 0 <= annotator["heldout_pair_accuracy"] <= 1 and 0 <= judge["heldout_pair_accuracy"] <= 1
+    assert isinstance(m["eval"]["synthetic"]["aligned"]["reward"], float)
+    assert "[eval_reward_model] held-out pair accuracy" in p.stdout
