@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=None, help="cap the test pairs (default: all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--backbone", default=None, help="a pretrained LM (hub id, dir, pkg:...gguf) instead of the tiny net")
+    ap.add_argument("--backbone", default=None,
+                    help="a pretrained LM (hub id, dir, pkg:...gguf) instead of the tiny net")
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the backbone (0: full fine-tune)")
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     ap.add_argument("--compare-precision", type=int, default=0, metavar="N",
@@ -98,7 +99,8 @@ def main() -> None:
         return sum(sign * (len(e.responses[e.chosen]) - len(e.responses[e.rejected])) > 0 for e in splits.test) \
             / len(splits.test)
 
-    print(f"model: {args.backbone or 'tiny GPT-2'}{f' + LoRA r={args.lora_r}' if args.backbone and args.lora_r else ''}, "
+    lora_note = f" + LoRA r={args.lora_r}" if args.backbone and args.lora_r else ""
+    print(f"model: {args.backbone or 'tiny GPT-2'}{lora_note}, "
           f"{params / 1e6:.2f}M parameters, {rm.train_result['steps']} steps, "
           f"final train loss {rm.train_result.get('loss', float('nan')):.4f}, device {device}, autocast {autocast}")
     print(f"held-out pair accuracy: {test_acc:.4f}  (n={len(splits.test)}; train accuracy {train_acc:.4f})")

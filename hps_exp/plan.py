@@ -200,9 +200,9 @@ def _reward_model_knobs(knobs: dict, policy: str | None) -> dict:
     out = dict(knobs)
     if out.get("backbone") == "policy":
         if not policy:
-            raise ConfigError("reward_model.backbone=policy means the policy's pretrained model, but model.name_or_path "
-                              "is unset (model=tiny is built from scratch); set reward_model.backbone=<hub id | dir | "
-                              "pkg:...gguf> or a pretrained model=...")
+            raise ConfigError("reward_model.backbone=policy means the policy's pretrained model, but "
+                              "model.name_or_path is unset (model=tiny is built from scratch); set "
+                              "reward_model.backbone=<hub id | dir | pkg:...gguf> or a pretrained model=...")
         out["backbone"] = policy
     for k in (TINY_KNOBS if out.get("backbone") else ("backbone",)):
         out.pop(k, None)
@@ -275,8 +275,8 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,
                       lora_save=m.lora.get("save", "merged"),
                       **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})
-    return Plan(sft=sft, reward_model=rm, eval_reward_model=_eval_reward_model(cfg, rm), augment=aug, reference=ReferenceSpec(**lengths),
-                preference=pref, eval=ev, runtime=runtime)
+    return Plan(sft=sft, reward_model=rm, eval_reward_model=_eval_reward_model(cfg, rm), augment=aug,
+                reference=ReferenceSpec(**lengths), preference=pref, eval=ev, runtime=runtime)
 
 
 def run_label(cfg: DictConfig, loss_fn, sampler, train: Examples) -> dict:
