@@ -92,7 +92,8 @@ def main() -> None:
     params = sum(p.numel() for p in rm.model.parameters())
     t = time.perf_counter()
     test_acc = pair_accuracy(rm, splits.test)
-    train_acc = pair_accuracy(rm, splits.train)
+    seen = splits.train[:len(splits.test)]   # as many train pairs as test pairs: the fit, at the same cost
+    train_acc = pair_accuracy(rm, seen)
     score_s = time.perf_counter() - t
 
     def by_length(sign: int) -> float:
@@ -103,7 +104,8 @@ def main() -> None:
     print(f"model: {args.backbone or 'tiny GPT-2'}{lora_note}, "
           f"{params / 1e6:.2f}M parameters, {rm.train_result['steps']} steps, "
           f"final train loss {rm.train_result.get('loss', float('nan')):.4f}, device {device}, autocast {autocast}")
-    print(f"held-out pair accuracy: {test_acc:.4f}  (n={len(splits.test)}; train accuracy {train_acc:.4f})")
+    print(f"held-out pair accuracy: {test_acc:.4f}  (n={len(splits.test)}; train accuracy {train_acc:.4f} "
+          f"on the first {len(seen)} train pairs)")
     print(f"baselines: longer response wins {by_length(1):.4f}, shorter response wins {by_length(-1):.4f}")
     print(f"time: train {train_s:.1f}s, scoring {score_s:.1f}s, total {time.perf_counter() - started:.1f}s")
 

