@@ -89,6 +89,8 @@ def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     plan.check_model_source(cfg.model.name_or_path, "model.name_or_path")
     if cfg.reward_model.get("_target_") and "name_or_path" in cfg.reward_model:
         plan.check_model_source(cfg.reward_model.name_or_path, "reward_model.name_or_path")
+    if p.reward_model is not None:
+        plan.check_model_source(p.reward_model.knobs.get("backbone"), "reward_model.backbone")
     device = device or models.pick_device(cfg.trainer.device)
     eval_node = cfg.eval.reward_model
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
@@ -96,9 +98,9 @@ def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     dataset_scorer = plan.scorer_from_node(cfg.dataset.get("reward_model"), "dataset.reward_model", device)
     hf_annotator = (plan.scorer_from_node(cfg.reward_model, "reward_model", device)
                     if "_target_" in cfg.reward_model and p.reward_model is None else None)
-    evaluator = None if eval_node in (None, "annotation") else plan.scorer_from_node(eval_node, "eval.reward_model",
-                                                                                      device)
-    if cfg.eval.protocol == "paper" and evaluator is None and eval_node != "annotation":
+    evaluator = None if eval_node in (None, "annotation", "trained") else plan.scorer_from_node(
+        eval_node, "eval.reward_model", device)
+    if cfg.eval.protocol == "paper" and evaluator is None and eval_node not in ("annotation", "trained"):
         raise ConfigError("eval.protocol=paper ranks generations and references by reward: set eval.reward_model "
                           "(or eval.reward_model=annotation with reward_model=train|hf)")
     return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device, dataset_scorer, hf_annotator, evaluator,
@@ -111,13 +113,15 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     sft = stages.sft(p.sft, train, env)
     annotator = (stages.trained_reward_model(p.reward_model, train, r.heldout, sft, env)
                  if p.reward_model else r.hf_annotator or r.dataset_scorer)
+    judge = (stages.trained_reward_model(p.eval_reward_model, train, r.heldout, sft, env, name="eval_reward_model")
+             if p.eval_reward_model else None)   # eval.reward_model=trained: not the annotator
     augmented = stages.augmented(p.augment, train, sft, annotator, env) if p.augment else None
     if augmented is not None:
         train = augmented.examples
     label = plan.run_label(cfg, r.loss_fn, r.sampler, train)   # after augmentation: n_responses as trained
     ref_train = stages.reference(p.reference, sft, train, env)
     policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
-    evaluator = annotator if r.eval_by_annotator else r.evaluator
+    evaluator = judge or (annotator if r.eval_by_annotator else r.evaluator)
     results, samples = {}, []
     if env.world is not None and not env.world.is_main:   # one process evaluates (never inside FSDP)
         return {}
@@ -142,8 +146,12 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
         out["warnings"] = warnings
         for w in warnings:
             print(f"[hps_exp] warning: {w}", file=sys.stderr)
-    if annotator is not None and annotator.report:
-        out["reward_model"] = annotator.report
+    if annotator is not None and annotator.report:   # which reward model scored what
+        scored = [what for what, used in (("augment", augmented is not None), ("eval", r.eval_by_annotator)) if used]
+        out["reward_model"] = {**annotator.report, "scored": scored}
+    if judge is not None:
+        out["eval_reward_model"] = {**judge.report, "scored": ["eval"]}
+    out["circular_eval"] = r.eval_by_annotator   # the tables mark rows scored by the annotation reward model
     if augmented is not None:
         out["augment"] = augmented.stats
     return out

@@ -34,6 +34,7 @@ def plain(node) -> Any:
 class Plan:
     sft: SFTSpec
     reward_model: RewardModelSpec | None     # None unless reward_model=train
+    eval_reward_model: RewardModelSpec | None   # None unless eval.reward_model=trained (the other half)
     augment: AugmentSpec | None              # None unless augment=sample
     reference: ReferenceSpec
     preference: PreferenceSpec
@@ -222,6 +223,48 @@ def _lora_spec(lora: dict) -> dict:
     return {k: v for k, v in settings.items() if k != "save"} if settings["enabled"] else {"enabled": False}
 
 
+def _reward_model_knobs(knobs: dict, policy: str | None) -> dict:
+    """reward_model=train's knobs as they change the model: backbone=policy resolved to model.name_or_path, the
+    tiny net's sizes dropped with a backbone, LoRA as `_lora_spec` keeps it. Knobs at their default (no backbone,
+    LoRA off, subset all) are left out, so the from-scratch default keeps its spec."""
+    from hps_exp.models import ModelError
+    from hps_exp.reward_models import SUBSETS, TINY_KNOBS
+
+    out = dict(knobs)
+    if out.get("backbone") == "policy":
+        if not policy:
+            raise ConfigError("reward_model.backbone=policy means the policy's pretrained model, but "
+                              "model.name_or_path is unset (model=tiny is built from scratch); set "
+                              "reward_model.backbone=<hub id | dir | pkg:...gguf> or a pretrained model=...")
+        out["backbone"] = policy
+    for k in (TINY_KNOBS if out.get("backbone") else ("backbone",)):
+        out.pop(k, None)
+    try:
+        lora = _lora_spec(out.pop("lora", None))
+    except ModelError as e:
+        raise ConfigError(str(e).replace("model.lora.", "reward_model.lora.")) from None
+    if lora["enabled"]:
+        out["lora"] = lora
+    if out.get("subset", "all") not in SUBSETS:
+        raise ConfigError(f"reward_model.subset={out['subset']!r} is not allowed; choose one of {', '.join(SUBSETS)}")
+    if out.get("subset") == "all":
+        del out["subset"]
+    return out
+
+
+def _eval_reward_model(cfg: DictConfig, annotator: RewardModelSpec | None) -> RewardModelSpec | None:
+    """eval.reward_model=trained: the annotator's settings on the other half of the training prompts, so the
+    policy is not scored by the reward model that labelled its data."""
+    if cfg.eval.reward_model != "trained":
+        return None
+    half = annotator.knobs.get("subset", "all") if annotator else None
+    if half not in ("half_a", "half_b"):
+        raise ConfigError("eval.reward_model=trained trains the evaluation reward model on the half of the prompts "
+                          "the annotator did not see: set reward_model=train reward_model.subset=half_a (or half_b)")
+    return dataclasses.replace(annotator, knobs={**annotator.knobs,
+                                                 "subset": "half_b" if half == "half_a" else "half_a"})
+
+
 def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     m, t, e = cfg.model, cfg.trainer, cfg.eval
     train_seed = training_seed(cfg)
@@ -237,7 +280,7 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     if cfg.reward_model.get("_target_") and cfg.reward_model.name == "train":
         _, knobs = check_node(cfg.reward_model, "reward_model", provided=(
             "tok", "max_prompt_length", "max_length", "seed", "device", "autocast", "logger"))
-        rm = RewardModelSpec(knobs=knobs, seed=cfg.seed, **lengths)
+        rm = RewardModelSpec(knobs=_reward_model_knobs(knobs, m.name_or_path), seed=cfg.seed, **lengths)
     aug = None
     if "_target_" in cfg.augment:
         gen_keys = ("backend", "batch_size", "top_k", "vllm")
@@ -266,8 +309,8 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,
                       lora_save=m.lora.get("save", "merged"),
                       **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})
-    return Plan(sft=sft, reward_model=rm, augment=aug, reference=ReferenceSpec(**lengths),
-                preference=pref, eval=ev, runtime=runtime)
+    return Plan(sft=sft, reward_model=rm, eval_reward_model=_eval_reward_model(cfg, rm), augment=aug,
+                reference=ReferenceSpec(**lengths), preference=pref, eval=ev, runtime=runtime)
 
 
 def training_seed(cfg: DictConfig) -> int:

@@ -8,15 +8,22 @@ Two kinds, both with `score_batch(prompts, responses) -> list[float]` (higher = 
   (input_format="concat", right-padded, truncated from the LEFT so the response survives), or the tokenizer's
   text pair `(prompt, response)` (input_format="pair", for cross-encoder RMs such as OpenAssistant's DeBERTa).
   Pooling is the model's own (e.g. GPT-2's "last non-pad token"; BERT-likes' [CLS]).
-- `train_reward_model(train, tok=...)`: a tiny GPT-2 reward model trained here with the Bradley-Terry loss
-  -log sigmoid(s(chosen) - s(rejected)) through the shared `Trainer`. It scores the token sequence
-  prompt (last `max_prompt_length` tokens) + response + eos (cut at `max_length`, exactly as
-  `hps_exp.batching.encode_examples` builds policy inputs) with a linear head on the hidden state of the LAST
-  REAL TOKEN, found from the sequence lengths (never from the pad value: pad == eos here).
+- `train_reward_model(train, tok=...)`: a Bradley-Terry reward model trained here with the loss
+  -log sigmoid(s(chosen) - s(rejected)) through the shared `Trainer`, with a linear head on the hidden state of
+  the LAST REAL TOKEN, found from the sequence lengths (never from the pad value: pad == eos here). Two nets:
+  - `backbone=None` (default): a tiny GPT-2 built from scratch with the SFT tokenizer. It scores the token
+    sequence prompt (last `max_prompt_length` tokens) + response + eos (cut at `max_length`, exactly as
+    `hps_exp.batching.encode_examples` builds policy inputs): encoding "split".
+  - `backbone=<hub id | dir | pkg:...gguf>`: that pretrained LM (`models.load_pretrained`) with a scalar head, its
+    own tokenizer, optional LoRA (`lora`, the settings of model.lora). It scores prompt + response tokenized as
+    one text and cut from the left to `max_length`, exactly HFRewardModel's "concat" input: encoding "concat".
+    Saved, it is a plain HF sequence-classification directory that `HFRewardModel` loads and scores alike.
+  `subset=half_a|half_b` trains on one half of the prompts (`prompt_half`): two reward models on disjoint pairs.
   `pair_accuracy(rm, examples)` is the held-out fraction of (chosen, rejected) pairs it orders correctly.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,11 +36,14 @@ import torch.nn.functional as F
 
 from hps_exp.batching import SequenceBatch, collate
 from hps_exp.data.schema import Example, atomic_write_text
-from hps_exp.models import ModelError
+from hps_exp.models import ModelError, is_lora, load_pretrained, lora_settings
 from hps_exp.config import TrainerConfig
 from hps_exp.trainer import Trainer
 
 RM_CONFIG = "hps_reward_model.json"
+SUBSETS = ("all", "half_a", "half_b")
+# The from-scratch net's settings: a pretrained backbone has its own sizes and dropout.
+TINY_KNOBS = ("n_layer", "n_head", "n_embd", "n_positions", "dropout")
 
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
@@ -128,12 +138,41 @@ def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], max_prom
     return out
 
 
+def encode_concat(tok, prompts: Sequence[str], responses: Sequence[str],
+                  max_length: int) -> list[tuple[list[int], list[int]]]:
+    """prompt + response tokenized as one text (the tokenizer's own special tokens) and cut from the LEFT to
+    `max_length` tokens: HFRewardModel's "concat" input, as (ids, []) pairs for `collate`."""
+    if not prompts:
+        return []
+    tok.truncation_side = "left"   # keep the end of the text: the response
+    ids = tok([p + r for p, r in zip(prompts, responses)], truncation=True, max_length=max_length)["input_ids"]
+    return [(list(x), []) for x in ids]
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[S] reward of right-padded sequences: linear head on the hidden state of each one's last real token."""
-    hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """[S] reward of right-padded sequences: linear head on the hidden state of each one's last real token.
+    `model` is a transformers sequence classifier (its backbone under `base_model_prefix`, its head `score`),
+    maybe inside peft's LoRA wrapper (adapters in the backbone, the head peft's trained copy)."""
+    net = model.get_base_model() if is_lora(model) else model
+    backbone = getattr(net, net.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.long().sum(-1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(pooled).squeeze(-1).float()
+    return net.score(pooled).squeeze(-1).float()
+
+
+def prompt_half(examples: Sequence[Example], subset: str, seed: int) -> list[Example]:
+    """The examples of one half of the distinct prompts (`subset` half_a | half_b), or all of them. The halves
+    come from a permutation seeded by `seed`, so two reward models trained on half_a and half_b never see
+    a pair of the same prompt."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {', '.join(SUBSETS)}; got {subset!r}")
+    if subset == "all":
+        return list(examples)
+    prompts = sorted({e.prompt for e in examples})
+    order = np.random.default_rng([seed, 4]).permutation(len(prompts))
+    first = {prompts[i] for i in order[:(len(prompts) + 1) // 2]}
+    return [e for e in examples if (e.prompt in first) == (subset == "half_a")]
 
 
 def preference_pairs(ex: Example, pairs: str) -> list[tuple[int, int]]:
@@ -154,23 +193,36 @@ def preference_pairs(ex: Example, pairs: str) -> list[tuple[int, int]]:
     raise ValueError(f"pairs must be auto, chosen_rejected, best_vs_rest or all; got {pairs!r}")
 
 
+ENCODINGS = {"split": "prompt (last max_prompt_length tokens) + response + eos, cut at max_length",
+             "concat": "prompt + response as one text, cut from the left to max_length (HFRewardModel's concat)"}
+
+
 class TrainedRewardModel:
-    """A small GPT-2 reward model (GPT2ForSequenceClassification weights, position-based pooling)."""
+    """A reward model trained here: a transformers sequence classifier scored on the last real token of its
+    `encoding` of (prompt, response) (ENCODINGS: "split" for the tiny net, "concat" for a pretrained backbone)."""
 
     def __init__(self, model, tok, *, max_prompt_length: int, max_length: int, device="cpu",
-                 autocast: torch.dtype | None = None, batch_size: int = 64):
-        self.model, self.tok = model, tok
+                 autocast: torch.dtype | None = None, batch_size: int = 64, encoding: str = "split"):
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+        self.model, self.tok, self.encoding = model, tok, encoding
         self.max_prompt_length, self.max_length = int(max_prompt_length), int(max_length)
         self.device = torch.device(device)
         self.autocast, self.batch_size = autocast, int(batch_size)
         self.train_result: dict | None = None
         self.model.to(self.device)
 
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """What the model reads of each (prompt, response), in training and in scoring alike."""
+        if self.encoding == "concat":
+            return encode_concat(self.tok, prompts, responses, self.max_length)
+        return encode_pairs(self.tok, prompts, responses, self.max_prompt_length, self.max_length)
+
     @torch.no_grad()
     def score_batch(self, prompts: list[str], responses: list[str]) -> list[float]:
         _check_lengths(prompts, responses)
         self.model.eval()
-        pairs = encode_pairs(self.tok, prompts, responses, self.max_prompt_length, self.max_length)
+        pairs = self.encode(prompts, responses)
         out = [0.0] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         for start in range(0, len(order), self.batch_size):
@@ -183,19 +235,21 @@ class TrainedRewardModel:
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
+        """A plain HF sequence-classification directory, its tokenizer and RM_CONFIG."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(d)
         self.tok.save_pretrained(d)
         atomic_write_text(d / RM_CONFIG, json.dumps({
             "kind": "bt_reward_model", "max_prompt_length": self.max_prompt_length, "max_length": self.max_length,
-            "pooling": "last real token (position-based), input = prompt + response + eos"}, indent=2))
+            "encoding": self.encoding, "pooling": f"last real token (position-based), input = "
+                                                  f"{ENCODINGS[self.encoding]}"}, indent=2))
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device="cpu", autocast: torch.dtype | None = None,
              batch_size: int = 64) -> "TrainedRewardModel":
-        from transformers import AutoTokenizer, GPT2ForSequenceClassification
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         d = Path(directory)
         meta_path = d / RM_CONFIG
@@ -203,9 +257,9 @@ class TrainedRewardModel:
             raise ModelError(f"{d}: no {RM_CONFIG}; not a reward model saved by TrainedRewardModel.save")
         meta = json.loads(meta_path.read_text())
         tok = AutoTokenizer.from_pretrained(d)
-        model = GPT2ForSequenceClassification.from_pretrained(d)
+        model = AutoModelForSequenceClassification.from_pretrained(d)
         return cls(model, tok, max_prompt_length=meta["max_prompt_length"], max_length=meta["max_length"],
-                   device=device, autocast=autocast, batch_size=batch_size)
+                   device=device, autocast=autocast, batch_size=batch_size, encoding=meta.get("encoding", "split"))
 
     def __repr__(self) -> str:
         return f"TrainedRewardModel(params={sum(p.numel() for p in self.model.parameters())}, device={self.device})"
@@ -222,22 +276,68 @@ def build_reward_net(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int,
     return GPT2ForSequenceClassification(config)
 
 
-def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
+def backbone_reward_net(backbone: str, seed: int):
+    """(tokenizer, sequence classifier): the pretrained LM `backbone` (`models.load_pretrained`: hub id, local dir,
+    pkg:...gguf) with a scalar head (seeded init) in place of its LM head. config.pad_token_id is set, so a saved
+    model's own pooling (transformers': the rightmost non-pad token) finds the last real token of a "concat"
+    input, which ends with the response, never with a pad."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok, lm = load_pretrained(backbone)
+    config = copy.deepcopy(lm.config)
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    torch.manual_seed(seed)
+    net = AutoModelForSequenceClassification.from_config(config)
+    setattr(net, net.base_model_prefix, getattr(lm, lm.base_model_prefix))   # the pretrained body, not a copy
+    return tok, net
+
+
+def with_lora(net, lora: dict):
+    """LoRA adapters with model.lora's settings (`models.lora_settings`) on a sequence classifier. peft's
+    sequence-classification task keeps the scalar head out of "all-linear" and trains it in full
+    (modules_to_save); `models.apply_lora` builds causal-LM adapters, which a classifier cannot take."""
+    from peft import LoraConfig, get_peft_model
+
+    s = lora_settings(lora)
+    targets = s["target_modules"]
+    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type="SEQ_CLS",
+                        target_modules=targets if isinstance(targets, str) else list(targets))
+    return get_peft_model(net, config)
+
+
+def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
                        n_positions: int = 256, max_prompt_length: int, max_length: int, epochs: int, lr: float,
                        batch_size: int, seed: int, device="cpu", autocast: torch.dtype | None = None,
                        logger=None, pairs: str = "auto", dropout: float = 0.1, weight_decay: float = 0.0,
                        warmup_ratio: float = 0.1, grad_accum: int = 1, checkpoint: Path | None = None,
-                       save_every: int = 0, stage: str = "reward_model") -> TrainedRewardModel:
-    """Train a tiny GPT-2 Bradley-Terry reward model on the preference pairs of `train`.
+                       save_every: int = 0, stage: str = "reward_model", backbone: str | None = None,
+                       lora: dict | None = None, subset: str = "all") -> TrainedRewardModel:
+    """Train a Bradley-Terry reward model on the preference pairs of `train` (of its `subset` of prompts).
 
+    The net is a tiny GPT-2 built here with `tok` (`n_layer`, `n_head`, `n_embd`, `n_positions`, `dropout`) or,
+    with `backbone`, that pretrained LM and its own tokenizer; `lora` (model.lora's settings) trains adapters
+    and the head only, merged into the returned model. `autocast` is the run's precision (bf16 or None).
     batch_size = preference pairs per micro-batch (2 x batch_size sequences). `pairs` picks which pairs of
     each example are used (see `preference_pairs`; default: all strictly ordered pairs when scores exist,
     else the dataset's (chosen, rejected)). Pairs are reshuffled each epoch from `seed`; init is seeded too,
     so the same inputs give the same model. Logs `<stage>/loss`, `<stage>/accuracy`, `<stage>/margin`.
     """
-    if max_length > n_positions:
-        raise ValueError(f"reward model: max_length={max_length} exceeds n_positions={n_positions}")
+    train = prompt_half(train, subset, seed)
     device = torch.device(device)
+    if backbone:
+        tok, model = backbone_reward_net(backbone, seed)
+    elif tok is None:
+        raise ValueError("train_reward_model: a tokenizer (tok) is needed to build the tiny net without a backbone")
+    elif max_length > n_positions:
+        raise ValueError(f"reward model: max_length={max_length} exceeds n_positions={n_positions}")
+    else:
+        model = build_reward_net(len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                                 eos_token_id=tok.eos_token_id, seed=seed, dropout=dropout)
+    if lora_settings(lora)["enabled"]:
+        model = with_lora(model, lora)
+    rm = TrainedRewardModel(model, tok, max_prompt_length=max_prompt_length, max_length=max_length, device=device,
+                            autocast=autocast, batch_size=max(64, 2 * batch_size),
+                            encoding="concat" if backbone else "split")
     texts_p, texts_r = [], []
     index = []  # (preferred row, dispreferred row) into the encoded list
     for ex in train:
@@ -250,9 +350,7 @@ def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: i
         index += [(base + i, base + j) for i, j in prs]
     if not index:
         raise ValueError("train_reward_model: no preference pairs in the training data")
-    encoded = encode_pairs(tok, texts_p, texts_r, max_prompt_length, max_length)
-    model = build_reward_net(len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                             eos_token_id=tok.eos_token_id, seed=seed, dropout=dropout)
+    encoded = rm.encode(texts_p, texts_r)
     pad = tok.pad_token_id
 
     def make_epoch(epoch: int, progress):
@@ -279,8 +377,8 @@ def train_reward_model(train: list[Example], *, tok, n_layer: int = 2, n_head: i
     result = trainer.fit(make_epoch, math.ceil(len(index) / batch_size), step)
     if logger is not None and hasattr(logger, "next_stage"):
         logger.next_stage()
-    rm = TrainedRewardModel(model, tok, max_prompt_length=max_prompt_length, max_length=max_length,
-                            device=device, autocast=autocast, batch_size=max(64, 2 * batch_size))
+    if is_lora(model):   # a plain classifier from here on: scores, saves and loads like any other
+        rm.model = model.merge_and_unload()
     rm.train_result = {**result, "pairs": len(index)}
     return rm
 

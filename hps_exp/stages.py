@@ -353,20 +353,23 @@ def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path, ent
 # ---------------------------------------------------------------------------------------------- reward models
 
 def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Examples, sft_result: SFTResult,
-                         env: Env) -> Scorer:
-    """A Bradley-Terry reward model trained on the training pairs (the SFT tokenizer). Its held-out pair accuracy
-    is measured on `heldout` each run (cheap), so a new test split does not retrain it."""
-    entry = env.entry("reward_model", spec, train=train.key, tokenizer=sft_result.key)
+                         env: Env, name: str = "reward_model") -> Scorer:
+    """A Bradley-Terry reward model trained on the training pairs (of `subset`): the tiny net with the SFT
+    tokenizer, or a pretrained backbone with its own (then the SFT policy is not an input). Its held-out pair
+    accuracy is measured on `heldout` each run (cheap), so a new test split does not retrain it. `name`:
+    "reward_model" (the annotator) or "eval_reward_model" (eval.reward_model=trained)."""
+    backbone = spec.knobs.get("backbone")
+    entry = env.entry(name, spec, train=train.key, **({} if backbone else {"tokenizer": sft_result.key}))
     if env.dry_run:
         env.plan(entry)
         return Scorer(None, entry.key)
 
     def build(out: Path) -> None:
-        tok, _ = sft_result.load()
+        tok = None if backbone else sft_result.load()[0]
         rm = train_reward_model(list(train.items), tok=tok, max_prompt_length=spec.max_prompt_length,
                                 max_length=spec.max_length, seed=spec.seed, device=env.device,
                                 autocast=env.autocast, logger=env.logger, checkpoint=_checkpoint(env, entry),
-                                save_every=env.runtime.save_every, **spec.knobs)
+                                save_every=env.runtime.save_every, stage=name, **spec.knobs)
         rm.save(out)
         atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
 
@@ -374,8 +377,9 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
     _drop(_checkpoint(env, entry))
     rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
     report = {**json.loads((path / "train.json").read_text()),
-              "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items))}
-    print(f"[reward_model] held-out pair accuracy {report['heldout_pair_accuracy']:.3f}")
+              "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items)),
+              "backbone": backbone or "tiny (from scratch)", "subset": spec.knobs.get("subset", "all")}
+    print(f"[{name}] held-out pair accuracy {report['heldout_pair_accuracy']:.3f}")
     return Scorer(rm, entry.key, report)
 
 

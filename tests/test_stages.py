@@ -27,6 +27,8 @@ EXPECTED = {
     "seed": ALL,
     "trainer.grad_accum": ALL, "trainer.warmup_ratio": ALL, "trainer.schedule": ALL, "trainer.weight_decay": ALL,
     "trainer.max_grad_norm": ALL,
+    "reward_model.lora.enabled": {"reward_model", "augment", "reference#0", "preference", "eval"},
+    "reward_model.lora.": NONE,   # LoRA is off: its knobs change nothing
     "reward_model.": {"reward_model", "augment", "reference#0", "preference", "eval"},
     "augment.": {"augment", "reference#0", "preference", "eval"},
     "eval.": {"sft_eval", "eval"},
@@ -37,7 +39,8 @@ CHANGE = {
     "loss.framework": "ipo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
     "model.n_head": 8, "model.n_embd": 64, "model.max_length": 120, "model.dtype": "bf16",
     "model.attn_implementation": "eager", "reward_model.n_head": 8, "reward_model.n_embd": 64,
-    "reward_model.pairs": "chosen_rejected", "augment.top_p": 0.9, "dataset.n_responses": 6,
+    "reward_model.pairs": "chosen_rejected", "reward_model.subset": "half_a",
+    "reward_model.lora.target_modules": "c_attn", "augment.top_p": 0.9, "dataset.n_responses": 6,
     "trainer.schedule": "linear", "trainer.resample": "step", "trainer.max_steps": 5, "trainer.device": "cpu",
     "trainer.precision": "fp32", "trainer.strategy": "ddp", "trainer.on_nonfinite": "skip",
     "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
@@ -45,9 +48,10 @@ CHANGE = {
     "model.lora.enabled": True, "model.lora.target_modules": "c_attn", "model.lora.save": "adapter",
     "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4, "eval.num_samples": 3, "eval.temperature": 0.5,
 }
-# model.chat_template: refused for the tiny model; with a template it rewrites the data (keys follow the content)
+# model.chat_template: refused for the tiny model; with a template it rewrites the data (keys follow the content).
+# eval.split: tested in test_plan_validation.py. reward_model.backbone needs a model dir: test_backbone_reward_model_keys
 SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.tags", "model.name_or_path",
-        "model.chat_template", "eval.split")   # eval.split: tested in test_plan_validation.py
+        "model.chat_template", "eval.split", "reward_model.backbone")
 
 
 def planned(cfg, tmp_path) -> dict:
@@ -104,6 +108,41 @@ def test_every_knob_changes_exactly_its_stages(compose, tmp_path):
         assert diff == expected_for(key), f"{key}={new!r} rebuilt {sorted(diff)}, expected {sorted(expected_for(key))}"
         checked.append(key)
     assert len(checked) > 60  # every knob of every group was tried
+
+
+ANNOTATOR = {"reward_model", "augment", "reference#0", "preference", "eval"}
+
+
+def test_backbone_reward_model_keys(compose, tmp_path):
+    """reward_model.backbone: the RM reads neither the SFT tokenizer nor the tiny net's sizes; the backbone and
+    its LoRA reach its key, and backbone=policy is keyed as model.name_or_path itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(lm)
+    with_backbone = [*BASE, f"reward_model.backbone={lm}"]
+    base = planned(compose(with_backbone), tmp_path)
+    assert {s for s in ALL if base[s] != planned(compose(BASE), tmp_path)[s]} == ANNOTATOR
+    for change, expected in (("sft.lr=0.001", ALL - {"reward_model"}), ("reward_model.n_layer=3", NONE),
+                             ("reward_model.lora.enabled=true", ANNOTATOR), ("reward_model.lora.r=4", NONE)):
+        got = planned(compose([*with_backbone, change]), tmp_path)
+        assert {s for s in ALL if got[s] != base[s]} == expected, change
+    policy = planned(compose([*BASE, "reward_model.backbone=policy", f"model.name_or_path={lm}"]), tmp_path)
+    named = planned(compose([*BASE, f"reward_model.backbone={lm}", f"model.name_or_path={lm}"]), tmp_path)
+    assert policy == named
+
+
+def test_trained_evaluation_reward_model_is_the_annotator_on_the_other_half(compose, tmp_path):
+    args = [*BASE, "reward_model.subset=half_a", "eval.reward_model=trained"]
+    plan = app.prepare(compose(args)).plan
+    assert plan.eval_reward_model.knobs == {**plan.reward_model.knobs, "subset": "half_b"}
+    base = planned(compose(args), tmp_path)
+    assert set(base) == ALL | {"eval_reward_model"}
+    judge = {"eval_reward_model", "sft_eval", "eval"}
+    for change, expected in (("reward_model.lr=0.002", ANNOTATOR | judge), ("eval.max_prompts=7", {"sft_eval", "eval"}),
+                             ("reward_model.subset=half_b", ANNOTATOR | judge), ("trainer.lr=0.001", POLICY)):
+        got = planned(compose([*args, change]), tmp_path)
+        assert {s for s in base if got[s] != base[s]} == expected, change
 
 
 def _ranked_rows(n, tag=""):
