@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hps_exp.distributed import DistributedError, World, first_slurm_host, launch_env  # noqa: E402
+from hps_exp.distributed import (DistributedError, World, cuda_index, first_slurm_host, launch_env,  # noqa: E402
+                                 slurm_port)
 
 ATOL = 5e-5
 MAX_NORM = 0.3
@@ -34,20 +35,47 @@ N_PROMPTS, N_RESP, GLOBAL_BATCH = 10, 3, 3
 
 # ---------------------------------------------------------------- fast unit tests of the World
 
+SRUN = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_NODELIST": "gpu[07-08,11]"}   # + the step's variables
+
+
 def test_launch_env_reads_torchrun_then_slurm():
     assert launch_env({}) is None
     assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
     tr = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h1", "MASTER_PORT": "1234",
-                     "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODELIST": "x[1-2]"})
+                     "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0",
+                     "SLURM_NODELIST": "x[1-2]"})
     assert tr == dict(rank=3, world_size=8, local_rank=1, master_addr="h1", master_port=1234)
-    sl = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-                     "SLURM_NODELIST": "gpu[07-08,11]"})
-    assert sl == dict(rank=5, world_size=16, local_rank=5, master_addr="gpu07", master_port=29500)
-    assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None   # a one-task srun: not distributed
+    step = {**SRUN, "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
+            "SLURM_STEP_NODELIST": "gpu[08,11]"}
+    assert launch_env(step) == dict(rank=5, world_size=16, local_rank=5, master_addr="gpu08", master_port=24242)
+    assert launch_env({**step, "MASTER_PORT": "1234", "MASTER_ADDR": "h"})["master_port"] == 1234
+    one = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}
+    assert launch_env(one) is None   # a one-task srun: not distributed
     with pytest.raises(DistributedError, match="WORLD_SIZE='two'"):
         launch_env({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(DistributedError, match="SLURM_LOCALID is not set"):
-        launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a1"})
+        launch_env({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NODELIST": "a1"})
+
+
+def test_a_plain_python_in_an_sbatch_script_is_one_process():
+    """The batch step of `sbatch --ntasks=8` has SLURM_PROCID=0 and SLURM_NTASKS=8 but no step variables: it must
+    not wait for 7 peers that no one starts."""
+    assert launch_env({**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) is None
+
+
+def test_two_jobs_on_one_node_get_different_ports():
+    ports = {launch_env({**SRUN, "SLURM_JOB_ID": job, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                         "SLURM_STEP_NUM_TASKS": "2"})["master_port"] for job in ("4242", "4243")}
+    assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
+    assert slurm_port({}) == 29500   # no job id (a hand-made environment): torch's usual port
+
+
+def test_cuda_device_is_the_local_rank_among_the_visible_devices():
+    assert cuda_index(5, 8) == 5            # each task sees the node's 8 GPUs
+    assert cuda_index(5, 1) == 0            # srun --gpus-per-task=1 / --gpu-bind: each sees its own GPU only
+    assert cuda_index(3, 2) == 1            # 2 GPUs per task
+    with pytest.raises(DistributedError, match="no CUDA device is visible"):
+        cuda_index(0, 0)
 
 
 def test_first_slurm_host():
