@@ -258,6 +258,19 @@ def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
     return classes
 
 
+def compute_numerics(strategy: str, distributed: bool, autocast: torch.dtype | None) -> str:
+    """What the forward and backward really compute in, for the cache key: under fsdp2 with several processes the
+    parameters themselves are cast to the autocast dtype (MixedPrecisionPolicy: every op in bf16), elsewhere
+    autocast picks bf16 per op (norms, softmax, losses stay fp32). fp32 (trainer.precision=fp32, or auto on CPU)
+    is fp32 under every strategy: fsdp2 then keeps fp32 parameters."""
+    if autocast is None:
+        return "fp32"
+    name = str(autocast).removeprefix("torch.")
+    if strategy == "fsdp2" and distributed:
+        return f"{name} parameters (fsdp2)"
+    return f"{name} autocast"
+
+
 def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World,
          param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the step function calls: the model itself (none / one process), a DDP wrapper, or the

@@ -220,6 +220,35 @@ def worker(args: list[str]) -> None:
     shutdown()
 
 
+def sft_worker(out: Path, opts: dict) -> None:
+    """The SFT stage (tiny GPT-2, synthetic data) under fsdp2, recording on each rank whether the model reached
+    the sharding call on the meta device. opts["every_rank_loads"]: the behaviour before meta loading."""
+    from hps_exp import stages, trainer
+    from hps_exp.data.synthetic import load
+    from hps_exp.distributed import init_world, shutdown
+
+    world = init_world("cpu", timeout_s=60)
+    if opts.get("every_rank_loads"):
+        stages._weights_from_rank0 = lambda env: False
+    seen = {}
+    real_shard = trainer.shard_from_rank0
+
+    def recording_shard(model, world, param_dtype=None):
+        params = list(model.parameters())
+        seen.update(meta=all(p.is_meta for p in params), resident_bytes=sum(
+            p.numel() * p.element_size() for p in params if not p.is_meta))
+        return real_shard(model, world, param_dtype)
+
+    trainer.shard_from_rank0 = recording_shard
+    spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
+                          epochs=1, lr=1e-3, batch_size=4, optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
+    env = stages.Env(device=world.device, autocast=None, cache_dir=out / "cache", world=world,
+                     runtime=stages.Runtime(strategy="fsdp2"))
+    result = stages.sft(spec, stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train), env)
+    (out / f"rank{world.rank}.json").write_text(json.dumps({**seen, "path": str(result.path)}))
+    shutdown()
+
+
 def _tokenizer(cls):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -347,5 +376,26 @@ def test_uneven_micro_batch_counts_fail_fast_instead_of_hanging(tmp_path):
     assert "ranks yielded different numbers of micro-batches [2, 1]" in r.stdout, r.stdout[-3000:]
 
 
+@pytest.mark.slow
+def test_fsdp2_ranks_but_0_build_on_meta_and_train_the_same_weights(tmp_path):
+    """Only rank 0 holds the whole model: rank 1 reaches fully_shard with every parameter on the meta device and
+    gets its shards from rank 0, ending at exactly the weights of the run in which every rank loaded the model."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, opts in (("meta", {}), ("every_rank", {"every_rank_loads": True})):
+        r = _run(tmp_path / name, "sft", "-", 2, **opts)
+        assert r.returncode == 0, r.stdout[-3000:]
+        runs[name] = [json.loads((tmp_path / name / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert runs["meta"][1]["meta"] and runs["meta"][1]["resident_bytes"] == 0
+    assert not runs["meta"][0]["meta"] and runs["meta"][0]["resident_bytes"] > 0   # rank 0 holds it (host memory)
+    assert not runs["every_rank"][1]["meta"]                                        # before: a full copy per rank
+    a, b = (load_file(Path(runs[n][0]["path"]) / "model.safetensors") for n in ("meta", "every_rank"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1:])
+    if sys.argv[1] == "sft":
+        sft_worker(Path(sys.argv[3]), json.loads(sys.argv[4]))
+    else:
+        worker(sys.argv[1:])
