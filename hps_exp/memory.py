@@ -110,25 +110,33 @@ def shape_of(config) -> Shape:
 
 # ---------------------------------------------------------------- activations, measured on a shrunk twin
 
-def saved_bytes(model, tokens: torch.Tensor, compute: str) -> int:
-    """Bytes autograd keeps for backward in one forward (each storage once, the weights' own storages left out):
-    the activations of a micro-batch. (Under bf16 autocast the bf16 copies of the weights are counted: they live
-    as long as the activations.)"""
+@contextlib.contextmanager
+def saved_tensor_bytes(model, sink: list[int]):
+    """Count the bytes autograd keeps for backward during the block (each storage once, the model's parameters
+    left out) and append the total to `sink`: the activations. (Under bf16 autocast the weights' bf16 copies are
+    counted: they live as long as the activations.)"""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}   # saved too, but not activations
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in weights:
+        if s.data_ptr() not in params:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+    sink.append(sum(storages.values()))
+
+
+def saved_bytes(model, tokens: torch.Tensor, compute: str) -> int:
+    """The activations of one forward and backward of `tokens` (with the fp32 log-softmax the losses take) under
+    `compute` (trainer.compute_numerics)."""
+    sink: list[int] = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if compute.endswith("autocast") else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        out = model(input_ids=tokens).logits
-        # the log-softmax the losses take, in fp32 (batching.token_logps)
-        torch.log_softmax(out.float(), dim=-1).sum().backward()
-    return sum(storages.values())
+    with saved_tensor_bytes(model, sink), autocast:
+        torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1).sum().backward()
+    return sink[0]
 
 
 def cut_down(config, *, layers: int, vocab: int, dtype: str):
