@@ -587,6 +587,12 @@ def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, poli
         enc = _encode(tok, examples, spec.max_prompt_length, spec.max_length)
         policy_logps = batching.all_response_logps(model, enc, tok.pad_token_id, spec.batch_size, env.device,
                                                    env.autocast)
+    if spec.backend == "vllm":
+        # vLLM sets up its own torch.distributed world. Evaluation runs on rank 0 alone (the other ranks have left
+        # theirs after training): leave ours first. Local, no collective; a no-op in one process.
+        from hps_exp import distributed
+
+        distributed.shutdown()
     generator = build_generator(spec.backend, model=model, tok=tok, model_dir=model_dir, device=env.device,
                                 max_prompt_length=spec.max_prompt_length, batch_size=spec.batch_size,
                                 autocast=env.autocast, **({**spec.vllm, "seed": spec.seed} if spec.backend == "vllm"

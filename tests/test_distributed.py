@@ -101,6 +101,36 @@ def test_single_process_world_is_a_no_op():
     assert w.shard([1, 2, 3]) == [1, 2, 3]
 
 
+def test_vllm_evaluation_leaves_the_process_group_first(tmp_path, monkeypatch):
+    """Rank 0 evaluates alone after training; vLLM sets up its own torch.distributed world, so the job's group
+    must be gone when the engine is built."""
+    import torch.distributed as dist
+
+    from hps_exp import stages
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build_generator(backend, **kw):
+        seen["group_live"] = dist.is_initialized()
+        raise Built
+
+    monkeypatch.setattr(stages, "build_generator", fake_build_generator)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        spec = stages.EvalSpec("default", 1, 1, 4, 0.7, 1.0, 1, 8, 16, 0, backend="vllm")
+        env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path)
+        with pytest.raises(Built):
+            stages._evaluate(spec, None, None, stages.EvalSet("x", stages.Examples.of([])),
+                             stages.RefLogps((), "k", 0.0), (), None, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert seen == {"group_live": False}
+
+
 # ---------------------------------------------------------------- the worker (run by torchrun or plainly)
 
 def _loss(kind: str):
@@ -329,6 +359,8 @@ def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
 
     saved, trained = load_file(out / "policy" / "model.safetensors"), _params(out)
     assert saved and all(torch.equal(v, trained[k]) for k, v in saved.items())
+    # GPT-2's LM head is tied to the embedding: written once, as a one-process save does (no extra lm_head.weight)
+    assert "lm_head.weight" in trained and "lm_head.weight" not in saved and "transformer.wte.weight" in saved
 
 
 @pytest.mark.slow
