@@ -13,8 +13,9 @@ Parameters, gradients and optimiser states are counted from the meta-built model
 are measured, not guessed: the bytes autograd saves for backward (`saved_tensors_hooks`) in forward passes of the
 same architecture at its real widths cut down on CPU (1-2 layers, a small vocabulary, 2 x 64 tokens), fitted as
     bytes = tokens x (beta x hidden x layers + gamma x vocab + delta x hidden)
-and scaled to the real model's layers, vocabulary and tokens per micro-batch. CPU attention (sdpa) saves what the CUDA flash kernel saves (q, k, v, output,
-log-sum-exp), so the per-layer figure carries over; `attn_implementation=eager` adds the tokens^2 scores.
+and scaled to the real model's layers, vocabulary and tokens per micro-batch. CPU attention (sdpa) saves what
+the CUDA flash kernel saves (q, k, v, output, log-sum-exp), so the per-layer figure carries over;
+`attn_implementation=eager` adds the tokens^2 scores.
 """
 from __future__ import annotations
 
@@ -169,7 +170,10 @@ class ActivationFit:
     def bytes(self, tokens: int, shape: Shape, checkpointing: bool, compute_bytes: int) -> int:
         per_layer = self.beta * shape.hidden
         # checkpointing keeps each layer's input and recomputes one layer at a time in backward
-        layers = (shape.layers * shape.hidden * compute_bytes + per_layer) if checkpointing else shape.layers * per_layer
+        if checkpointing:
+            layers = shape.layers * shape.hidden * compute_bytes + per_layer
+        else:
+            layers = shape.layers * per_layer
         fixed = self.per_layer * shape.layers + self.per_vocab * shape.vocab + self.base
         return int(tokens * (layers + self.gamma * shape.vocab + self.delta * shape.hidden) + fixed)
 
@@ -292,8 +296,8 @@ def report(config, s: Setting, lora: dict) -> str:
         unit = f"{value / 2 ** 20:.3f} MiB" if "per token" in key else f"{value / GIB:.2f} GiB"
         lines.append(f"- {key}: {unit}")
     free = 0.9 * s.gpu_gib * GIB - other["vLLM weights (bf16, per tensor-parallel rank)"]
-    lines.append(f"- vLLM at gpu_memory_utilization=0.9: ~{max(0, free) / other['vLLM KV cache per token (bf16)'] / 1e3:.0f}"
-                 f"k tokens of KV cache per GPU")
+    kv_tokens = max(0, free) / other["vLLM KV cache per token (bf16)"]
+    lines.append(f"- vLLM at gpu_memory_utilization=0.9: ~{kv_tokens / 1e3:.0f}k tokens of KV cache per GPU")
     lines.append(f"- activation fit (bytes per token): {fit.beta:.1f} x hidden x layers + {fit.gamma:.2f} x vocab + "
                  f"{fit.delta:.1f} x hidden (measured on the model cut down to 1-2 layers on CPU)")
     return "\n".join(lines)

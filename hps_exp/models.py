@@ -342,8 +342,8 @@ def unsharded_copy(model, state_dict: dict):
 
 
 def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | None = None, **config_kwargs):
-    """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta device: the
-    structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
+    """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta
+    device: the structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
     shards from rank 0 (trainer.shard_from_rank0), so no rank but 0 ever holds the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 

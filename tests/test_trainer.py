@@ -321,7 +321,8 @@ def test_pure_bf16_at_a_small_lr_is_refused_before_the_first_step():
     assert stalled_fraction([w.detach().float().requires_grad_()], 1e-9) == 0.0   # fp32 masters move
     model = torch.nn.Linear(64, 64).to(torch.bfloat16)
     before = model.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"trainer.lr=1e-06 cannot move 9\d\.\d % .*model.dtype=fp32 trainer.precision=bf16"):
+    refused = r"trainer.lr=1e-06 cannot move 9\d\.\d % .*model.dtype=fp32 trainer.precision=bf16"
+    with pytest.raises(ValueError, match=refused):
         Trainer(model, cfg(lr=1e-6), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     assert torch.equal(model.weight, before)
     with pytest.raises(ValueError, match="sft.lr=1e-06"):
