@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench sweep table clean
+.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench gpu-check sweep table clean
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -42,6 +42,9 @@ test-peer:  ## losses against TRL 0.19's own dpo_loss, in a separate venv (trl i
 
 bench:  ## benchmarks (~5 min): step time/memory per loss vs BT, prompt sharing, bucketing, eval split, TRL (.venv-bench)
 	PY=$(PY) bash benchmarks/bench.sh
+
+gpu-check:  ## the first run on a lent GPU (<10 min): bf16 steps, MFU, memory, fsdp2, LoRA, packing, vLLM -> outputs/gpu_check.md
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 sweep:  ## run a grid from sweeps/: make sweep SWEEP=main_small
 	$(PY) -m hps_exp.sweep $(SWEEP) $(ARGS)

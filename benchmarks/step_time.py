@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import CONF, StepClock, machine  # noqa: E402
 from hps_exp import app, batching, config, models  # noqa: E402
 from hps_exp.config import TrainerConfig  # noqa: E402
+from hps_exp.memory import saved_tensor_bytes  # noqa: E402
 from hps_exp.trainer import Trainer  # noqa: E402
 
 BASELINE = "bt"
@@ -45,26 +46,6 @@ ARMS = {  # name -> config overrides
     "hps-full": ["loss=hps"],
     "hps-single": ["loss=hps", "loss.estimator=single"],
 }
-
-
-@contextlib.contextmanager
-def saved_bytes(model, sink: list[int]):
-    """Sum the bytes of distinct non-parameter tensors saved for backward during the block."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    total = [0]
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
-    sink.append(total[0])
 
 
 def compose_arm(overrides: list[str], n: int, n_train: int):
@@ -99,7 +80,7 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
 
     def step(model, batch):
         tokens.append(int(batch.sequences.attention_mask.sum()))  # real tokens of its (prompt, response) rows
-        with saved_bytes(model, memory):
+        with saved_tensor_bytes(model, memory):
             policy = batching.preference_logps(model, batch, pack=pack)
             out = loss_fn(policy, batch.ref_logps, batch.mask, batch.scores, batch.num_negatives)
         return out.losses.mean(), {}

@@ -1,8 +1,10 @@
 """The process world: who am I (rank), how many are we, which device, and the few collectives the
 stages need. Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set by it) or by a
-bare `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, master = first host of SLURM_NODELIST).
-Not launched distributed: a one-process World whose collectives are no-ops, so stage code never
-branches on "am I distributed".
+bare `srun` (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, master = first host of the step's node
+list, port derived from the job id). A plain `python -m hps_exp` inside an sbatch script is one
+process even with --ntasks>1: only a task of an srun step (which sets SLURM_STEP_NUM_TASKS) joins a
+world. Not launched distributed: a one-process World whose collectives are no-ops, so stage code
+never branches on "am I distributed".
 
 NCCL on CUDA, gloo on CPU; every collective times out after `timeout_s` (trainer.dist_timeout_s)
 instead of hanging forever when one rank died or yields fewer batches.
@@ -20,6 +22,9 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 DEFAULT_PORT = 29500
+# srun without MASTER_PORT: a port derived from the job id in [SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN),
+# so two multi-rank jobs sharing a node do not collide on one fixed port.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 40000
 
 
 class DistributedError(RuntimeError):
@@ -61,13 +66,35 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, Any] | None:
         return dict(rank=need("RANK"), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
                     master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                     master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        if "SLURM_NODELIST" not in env and "MASTER_ADDR" not in env:
-            raise DistributedError("SLURM_NTASKS > 1 but neither SLURM_NODELIST nor MASTER_ADDR is set")
-        return dict(rank=need("SLURM_PROCID"), world_size=need("SLURM_NTASKS"), local_rank=need("SLURM_LOCALID"),
-                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_NODELIST"]),
-                    master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)))
+    # Only srun sets the step's task count: the batch script of an sbatch --ntasks=8 job (SLURM_NTASKS=8, no step
+    # variables) is one process and must not wait for 7 peers.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and need("SLURM_STEP_NUM_TASKS") > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist and "MASTER_ADDR" not in env:
+            raise DistributedError("SLURM_STEP_NUM_TASKS > 1 but neither SLURM_STEP_NODELIST, SLURM_NODELIST nor "
+                                   "MASTER_ADDR is set")
+        return dict(rank=need("SLURM_PROCID"), world_size=need("SLURM_STEP_NUM_TASKS"),
+                    local_rank=need("SLURM_LOCALID"),
+                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                    master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(env))
     return None
+
+
+def slurm_port(env: dict[str, str]) -> int:
+    """The rendezvous port of an srun world without MASTER_PORT: derived from SLURM_JOB_ID (every task of a job
+    agrees on it; two jobs on one node get different ports unless their ids are SLURM_PORT_SPAN apart)."""
+    job = env.get("SLURM_JOB_ID", "")
+    if not job.isdigit():
+        return DEFAULT_PORT
+    return SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a process: its local rank among the devices it sees. Under srun --gpus-per-task=1 or
+    --gpu-bind each task sees only its own GPU(s) (CUDA_VISIBLE_DEVICES), so local rank 5 uses device 0."""
+    if visible < 1:
+        raise DistributedError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % visible
 
 
 @dataclass
@@ -167,9 +194,9 @@ def init_world(device: str = "auto", timeout_s: int = 1800, env: dict[str, str] 
         raise DistributedError("trainer.device=cuda but no CUDA device is visible")
     if spec is None:
         return World(device=torch.device("cuda") if use_cuda else torch.device("cpu"))
-    if use_cuda:
-        torch.cuda.set_device(spec["local_rank"])
-        dev = torch.device("cuda", spec["local_rank"])
+    if use_cuda:   # before init_process_group: NCCL binds the communicator to the current device
+        dev = torch.device("cuda", cuda_index(spec["local_rank"], torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():

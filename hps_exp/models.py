@@ -30,8 +30,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def build_tiny(cfg, vocab_size: int, seed: int):
-    """A randomly initialised GPT-2 from model.* sizes; the seed fixes the init."""
+def build_tiny(cfg, vocab_size: int, seed: int, meta: bool = False):
+    """A randomly initialised GPT-2 from model.* sizes; the seed fixes the init. `meta`: parameters on the meta
+    device (no memory, no init), for a rank that receives its weights from rank 0 (trainer.shard_from_rank0)."""
+    import contextlib
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -41,7 +44,9 @@ def build_tiny(cfg, vocab_size: int, seed: int):
     attn = cfg.get("attn_implementation") if hasattr(cfg, "get") else getattr(cfg, "attn_implementation", None)
     if attn is not None:
         config._attn_implementation = attn
-    return GPT2LMHeadModel(config).to(torch_dtype(cfg.get("dtype", "fp32") if hasattr(cfg, "get") else "fp32"))
+    dtype = torch_dtype(cfg.get("dtype", "fp32") if hasattr(cfg, "get") else getattr(cfg, "dtype", "fp32"))
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return GPT2LMHeadModel(config).to(dtype)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -192,12 +197,13 @@ def _check_gguf_support(package: str | None) -> None:
 
 
 def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementation: str | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, meta: bool = False):
     """Tokenizer + causal LM from the hub, a local directory, or a GGUF file (see resolve_gguf).
 
     GGUF weights are dequantised to fp32 by transformers; the returned model is a plain (trainable)
     transformers model that saves with save_pretrained like any other. `dtype` (model.dtype) is the
     weights' dtype as loaded; `trust_remote_code` runs a repository's own Python only when set.
+    `meta`: the model is built from its config on the meta device, no weights read (see build_on_meta).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,14 +217,17 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
         model_kwargs["attn_implementation"] = attn_implementation
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        if meta:
+            model = build_on_meta(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
             f"could not load model '{name_or_path}' ({first}). Offline or no such model? "
             f"Point at a local copy saved with save_pretrained: model.name_or_path=/path/to/model_dir, "
             f"or use the embedded default model=tiny") from None
-    if gguf_file is not None:
+    if gguf_file is not None and not meta:
         _drop_gguf_marker(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -348,9 +357,29 @@ def unsharded_copy(model, state_dict: dict):
     return twin
 
 
-def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None):
+def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | None = None, **config_kwargs):
+    """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta
+    device: the structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
+    shards from rank 0 (trainer.shard_from_rank0), so no rank but 0 ever holds the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(source, **config_kwargs)
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if config_kwargs.get("trust_remote_code"):
+        kwargs["trust_remote_code"] = True
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None, meta: bool = False):
+    """Tokenizer + model of a saved HF directory; `meta`: the model on the meta device (build_on_meta)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if meta:
+        return AutoTokenizer.from_pretrained(directory), build_on_meta(directory, dtype=dtype,
+                                                                       attn_implementation=attn_implementation)
     kwargs = {"dtype": torch_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -32,7 +32,7 @@ from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
 from hps_exp.generation import build_generator
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_reward_model
-from hps_exp.trainer import Trainer
+from hps_exp.trainer import Trainer, compute_numerics
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -86,8 +86,11 @@ class Env:
     planned: list = field(default_factory=list)   # (stage, key, cached already?) in call order, when dry_run
 
     def numeric(self) -> dict:
-        """The numeric settings that change a stage's output."""
-        return {"device": self.device.type, "autocast": str(self.autocast)}
+        """The numeric settings that change a stage's output: the device type and what it computes in (bf16 autocast
+        and fsdp2's bf16 parameters give different numbers, so a cache entry of one is not reused by the other)."""
+        distributed = self.world is not None and self.world.distributed
+        return {"device": self.device.type, "autocast": str(self.autocast),
+                "compute": compute_numerics(self.runtime.strategy, distributed, self.autocast)}
 
     def entry(self, name: str, spec, **inputs: str) -> Entry:
         """The stage's cache entry, keyed by its spec, the keys of its inputs and the numeric settings."""
@@ -202,8 +205,8 @@ class SFTResult:
     dtype: str = "fp32"                 # how its weights load (model.dtype / attn_implementation)
     attn_implementation: str = "sdpa"
 
-    def load(self):
-        return models.load_saved(self.path, dtype=self.dtype, attn_implementation=self.attn_implementation)
+    def load(self, meta: bool = False):
+        return models.load_saved(self.path, dtype=self.dtype, attn_implementation=self.attn_implementation, meta=meta)
 
 
 @dataclass(frozen=True)
@@ -285,13 +288,14 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
         return SFTResult(Path(), entry.key, 0.0, **load)
 
     def build(out: Path) -> None:
+        meta = spec.enabled and _weights_from_rank0(env)
         if spec.model.name_or_path:
             tok, model = models.load_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code,
-                                                **load)
+                                                meta=meta, **load)
         else:
             texts = [e.prompt + r for e in train.items for r in e.responses]
             tok = models.train_tokenizer(texts, spec.model.vocab_size)
-            model = models.build_tiny(spec.model, len(tok), spec.seed)
+            model = models.build_tiny(spec.model, len(tok), spec.seed, meta=meta)
         if spec.enabled:
             torch.manual_seed(spec.seed)
             trainer = _train_sft(spec, train.items, model, tok, env, _checkpoint(env, entry), entry)
@@ -309,6 +313,13 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
 
 def _is_main(env: Env) -> bool:
     return env.world is None or env.world.is_main
+
+
+def _weights_from_rank0(env: Env) -> bool:
+    """True on the ranks other than 0 of an fsdp2 world: they build the model to train on the meta device and get
+    their shards of rank 0's weights (trainer.shard_from_rank0), so only rank 0 ever reads or holds the whole model
+    (in host memory)."""
+    return env.runtime.strategy == "fsdp2" and env.world is not None and env.world.distributed and not _is_main(env)
 
 
 def _shard(env: Env, idx) -> tuple[list, int]:
@@ -462,7 +473,7 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
     if env.dry_run:
         env.plan(entry, cached=False)
         return PolicyResult(Path(), entry.key, 0.0, 0, sft_result)
-    tok, model = sft_result.load()
+    tok, model = sft_result.load(meta=_weights_from_rank0(env))
     models.disable_dropout(model)  # dropout would make the policy's log-probs noisy against the reference ones
     # LoRA adapters (the cached reference log-probs are the SFT policy's: the policy with adapters off).
     model = models.configure(model, {"gradient_checkpointing": env.runtime.gradient_checkpointing, "lora": spec.lora})
@@ -581,6 +592,12 @@ def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, poli
         enc = _encode(tok, examples, spec.max_prompt_length, spec.max_length)
         policy_logps = batching.all_response_logps(model, enc, tok.pad_token_id, spec.batch_size, env.device,
                                                    env.autocast)
+    if spec.backend == "vllm":
+        # vLLM sets up its own torch.distributed world. Evaluation runs on rank 0 alone (the other ranks have left
+        # theirs after training): leave ours first. Local, no collective; a no-op in one process.
+        from hps_exp import distributed
+
+        distributed.shutdown()
     generator = build_generator(spec.backend, model=model, tok=tok, model_dir=model_dir, device=env.device,
                                 max_prompt_length=spec.max_prompt_length, batch_size=spec.batch_size,
                                 autocast=env.autocast, **({**spec.vllm, "seed": spec.seed} if spec.backend == "vllm"

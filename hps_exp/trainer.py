@@ -108,8 +108,8 @@ def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: 
     model_sd, optim_sd = _state(module, opt)
     with warnings.catch_warnings():   # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process")
-        # The CPU RNG too: stages that train with dropout (SFT) resume to the same numbers.
-        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step), "rng": torch.get_rng_state()},
+        # The RNG states too: stages that train with dropout (SFT) resume to the same numbers.
+        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step), **rng_state(world.device)},
                  checkpoint_id=str(tmp))
     world.barrier()
     if world.is_main:
@@ -171,8 +171,24 @@ def find_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, opt) -> int:
-    """Load a checkpoint into `module`/`opt` (any world size or strategy); returns its step.
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint keeps: the CPU generator's, and the current CUDA device's when training on CUDA
+    (dropout masks on the GPU come from it)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def load_checkpoint(path: Path, module: torch.nn.Module, opt, device: torch.device | None = None) -> int:
+    """Load a checkpoint into `module`/`opt` (any world size or strategy); returns its step. The RNG states are
+    restored too (the CUDA one only when both the checkpoint and `device` are CUDA).
     A plain file is a checkpoint of an older version (torch.save of state dicts, loaded weights_only)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -183,14 +199,50 @@ def load_checkpoint(path: Path, module: torch.nn.Module, opt) -> int:
         return int(state["step"])
     import torch.distributed.checkpoint as dcp
 
+    device = device or torch.device("cpu")
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     model_sd, optim_sd = _state(module, opt)
-    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
+    # a CPU checkpoint resumed on CUDA has no CUDA RNG state: keep the current one
+    rngs = {k: v for k, v in rng_state(device).items() if k in saved or k == "rng"}
+    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0), **rngs}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(state["rng"])
+    set_rng_state(state, device)
     return int(state["step"])
+
+
+# ---------------------------------------------------------------- the weights' dtype against the learning rate
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+STALL_LIMIT = 0.1   # refuse when a step of size lr leaves more than this fraction of the trainable weights unchanged
+
+
+def stalled_fraction(params, lr: float) -> float:
+    """The fraction of the trainable low-precision (bf16/fp16) weights that a step of size `lr` leaves unchanged
+    (w + lr rounds back to w in the weight's dtype). AdamW moves a weight by about lr per step, so this is the
+    fraction training cannot move. 0 when no trainable weight is low-precision (fp32 masters, LoRA adapters)."""
+    stalled = total = 0
+    for p in params:
+        if not p.requires_grad or p.dtype not in LOW_PRECISION or p.is_meta:
+            continue
+        w = p.detach()
+        stalled += int(((w + lr) == w).sum())
+        total += w.numel()
+    return stalled / total if total else 0.0
+
+
+def check_lr_moves_weights(model: torch.nn.Module, lr: float, stage: str) -> None:
+    """Pure bf16 training at a small learning rate stalls silently (a 1e-6 step leaves ~98 % of N(0, 0.02) bf16
+    weights unchanged): refuse it before the first step."""
+    frac = stalled_fraction(model.parameters(), lr)
+    if frac > STALL_LIMIT:
+        key = "sft.lr" if stage == "sft" else "trainer.lr"
+        raise ValueError(f"[{stage}] {key}={lr:g} cannot move {100 * frac:.1f} % of the trainable weights: they are "
+                         f"bf16 (model.dtype=bf16) and w + lr rounds back to w, so training would stall silently. "
+                         f"Keep fp32 master weights with bf16 compute (model.dtype=fp32 trainer.precision=bf16), use "
+                         f"LoRA (its adapters train in fp32), or raise the learning rate")
 
 
 # ---------------------------------------------------------------- strategies
@@ -205,6 +257,19 @@ def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
         raise ValueError(f"trainer.strategy=fsdp2: {type(model).__name__} declares no _no_split_modules "
                          f"(its decoder block class); cannot shard it block by block")
     return classes
+
+
+def compute_numerics(strategy: str, distributed: bool, autocast: torch.dtype | None) -> str:
+    """What the forward and backward really compute in, for the cache key: under fsdp2 with several processes the
+    parameters themselves are cast to the autocast dtype (MixedPrecisionPolicy: every op in bf16), elsewhere
+    autocast picks bf16 per op (norms, softmax, losses stay fp32). fp32 (trainer.precision=fp32, or auto on CPU)
+    is fp32 under every strategy: fsdp2 then keeps fp32 parameters."""
+    if autocast is None:
+        return "fp32"
+    name = str(autocast).removeprefix("torch.")
+    if strategy == "fsdp2" and distributed:
+        return f"{name} parameters (fsdp2)"
+    return f"{name} autocast"
 
 
 def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World,
@@ -332,6 +397,7 @@ class Trainer:
         self.total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        check_lr_moves_weights(self.model, cfg.lr, self.stage)
         if cfg.strategy == "fsdp2" and world.distributed:
             from hps_exp import models
 
@@ -395,7 +461,7 @@ class Trainer:
         if self.key is not None:
             check_meta(found, meta, self.key, self.record)
         try:
-            self.step = load_checkpoint(found, self.module, opt)
+            self.step = load_checkpoint(found, self.module, opt, self.world.device)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:   # torch's CheckpointException is a BaseException

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hps_exp.distributed import DistributedError, World, first_slurm_host, launch_env  # noqa: E402
+from hps_exp.distributed import (DistributedError, World, cuda_index, first_slurm_host, launch_env,  # noqa: E402
+                                 slurm_port)
 
 ATOL = 5e-5
 MAX_NORM = 0.3
@@ -34,20 +35,47 @@ N_PROMPTS, N_RESP, GLOBAL_BATCH = 10, 3, 3
 
 # ---------------------------------------------------------------- fast unit tests of the World
 
+SRUN = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_NODELIST": "gpu[07-08,11]"}   # + the step's variables
+
+
 def test_launch_env_reads_torchrun_then_slurm():
     assert launch_env({}) is None
     assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
     tr = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h1", "MASTER_PORT": "1234",
-                     "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODELIST": "x[1-2]"})
+                     "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0",
+                     "SLURM_NODELIST": "x[1-2]"})
     assert tr == dict(rank=3, world_size=8, local_rank=1, master_addr="h1", master_port=1234)
-    sl = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-                     "SLURM_NODELIST": "gpu[07-08,11]"})
-    assert sl == dict(rank=5, world_size=16, local_rank=5, master_addr="gpu07", master_port=29500)
-    assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None   # a one-task srun: not distributed
+    step = {**SRUN, "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
+            "SLURM_STEP_NODELIST": "gpu[08,11]"}
+    assert launch_env(step) == dict(rank=5, world_size=16, local_rank=5, master_addr="gpu08", master_port=24242)
+    assert launch_env({**step, "MASTER_PORT": "1234", "MASTER_ADDR": "h"})["master_port"] == 1234
+    one = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}
+    assert launch_env(one) is None   # a one-task srun: not distributed
     with pytest.raises(DistributedError, match="WORLD_SIZE='two'"):
         launch_env({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(DistributedError, match="SLURM_LOCALID is not set"):
-        launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a1"})
+        launch_env({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NODELIST": "a1"})
+
+
+def test_a_plain_python_in_an_sbatch_script_is_one_process():
+    """The batch step of `sbatch --ntasks=8` has SLURM_PROCID=0 and SLURM_NTASKS=8 but no step variables: it must
+    not wait for 7 peers that no one starts."""
+    assert launch_env({**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) is None
+
+
+def test_two_jobs_on_one_node_get_different_ports():
+    ports = {launch_env({**SRUN, "SLURM_JOB_ID": job, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                         "SLURM_STEP_NUM_TASKS": "2"})["master_port"] for job in ("4242", "4243")}
+    assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
+    assert slurm_port({}) == 29500   # no job id (a hand-made environment): torch's usual port
+
+
+def test_cuda_device_is_the_local_rank_among_the_visible_devices():
+    assert cuda_index(5, 8) == 5            # each task sees the node's 8 GPUs
+    assert cuda_index(5, 1) == 0            # srun --gpus-per-task=1 / --gpu-bind: each sees its own GPU only
+    assert cuda_index(3, 2) == 1            # 2 GPUs per task
+    with pytest.raises(DistributedError, match="no CUDA device is visible"):
+        cuda_index(0, 0)
 
 
 def test_first_slurm_host():
@@ -71,6 +99,36 @@ def test_single_process_world_is_a_no_op():
     assert w.all_reduce_mean({"a": 2.0}) == {"a": 2.0}
     assert w.broadcast_object({"x": 1}) == {"x": 1} and w.gather_object(3) == [3]
     assert w.shard([1, 2, 3]) == [1, 2, 3]
+
+
+def test_vllm_evaluation_leaves_the_process_group_first(tmp_path, monkeypatch):
+    """Rank 0 evaluates alone after training; vLLM sets up its own torch.distributed world, so the job's group
+    must be gone when the engine is built."""
+    import torch.distributed as dist
+
+    from hps_exp import stages
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build_generator(backend, **kw):
+        seen["group_live"] = dist.is_initialized()
+        raise Built
+
+    monkeypatch.setattr(stages, "build_generator", fake_build_generator)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        spec = stages.EvalSpec("default", 1, 1, 4, 0.7, 1.0, 1, 8, 16, 0, backend="vllm")
+        env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path)
+        with pytest.raises(Built):
+            stages._evaluate(spec, None, None, stages.EvalSet("x", stages.Examples.of([])),
+                             stages.RefLogps((), "k", 0.0), (), None, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert seen == {"group_live": False}
 
 
 # ---------------------------------------------------------------- the worker (run by torchrun or plainly)
@@ -192,6 +250,35 @@ def worker(args: list[str]) -> None:
     shutdown()
 
 
+def sft_worker(out: Path, opts: dict) -> None:
+    """The SFT stage (tiny GPT-2, synthetic data) under fsdp2, recording on each rank whether the model reached
+    the sharding call on the meta device. opts["every_rank_loads"]: the behaviour before meta loading."""
+    from hps_exp import stages, trainer
+    from hps_exp.data.synthetic import load
+    from hps_exp.distributed import init_world, shutdown
+
+    world = init_world("cpu", timeout_s=60)
+    if opts.get("every_rank_loads"):
+        stages._weights_from_rank0 = lambda env: False
+    seen = {}
+    real_shard = trainer.shard_from_rank0
+
+    def recording_shard(model, world, param_dtype=None):
+        params = list(model.parameters())
+        seen.update(meta=all(p.is_meta for p in params), resident_bytes=sum(
+            p.numel() * p.element_size() for p in params if not p.is_meta))
+        return real_shard(model, world, param_dtype)
+
+    trainer.shard_from_rank0 = recording_shard
+    spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
+                          epochs=1, lr=1e-3, batch_size=4, optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
+    env = stages.Env(device=world.device, autocast=None, cache_dir=out / "cache", world=world,
+                     runtime=stages.Runtime(strategy="fsdp2"))
+    result = stages.sft(spec, stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train), env)
+    (out / f"rank{world.rank}.json").write_text(json.dumps({**seen, "path": str(result.path)}))
+    shutdown()
+
+
 def _tokenizer(cls):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -272,6 +359,8 @@ def test_two_processes_match_one(tmp_path, one_process, strategy, kind):
 
     saved, trained = load_file(out / "policy" / "model.safetensors"), _params(out)
     assert saved and all(torch.equal(v, trained[k]) for k, v in saved.items())
+    # GPT-2's LM head is tied to the embedding: written once, as a one-process save does (no extra lm_head.weight)
+    assert "lm_head.weight" in trained and "lm_head.weight" not in saved and "transformer.wte.weight" in saved
 
 
 @pytest.mark.slow
@@ -319,5 +408,26 @@ def test_uneven_micro_batch_counts_fail_fast_instead_of_hanging(tmp_path):
     assert "ranks yielded different numbers of micro-batches [2, 1]" in r.stdout, r.stdout[-3000:]
 
 
+@pytest.mark.slow
+def test_fsdp2_ranks_but_0_build_on_meta_and_train_the_same_weights(tmp_path):
+    """Only rank 0 holds the whole model: rank 1 reaches fully_shard with every parameter on the meta device and
+    gets its shards from rank 0, ending at exactly the weights of the run in which every rank loaded the model."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, opts in (("meta", {}), ("every_rank", {"every_rank_loads": True})):
+        r = _run(tmp_path / name, "sft", "-", 2, **opts)
+        assert r.returncode == 0, r.stdout[-3000:]
+        runs[name] = [json.loads((tmp_path / name / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert runs["meta"][1]["meta"] and runs["meta"][1]["resident_bytes"] == 0
+    assert not runs["meta"][0]["meta"] and runs["meta"][0]["resident_bytes"] > 0   # rank 0 holds it (host memory)
+    assert not runs["every_rank"][1]["meta"]                                        # before: a full copy per rank
+    a, b = (load_file(Path(runs[n][0]["path"]) / "model.safetensors") for n in ("meta", "every_rank"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1:])
+    if sys.argv[1] == "sft":
+        sft_worker(Path(sys.argv[3]), json.loads(sys.argv[4]))
+    else:
+        worker(sys.argv[1:])

@@ -54,10 +54,10 @@ SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.ta
         "model.chat_template", "eval.split", "reward_model.backbone")
 
 
-def planned(cfg, tmp_path) -> dict:
+def planned(cfg, tmp_path, autocast=None, world=None) -> dict:
     r = app.prepare(cfg)
-    env = stages.Env(device=r.device, autocast=None, cache_dir=tmp_path / "cache", runtime=r.plan.runtime,
-                     dry_run=True)
+    env = stages.Env(device=r.device, autocast=autocast, cache_dir=tmp_path / "cache", runtime=r.plan.runtime,
+                     world=world, dry_run=True)
     app.execute(cfg, r, env, tmp_path / "run")
     seen, out = {}, {}
     for name, key, _ in env.planned:
@@ -143,6 +143,29 @@ def test_trained_evaluation_reward_model_is_the_annotator_on_the_other_half(comp
                              ("reward_model.subset=half_b", ANNOTATOR | judge), ("trainer.lr=0.001", POLICY)):
         got = planned(compose([*args, change]), tmp_path)
         assert {s for s in base if got[s] != base[s]} == expected, change
+
+
+def test_bf16_parameters_under_fsdp2_and_bf16_autocast_do_not_share_cache_entries(compose, tmp_path):
+    """Under bf16 (CUDA) fsdp2 computes with bf16 parameters and ddp/none with bf16 autocast: different numbers, so
+    every stage misses; in fp32 the strategy changes nothing (the every-knob test: trainer.strategy rebuilds none)."""
+    from hps_exp.distributed import World
+
+    two = World(rank=0, world_size=2)   # rank 0 of a 2-process world (a dry run needs no process group)
+    keys = {s: planned(compose([*BASE, f"trainer.strategy={s}"]), tmp_path, torch.bfloat16, two)
+            for s in ("ddp", "fsdp2")}
+    assert {s for s in ALL if keys["ddp"][s] != keys["fsdp2"][s]} == ALL
+    fp32 = {s: planned(compose([*BASE, f"trainer.strategy={s}"]), tmp_path, None, two) for s in ("ddp", "fsdp2")}
+    assert fp32["ddp"] == fp32["fsdp2"]
+
+
+def test_fsdp2_keeps_fp32_parameters_under_trainer_precision_fp32():
+    from hps_exp.models import autocast_dtype
+    from hps_exp.trainer import compute_numerics
+
+    fp32 = autocast_dtype("fp32", torch.device("cuda"))
+    assert fp32 is None and compute_numerics("fsdp2", True, fp32) == "fp32"
+    assert compute_numerics("fsdp2", True, torch.bfloat16) == "bfloat16 parameters (fsdp2)"
+    assert compute_numerics("fsdp2", False, torch.bfloat16) == "bfloat16 autocast"   # one process: not wrapped
 
 
 def _ranked_rows(n, tag=""):

@@ -306,3 +306,46 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointDamaged, match="cannot be loaded"):
         Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
                 record={"config": {"lr": 0.2}}).fit(make_epoch, 8, step)
+
+
+# ---------------------------------------------------------------- issue 17: dtype honesty, CUDA RNG in checkpoints
+
+def test_pure_bf16_at_a_small_lr_is_refused_before_the_first_step():
+    """A 1e-6 step leaves ~98 % of N(0, 0.02) bf16 weights unchanged: training would stall silently."""
+    from hps_exp.trainer import stalled_fraction
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(200_000) * 0.02).bfloat16())
+    assert 0.97 < stalled_fraction([w], 1e-6) < 0.99        # the figure of docs/scaling.md
+    assert stalled_fraction([w], 1e-3) == 0.0
+    assert stalled_fraction([w.detach().float().requires_grad_()], 1e-9) == 0.0   # fp32 masters move
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    before = model.weight.detach().clone()
+    refused = r"trainer.lr=1e-06 cannot move 9\d\.\d % .*model.dtype=fp32 trainer.precision=bf16"
+    with pytest.raises(ValueError, match=refused):
+        Trainer(model, cfg(lr=1e-6), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    assert torch.equal(model.weight, before)
+    with pytest.raises(ValueError, match="sft.lr=1e-06"):
+        Trainer(model, cfg(lr=1e-6), device=torch.device("cpu"), autocast=None, stage="sft").fit(make_epoch, 8, step)
+
+
+def test_a_checkpoint_keeps_and_restores_the_cuda_rng_state_on_cuda(tmp_path, monkeypatch):
+    """On CUDA the dropout masks come from the CUDA generator: a resumed stage must get it back. (No GPU here: the
+    CUDA generator is a fake; what is checked is that the trainer saves and restores it.)"""
+    from hps_exp.distributed import World
+    from hps_exp.trainer import save_checkpoint
+
+    cuda = torch.device("cuda", 0)
+    state = {"now": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, device=None: state.update(now=value.clone()))
+    model = fresh()
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "ck", model, opt, 3, World(device=cuda))
+    saved = state["now"].clone()
+    state["now"] = torch.zeros(16, dtype=torch.uint8)
+    assert load_checkpoint(tmp_path / "ck", model, opt, cuda) == 3
+    assert torch.equal(state["now"], saved)
+    state["now"] = torch.zeros(16, dtype=torch.uint8)
+    save_checkpoint(tmp_path / "cpu", model, opt, 4, World())   # a CPU checkpoint resumed on CUDA: kept as is
+    assert load_checkpoint(tmp_path / "cpu", model, opt, cuda) == 4 and not state["now"].any()
