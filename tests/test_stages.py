@@ -16,6 +16,8 @@ NONE: set = set()
 
 # What a change of each knob must rebuild (with reward_model=train, augment=sample, one eval set).
 EXPECTED = {
+    # reward=simpo needs no reference (both reference stages go) and the SFT policy's margins become its own
+    "loss.reward": {"reference#0", "reference#1", "sft_eval", "preference", "eval"},
     "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
     "trainer.resample": POLICY, "trainer.max_steps": POLICY, "trainer.bucketing": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
@@ -32,7 +34,7 @@ EXPECTED = {
 }
 # A valid different value where "+1 / flip / x0.5" would not be one.
 CHANGE = {
-    "loss.framework": "ipo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
+    "loss.framework": "ipo", "loss.reward": "simpo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
     "model.n_head": 8, "model.n_embd": 64, "model.max_length": 120, "model.dtype": "bf16",
     "model.attn_implementation": "eager", "reward_model.n_head": 8, "reward_model.n_embd": 64,
     "reward_model.pairs": "chosen_rejected", "augment.top_p": 0.9, "dataset.n_responses": 6,
@@ -100,6 +102,19 @@ def test_every_knob_changes_exactly_its_stages(compose, tmp_path):
         assert diff == expected_for(key), f"{key}={new!r} rebuilt {sorted(diff)}, expected {sorted(expected_for(key))}"
         checked.append(key)
     assert len(checked) > 60  # every knob of every group was tried
+
+
+@pytest.mark.parametrize("base, change, expected", [
+    (["loss=lipo"], "loss.normalize_labels=false", POLICY),
+    (["loss.reward=simpo"], "loss.beta=0.2", {"sft_eval", *POLICY}),   # the SFT policy's own simpo margins
+    (["loss.reward=simpo"], "loss.margin=0.5", POLICY),
+])
+def test_knobs_outside_the_default_options_change_exactly_their_stages(compose, tmp_path, base, change, expected):
+    """The every-knob test walks the default loss and skips the sampler group: their other options' knobs here."""
+    before = planned(compose([*BASE, *base]), tmp_path)
+    after = planned(compose([*BASE, *base, change]), tmp_path)
+    assert set(before) == set(after)
+    assert {s for s in before if before[s] != after[s]} == expected
 
 
 def _ranked_rows(n, tag=""):
