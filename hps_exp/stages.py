@@ -33,6 +33,7 @@ from hps_exp.data.schema import Example, atomic_write_text, read_examples, write
 from hps_exp.generation import build_generator
 from hps_exp.losses import implicit_rewards
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_reward_model
+from hps_exp.samplers import Selection
 from hps_exp.trainer import Trainer
 
 
@@ -494,6 +495,14 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         epoch_progress = progress()
         for idx in batches(rng):
             p = progress() if spec.resample == "step" else epoch_progress
+            if getattr(sampler, "needs_policy", False):
+                # The policy's values exist only in the step: the noise is drawn here (the same generator and
+                # order as an annotation draw, for the global micro-batch), the negatives there.
+                noise = {i: sampler.noise(items[i], rng) for i in idx}
+                part, real = _shard(env, idx)
+                yield PolicyDraws(part, [noise[i] for i in part], sampler.gamma_at(p), real,
+                                  tuple(items[i].source for i in part))
+                continue
             # Draw for the whole global micro-batch on every rank (the draws never depend on the world size),
             # then keep this rank's prompts.
             sels = {i: sampler.select(items[i], rng, p) for i in idx}
@@ -503,7 +512,9 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
                                             [ref_logps[i] for i in part], [sels[i] for i in part], stats,
                                             tok.pad_token_id, num_prompts=real)
 
-    def step(model, batch: batching.PreferenceBatch):
+    def step(model, batch: batching.PreferenceBatch | PolicyDraws):
+        if isinstance(batch, PolicyDraws):
+            batch = _draw_by_policy(model, batch, items, enc, ref_logps, sampler, loss_fn, tok.pad_token_id, env.device)
         dev = env.device
         mask = batch.mask.to(dev)
         policy = batching.preference_logps(model, batch)
@@ -529,6 +540,42 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
     trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
     return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result,
                         final=dict(result))
+
+
+@dataclass
+class PolicyDraws:
+    """A micro-batch whose negatives the current policy picks (sampler.hardness=policy_*): this rank's prompts,
+    each one's Gumbel noise (drawn for the global micro-batch: the same whatever the world size) and the step's γ."""
+    indices: list[int]
+    noise: list
+    gamma: float
+    num_prompts: int    # real prompts (the trainer's loss weight)
+    sources: tuple = ()
+
+
+def _draw_by_policy(model, draws: PolicyDraws, items, enc, ref_logps, sampler, loss_fn, pad_id: int,
+                    device) -> batching.PreferenceBatch:
+    """The micro-batch of the negatives the current policy draws (`_policy_selections`)."""
+    examples, encoded, refs = ([seq[i] for i in draws.indices] for seq in (items, enc, ref_logps))
+    sels = _policy_selections(model, draws, examples, encoded, refs, sampler, loss_fn, pad_id, device)
+    stats = [sampler.stats(e, sel) for e, sel in zip(examples, sels)]
+    return batching.preference_batch(examples, encoded, refs, sels, stats, pad_id, num_prompts=draws.num_prompts)
+
+
+def _policy_selections(model, draws: PolicyDraws, examples, encoded, refs, sampler, loss_fn, pad_id: int,
+                       device) -> list[Selection]:
+    """Score every response of these prompts with the current policy (one forward, no gradient: the hardness is
+    data, not a parameter), then draw each prompt's negatives ∝ exp(γ · value) with its own noise.
+    value = the loss's reward r_i (hardness=policy_reward) or log pi(y_i|x) (policy_logp)."""
+    every = [Selection(tuple(range(e.n)), e.num_negatives) for e in examples]   # slot m = response m
+    scoring = batching.preference_batch(examples, encoded, refs, every, [], pad_id)
+    with torch.no_grad():
+        values = batching.preference_logps(model, scoring)
+        if sampler.hardness == "policy_reward":
+            values = loss_fn.rewards(values, scoring.ref_logps.to(device), _slot_lengths(scoring).to(device))
+    values = values.double().cpu().numpy()
+    return [sampler.select_by(e, values[b, :e.n], noise, draws.gamma)
+            for b, (e, noise) in enumerate(zip(examples, draws.noise))]
 
 
 def _slot_lengths(batch: batching.PreferenceBatch) -> torch.Tensor:

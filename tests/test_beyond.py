@@ -186,3 +186,110 @@ def test_hps_gamma_zero_is_softmax_dpo():
         r = [beta * (p - q) for p, q, k in zip(P[b], R[b], mask[b]) if k]
         want = -_logsig(-math.log(sum(math.exp(x - r[0]) for x in r[1:])))
         assert out.losses[b].item() == pytest.approx(want, rel=1e-12)
+
+
+# ---------------------------------------------------------------- policy-adaptive hard negatives
+
+import numpy as np  # noqa: E402
+
+from hps_exp import batching, models, stages  # noqa: E402
+from hps_exp.data.schema import Example  # noqa: E402
+from hps_exp.samplers import HardSampler  # noqa: E402
+from tests.test_batching import TINY, manual_logp, tiny_model_and_tok  # noqa: E402
+
+SCORED = [
+    Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:",
+            responses=(" mix flour and water, then bake it.", " bake it.", " no.", " hello there.", " hi"),
+            scores=(3.0, 2.0, 1.0, 0.0, -1.0)),
+    Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " hi", " no.", " bake it."),
+            scores=(2.0, 1.0, 2.0, -1.0)),   # slot 2 ties with the best: never a negative
+    Example(prompt="\n\nHuman: hello\n\nAssistant:",
+            responses=(" hello.", " bread", " mix it.", " hi there.", " no no.", " water"),
+            scores=(1.0, 0.0, -1.0, -2.0, -3.0, -4.0)),
+]
+REFS = [torch.tensor([0.3, -0.2, 0.1, -0.4, 0.5, 0.0][:e.n]) for e in SCORED]   # a fixed reference, not the policy
+
+
+def _manual_values(model, tok, examples, hardness, loss):
+    """The hardness value of every response from unbatched, unpadded forwards (independent of the packed path)."""
+    out = []
+    for e, enc, ref in zip(examples, batching.encode_examples(tok, examples, 32, 64), REFS):
+        with torch.no_grad():
+            lp = [manual_logp(model, enc.prompt, r) for r in enc.responses]
+        if hardness == "policy_logp":
+            out.append(lp)
+        elif loss.reward == "simpo":
+            out.append([loss.beta * a / len(r) for a, r in zip(lp, enc.responses)])
+        else:
+            out.append([loss.beta * (a - float(q)) for a, q in zip(lp, ref)])
+    return out
+
+
+def _draw(model, tok, indices, sampler, loss, gamma, rng):
+    enc = batching.encode_examples(tok, SCORED, 32, 64)
+    examples, encoded, refs = ([seq[i] for i in indices] for seq in (SCORED, enc, REFS))
+    draws = stages.PolicyDraws(list(indices), [sampler.noise(e, rng) for e in examples], gamma, len(indices))
+    with torch.no_grad():
+        return stages._policy_selections(model, draws, examples, encoded, refs, sampler, loss, tok.pad_token_id,
+                                         torch.device("cpu"))
+
+
+@pytest.mark.parametrize("hardness, reward", [("policy_logp", "ratio"), ("policy_reward", "ratio"),
+                                              ("policy_reward", "simpo")])
+def test_policy_hard_draw_frequencies_are_the_closed_form_softmax(hardness, reward):
+    model, tok = tiny_model_and_tok()
+    loss = HPSLoss(estimator="single", beta=0.5, reward=reward)
+    sampler = HardSampler(hardness=hardness)
+    values = _manual_values(model, tok, SCORED, hardness, loss)[0]
+    neg = [1, 2, 3, 4]
+    gamma = 2.0 / (max(values[i] for i in neg) - min(values[i] for i in neg))   # spread probabilities
+    z = sum(math.exp(gamma * values[i]) for i in neg)
+    probs = {i: math.exp(gamma * values[i]) / z for i in neg}
+    rng = np.random.default_rng(7)
+    counts = {i: 0 for i in neg}
+    for _ in range(4):   # 4 x 1000 copies of prompt 0, each with its own noise: one forward per 1000 draws
+        for sel in _draw(model, tok, [0] * 1000, sampler, loss, gamma, rng):
+            counts[sel.indices[1]] += 1
+    chi2 = lambda p: sum((counts[i] - 4000 * p[i]) ** 2 / (4000 * p[i]) for i in neg)  # noqa: E731
+    assert chi2(probs) < 16.266, (counts, probs)                         # df 3, alpha 0.001
+    assert chi2({i: 0.25 for i in neg}) > 16.266 * 5, (counts, probs)    # ... and far from uniform (power)
+
+
+@pytest.mark.parametrize("hardness", ["policy_logp", "policy_reward"])
+def test_policy_hard_draw_follows_the_policy(hardness):
+    """γ large: each prompt's negative is the one the policy rates highest, never a tie with the best; a policy
+    trained towards another negative draws that one from the same noise."""
+    model, tok = tiny_model_and_tok()
+    loss = HPSLoss(estimator="single", beta=0.5)
+    sampler = HardSampler(hardness=hardness)
+
+    def drawn():
+        values = _manual_values(model, tok, SCORED, hardness, loss)
+        sels = _draw(model, tok, [0, 1, 2], sampler, loss, 1e4, np.random.default_rng(0))
+        for e, v, sel in zip(SCORED, values, sels):
+            assert sel.indices == (e.best, max(sorted(e.negatives), key=lambda i: v[i])) and sel.gamma == 1e4
+        return sels[0].indices[1]
+
+    before = drawn()
+    target = 4 if before != 4 else 3
+    enc = batching.encode_examples(tok, SCORED[:1], 32, 64)[0]
+    seq = batching.collate([(enc.prompt, enc.responses[target])], tok.pad_token_id)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(10):   # raise log pi(target) only
+        opt.zero_grad()
+        (-batching.sequence_logps(model, seq).sum()).backward()
+        opt.step()
+    assert drawn() == target != before
+
+
+def test_policy_hardness_never_draws_in_select_and_annotation_draws_are_unchanged():
+    with pytest.raises(ValueError, match="training step"):
+        HardSampler(hardness="policy_logp").select(SCORED[0], np.random.default_rng(0), 0.0)
+    with pytest.raises(ValueError, match="hardness must be one of"):
+        HardSampler(hardness="policy")
+    # annotation: select == select_by(scores, noise) on the same generator state
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    s = HardSampler(gamma=0.7)
+    for _ in range(50):
+        want = s.select(SCORED[2], a, 0.0)
+        assert s.select_by(SCORED[2], SCORED[2].scores, s.noise(SCORED[2], b), 0.7) == want

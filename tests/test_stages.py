@@ -106,6 +106,8 @@ def test_every_knob_changes_exactly_its_stages(compose, tmp_path):
 
 @pytest.mark.parametrize("base, change, expected", [
     (["loss=lipo"], "loss.normalize_labels=false", POLICY),
+    (["sampler=hard"], "sampler.hardness=policy_reward", POLICY),
+    (["sampler=hard", "sampler.hardness=policy_logp"], "sampler.gamma=2.0", POLICY),
     (["loss.reward=simpo"], "loss.beta=0.2", {"sft_eval", *POLICY}),   # the SFT policy's own simpo margins
     (["loss.reward=simpo"], "loss.margin=0.5", POLICY),
 ])
