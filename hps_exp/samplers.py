@@ -261,6 +261,9 @@ class HardSampler(_Sampler):
         self.gamma_end = float(gamma_end)
         self.milestones = milestones
         self.hardness = hardness
+        if hardness != "annotation" and schedule == "constant" and self.gamma == 0:
+            raise ValueError(f"hardness={hardness} does nothing at gamma=0 (uniform draws, whatever the policy); "
+                             "set sampler.gamma or leave hardness=annotation")
 
     @property
     def needs_policy(self) -> bool:

@@ -287,6 +287,8 @@ def test_policy_hardness_never_draws_in_select_and_annotation_draws_are_unchange
         HardSampler(hardness="policy_logp").select(SCORED[0], np.random.default_rng(0), 0.0)
     with pytest.raises(ValueError, match="hardness must be one of"):
         HardSampler(hardness="policy")
+    with pytest.raises(ValueError, match="does nothing at gamma=0"):
+        HardSampler(hardness="policy_reward", gamma=0.0)
     # annotation: select == select_by(scores, noise) on the same generator state
     a, b = np.random.default_rng(3), np.random.default_rng(3)
     s = HardSampler(gamma=0.7)
