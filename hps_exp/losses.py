@@ -23,7 +23,7 @@ Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softma
 | PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)            | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)      |
 | HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i))        | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i}))    |
 | HPSLoss estimator="single" | l(r_0, r_k + log N), k ~ w drawn by sampler  | -log s(r_0 - r_k - log N)                          |
-| LiPOLoss (dpo only)        | sum_{psi_i > psi_j} Delta_ij l(r_i, r_j)     | LiPO-lambda (Liu et al. 2024), Delta = lambda-weights |
+| LiPOLoss (dpo only)        | sum_{psi_i > psi_j} Delta_ij l(r_i, r_j)     | LiPO-lambda (Liu et al. 2024), lambda weights Delta |
 
 For frameworks other than dpo, PL applies l to (r_k, LSE of the rest) and HPS to (r_0, the soft hard
 negative log N + LSE_i(r_i + log w_i)). That generalisation is our choice: no published definition exists.
@@ -444,7 +444,8 @@ class LiPOLoss(PreferenceLoss):
         M = r.shape[1]
         slot = torch.arange(M, device=r.device)
         # tau(i) = 1 + #{real j ranked before i}: r_j > r_i, or r_j == r_i and j < i.
-        before = (rd[:, None, :] > rd[:, :, None]) | ((rd[:, None, :] == rd[:, :, None]) & (slot[None, :] < slot[:, None]))
+        r_j, r_i = rd[:, None, :], rd[:, :, None]
+        before = (r_j > r_i) | ((r_j == r_i) & (slot[None, :] < slot[:, None]))   # [B, i, j]
         tau = 1 + (before & mask[:, None, :]).sum(-1).to(r.dtype)          # [B, i]
         inv_d = 1.0 / torch.log2(1.0 + tau)
         gain = torch.exp2(psi) - 1.0

@@ -617,7 +617,8 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
                  scorer: Scorer | None, env: Env, margin: MarginReward = MarginReward()) -> EvalResult:
     """The SFT policy's evaluation, cached: a sweep over losses evaluates the reference policy once per eval set.
     Under ratio rewards the SFT policy is the reference, so its policy log-probs are the reference ones (margins
-    exactly 0, whatever beta); under reward-free (simpo) rewards its margins are its own, keyed by the reward."""
+    exactly 0, whatever beta); under reference-free (simpo) rewards its margins are its own, keyed by reward and
+    beta."""
     own = None if margin.reward == "ratio" else f"{margin.reward}:beta={margin.beta!r}"
     entry = env.entry("sft_eval", spec, sft=sft_result.key, examples=eval_set.examples.key,
                       reference=ref.key if ref else None, scorer=scorer.key if scorer else None, margin=own)
