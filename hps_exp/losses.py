@@ -204,7 +204,7 @@ class PreferenceLoss:
     @property
     def row(self) -> dict:
         """The run's coordinates in the paper's tables: e.g. method "IPO-HPS", framework "ipo", order [1, 3].
-        `reward` ("ratio" | "simpo") says which r its margins measure: margins of different rewards are not
+        `reward_type` ("ratio" | "simpo") says which r its margins measure: margins of different rewards are not
         comparable. SimPO rewards name the method "SimPO-<model>" (framework dpo) or "<FW>-SimPO-<model>"."""
         fw = self.framework.upper()
         pm = self.preference_model
@@ -213,7 +213,7 @@ class PreferenceLoss:
             method = name if self.framework == "dpo" else f"{fw}-{name}"
         else:
             method = fw if pm == "DPO" else f"{fw}-{pm}"
-        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward": self.reward,
+        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward_type": self.reward,
                "row_order": [list(FRAMEWORKS).index(self.framework),
                              PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)]}
         if self.margin:

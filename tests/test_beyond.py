@@ -109,7 +109,7 @@ def test_lipo_refuses_other_frameworks_and_half_scored_rows():
 def test_lipo_row_and_sampler():
     loss = LiPOLoss()
     assert loss.natural_sampler == "all" and loss.input_kind == "ranking" and not loss.needs_scores
-    assert loss.row["method"] == "LiPO-λ" and loss.row["reward"] == "ratio"
+    assert loss.row["method"] == "LiPO-λ" and loss.row["reward_type"] == "ratio"
     assert LiPOLoss(reward="simpo").row["method"] == "SimPO-LiPO-λ"
 
 
@@ -295,3 +295,13 @@ def test_policy_hardness_never_draws_in_select_and_annotation_draws_are_unchange
     for _ in range(50):
         want = s.select(SCORED[2], a, 0.0)
         assert s.select_by(SCORED[2], SCORED[2].scores, s.noise(SCORED[2], b), 0.7) == want
+
+
+def test_reference_free_run_plans_no_reference_stage(compose, tmp_path):
+    """reward=simpo: the dry run (what the app will build) has no reference stage, for training or evaluation."""
+    from test_stages import planned
+
+    small = ["dataset.n_train=8", "dataset.n_test=4"]
+    assert set(planned(compose(["loss=hps", "loss.reward=simpo", *small]), tmp_path)) == {
+        "sft", "preference", "sft_eval", "eval"}
+    assert "reference#0" in planned(compose(["loss=hps", *small]), tmp_path)

@@ -25,7 +25,7 @@ def test_torchrun_ddp_and_fsdp2_match_one_process(tmp_path, args):
     assert one.returncode == 0, one.stderr[-3000:]
     ref = json.loads((tmp_path / "one" / "metrics.json").read_text())
     if "loss.reward=simpo" in args:
-        assert "reference" not in one.stdout and ref["run"]["reward"] == "simpo"
+        assert "reference" not in one.stdout and ref["run"]["reward_type"] == "simpo"
     train_one = _train_rows(tmp_path / "one")
     assert train_one and all("train/sampler/neg_rank" in r for r in train_one)
     for strategy in ("ddp", "fsdp2"):
