@@ -135,7 +135,7 @@ def _validate(policy_logps, ref_logps, mask, scores, num_negatives, lengths, *, 
             raise ValueError(f"{name} must be a 2-D tensor [B, M], got {getattr(t, 'shape', type(t))}"
                              + (f" (reward={reward} needs it)" if t is None else ""))
         if t.shape != policy_logps.shape:
-            raise ValueError(f"shape mismatch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in given.items()))
+            raise ValueError("shape mismatch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in given.items()))
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
     B, M = policy_logps.shape
