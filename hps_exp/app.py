@@ -119,7 +119,12 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     if augmented is not None:
         train = augmented.examples
     label = plan.run_label(cfg, r.loss_fn, r.sampler, train)   # after augmentation: n_responses as trained
-    ref_train = stages.reference(p.reference, sft, train, env)
+
+    def reference(examples, env):   # none when the loss's rewards need none (reward=simpo): the dry run shows it
+        return stages.reference(p.reference, sft, examples, env) if r.loss_fn.needs_reference else None
+
+    margin = stages.MarginReward(r.loss_fn.reward, r.loss_fn.margin_beta)
+    ref_train = reference(train, env)
     policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
     evaluator = judge or (annotator if r.eval_by_annotator else r.evaluator)
     results, samples = {}, []
@@ -127,9 +132,9 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
         return {}
     env = dataclasses.replace(env, world=None)
     for eval_set in r.eval_sets:
-        ref = stages.reference(p.reference, sft, eval_set.examples, env)
-        before = stages.evaluate_sft(p.eval, sft, eval_set, ref, evaluator, env)
-        after = stages.evaluate_policy(p.eval, policy, eval_set, ref, evaluator, env, r.loss_fn.margin_beta)
+        ref = reference(eval_set.examples, env)
+        before = stages.evaluate_sft(p.eval, sft, eval_set, ref, evaluator, env, margin)
+        after = stages.evaluate_policy(p.eval, policy, eval_set, ref, evaluator, env, margin)
         evaluate.add_win_rate(after.metrics, after.per_prompt, before.per_prompt)
         results[eval_set.name] = {"sft": before.metrics, "aligned": after.metrics,
                                   "per_prompt": {"sft": before.per_prompt, "aligned": after.per_prompt}}

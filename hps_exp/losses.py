@@ -23,15 +23,24 @@ Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softma
 | PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)            | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)      |
 | HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i))        | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i}))    |
 | HPSLoss estimator="single" | l(r_0, r_k + log N), k ~ w drawn by sampler  | -log s(r_0 - r_k - log N)                          |
+| LiPOLoss (dpo only)        | sum_{psi_i > psi_j} Delta_ij l(r_i, r_j)     | LiPO-lambda (Liu et al. 2024), lambda weights Delta |
 
 For frameworks other than dpo, PL applies l to (r_k, LSE of the rest) and HPS to (r_0, the soft hard
 negative log N + LSE_i(r_i + log w_i)). That generalisation is our choice: no published definition exists.
 `log_n=False` drops the log N term. Masked (padding) slots never change losses or gradients.
 
+Rewards (`reward`, every loss): "ratio" r_i = beta (log pi(y_i|x) - log pi_ref(y_i|x)) (the default); "simpo"
+r_i = beta / |y_i| log pi(y_i|x), |y_i| the response's token count (the `lengths` keyword), no reference model
+(SimPO, Meng et al. 2024). `margin` (SimPO's target margin, default 0) is subtracted from r_pos inside every
+framework term: l(r_pos - margin, r_neg) in each pair, each PL term, HPS before its log N. With reward="simpo",
+margin=m, PairwiseLoss under dpo is exactly SimPO: -log s(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - m).
+
 Each loss object also describes itself, so nothing outside this module names a loss: `natural_sampler` (the
 sampler `sampler=auto` picks), `row` (its row in the paper's tables: method name, framework, preference model and
 the row order), `margin_beta` (the beta of the implicit reward used by the reward-margin metric) and
-`check_sampler(sampler)` (refuses knobs that would do nothing with the chosen sampler).
+`check_sampler(sampler)` (refuses knobs that would do nothing with the chosen sampler), `needs_reference` (False
+under reward="simpo": the run skips the reference stage) and `rewards(...)` (the r the loss and the margin metrics
+use).
 """
 from __future__ import annotations
 
@@ -43,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "LossOutput", "PreferenceLoss", "PairwiseLoss", "PlackettLuceLoss", "HPSLoss",
-           "masked_logsumexp"]
+__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "REWARDS", "LossOutput", "PreferenceLoss", "PairwiseLoss",
+           "PlackettLuceLoss", "HPSLoss", "LiPOLoss", "masked_logsumexp", "implicit_rewards"]
 
 
 @dataclass
@@ -85,7 +94,8 @@ FRAMEWORKS: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
 
 
 # Table order of the preference models (rows within a framework); "DPO" is the dataset's own pair.
-PREFERENCE_MODELS = ("DPO", "BT", "PL", "HPS", "HPS-full")
+PREFERENCE_MODELS = ("DPO", "BT", "PL", "HPS", "HPS-full", "LiPO-λ")
+REWARDS = ("ratio", "simpo")
 # Frameworks whose pairwise objective has no label-smoothing term: a non-zero value would silently do nothing.
 _SMOOTHED = ("dpo", "exo")
 
@@ -100,7 +110,11 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return out.masked_fill(~mask.any(dim=dim), 0.0)
 
 
-def _check_knobs(beta: float, label_smoothing: float, framework: str) -> None:
+def _check_knobs(beta: float, label_smoothing: float, framework: str, reward: str, margin: float) -> None:
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got {margin}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 1:
@@ -112,13 +126,16 @@ def _check_knobs(beta: float, label_smoothing: float, framework: str) -> None:
                          f"(only {' and '.join(_SMOOTHED)} use it); leave it at 0")
 
 
-def _validate(policy_logps, ref_logps, mask, scores, num_negatives, *, input_kind, needs_scores) -> None:
-    for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("mask", mask)):
+def _validate(policy_logps, ref_logps, mask, scores, num_negatives, lengths, *, input_kind, needs_scores,
+              reward) -> None:
+    given = {"policy_logps": policy_logps, "mask": mask,
+             **({"ref_logps": ref_logps} if reward == "ratio" else {"lengths": lengths})}
+    for name, t in given.items():
         if not isinstance(t, Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor [B, M], got {getattr(t, 'shape', type(t))}")
-    if ref_logps.shape != policy_logps.shape or mask.shape != policy_logps.shape:
-        raise ValueError(f"shape mismatch: policy_logps {tuple(policy_logps.shape)}, "
-                         f"ref_logps {tuple(ref_logps.shape)}, mask {tuple(mask.shape)}")
+            raise ValueError(f"{name} must be a 2-D tensor [B, M], got {getattr(t, 'shape', type(t))}"
+                             + (f" (reward={reward} needs it)" if t is None else ""))
+        if t.shape != policy_logps.shape:
+            raise ValueError("shape mismatch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in given.items()))
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
     B, M = policy_logps.shape
@@ -127,8 +144,11 @@ def _validate(policy_logps, ref_logps, mask, scores, num_negatives, *, input_kin
                          f"2 slots, got M={M}")
     if not bool(mask[:, :2].all()):
         raise ValueError("slots 0 (best) and 1 (a dispreferred response) must be real in every row")
-    if not bool(torch.isfinite(policy_logps[mask]).all() and torch.isfinite(ref_logps[mask]).all()):
+    if not bool(torch.isfinite(policy_logps[mask]).all()) or (
+            reward == "ratio" and not bool(torch.isfinite(ref_logps[mask]).all())):
         raise ValueError("policy_logps / ref_logps must be finite on real slots")
+    if reward == "simpo" and not bool((lengths[mask] > 0).all()):
+        raise ValueError("lengths (response token counts) must be > 0 on real slots")
     if needs_scores:
         if scores is None or scores.shape != policy_logps.shape:
             raise ValueError(f"scores must be a [B, M] = {(B, M)} tensor, got {getattr(scores, 'shape', None)}")
@@ -136,6 +156,15 @@ def _validate(policy_logps, ref_logps, mask, scores, num_negatives, *, input_kin
             raise ValueError("scores must be finite on real slots (this loss needs annotation scores)")
     if num_negatives is not None and tuple(num_negatives.shape) != (B,):
         raise ValueError(f"num_negatives must have shape [B] = ({B},), got {tuple(num_negatives.shape)}")
+
+
+def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None, *, reward: str,
+                     beta: float) -> Tensor:
+    """The policy's implicit reward of each response: beta (log pi - log pi_ref) ("ratio") or beta / |y| log pi
+    ("simpo"), elementwise on tensors of any shape (padding: the caller masks; a 0 length is read as 1)."""
+    if reward == "simpo":
+        return beta * policy_logps / lengths.clamp(min=1).to(policy_logps.dtype)
+    return beta * (policy_logps - ref_logps)
 
 
 def _metrics(r: Tensor, policy_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -174,28 +203,51 @@ class PreferenceLoss:
 
     @property
     def row(self) -> dict:
-        """The run's coordinates in the paper's tables: e.g. method "IPO-HPS", framework "ipo", order [1, 3]."""
+        """The run's coordinates in the paper's tables: e.g. method "IPO-HPS", framework "ipo", order [1, 3].
+        `reward_type` ("ratio" | "simpo") says which r its margins measure: margins of different rewards are not
+        comparable. SimPO rewards name the method "SimPO-<model>" (framework dpo) or "<FW>-SimPO-<model>"."""
         fw = self.framework.upper()
         pm = self.preference_model
-        return {"method": fw if pm == "DPO" else f"{fw}-{pm}", "framework": self.framework, "preference_model": pm,
-                "row_order": [list(FRAMEWORKS).index(self.framework),
-                              PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)]}
+        if self.reward == "simpo":
+            name = "SimPO" if pm == "DPO" else f"SimPO-{pm}"
+            method = name if self.framework == "dpo" else f"{fw}-{name}"
+        else:
+            method = fw if pm == "DPO" else f"{fw}-{pm}"
+        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward_type": self.reward,
+               "row_order": [list(FRAMEWORKS).index(self.framework),
+                             PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)]}
+        if self.margin:
+            row["target_margin"] = self.margin
+        return row
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the rewards read the reference policy's log-probs (False: the run skips the reference stage)."""
+        return self.reward == "ratio"
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo"):
-        _check_knobs(beta, label_smoothing, framework)
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
+                 reward: str = "ratio", margin: float = 0.0):
+        _check_knobs(beta, label_smoothing, framework, reward, margin)
         self.beta, self.label_smoothing, self.framework = float(beta), float(label_smoothing), framework
+        self.reward, self.margin = reward, float(margin)
         self._ell = FRAMEWORKS[framework]
 
     def ell(self, r_pos: Tensor, r_neg: Tensor) -> Tensor:
-        return self._ell(r_pos, r_neg, self.beta, self.label_smoothing)
+        return self._ell(r_pos - self.margin, r_neg, self.beta, self.label_smoothing)
 
-    def __call__(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor,
-                 scores: Tensor | None = None, num_negatives: Tensor | None = None) -> LossOutput:
-        _validate(policy_logps, ref_logps, mask, scores, num_negatives,
-                  input_kind=self.input_kind, needs_scores=self.needs_scores)
+    def rewards(self, policy_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None = None) -> Tensor:
+        """r of every response (no masking): what the loss compares and the margin metrics report."""
+        return implicit_rewards(policy_logps, ref_logps, lengths, reward=self.reward, beta=self.beta)
+
+    def __call__(self, policy_logps: Tensor, ref_logps: Tensor | None, mask: Tensor,
+                 scores: Tensor | None = None, num_negatives: Tensor | None = None, *,
+                 lengths: Tensor | None = None) -> LossOutput:
+        """`lengths` [B, M]: each response's token count (read by reward="simpo" only; ref_logps may then be
+        None)."""
+        _validate(policy_logps, ref_logps, mask, scores, num_negatives, lengths,
+                  input_kind=self.input_kind, needs_scores=self.needs_scores, reward=self.reward)
         # Zero the padding rewards with where (not multiply) so garbage there cannot leak in as inf/NaN.
-        r = torch.where(mask, self.beta * (policy_logps - ref_logps), 0.0)
+        r = torch.where(mask, self.rewards(policy_logps, ref_logps, lengths), 0.0)
         losses, extra = self._losses(r, mask, scores, num_negatives)
         metrics = _metrics(r, policy_logps, mask)
         metrics.update({k: v.detach() for k, v in extra.items()})
@@ -221,8 +273,8 @@ class PairwiseLoss(PreferenceLoss):
     _PAIRS = {"dataset": ("pair", "DPO"), "best_worst": ("best_worst", "BT"), "all": ("all", "BT")}
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
-                 pairs: str = "dataset"):
-        super().__init__(beta, label_smoothing, framework)
+                 pairs: str = "dataset", reward: str = "ratio", margin: float = 0.0):
+        super().__init__(beta, label_smoothing, framework, reward, margin)
         if pairs not in self._PAIRS:
             raise ValueError(f"pairs must be one of {', '.join(self._PAIRS)}; got {pairs!r}")
         self.pairs = pairs
@@ -280,8 +332,9 @@ class HPSLoss(PreferenceLoss):
     needs_scores = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
-                 estimator: str = "full", gamma: float | None = None, log_n: bool = True):
-        super().__init__(beta, label_smoothing, framework)
+                 estimator: str = "full", gamma: float | None = None, log_n: bool = True, reward: str = "ratio",
+                 margin: float = 0.0):
+        super().__init__(beta, label_smoothing, framework, reward, margin)
         if estimator not in ("full", "single"):
             raise ValueError(f"estimator must be 'full' or 'single', got {estimator!r}")
         if estimator == "single" and gamma is not None:
@@ -330,4 +383,77 @@ class HPSLoss(PreferenceLoss):
         return self.ell(r[:, 0], r_neg), {
             "hps/weight_entropy": entropy.mean(),
             "hps/negatives_present": neg.sum(1).to(r.dtype).mean(),
+        }
+
+
+class LiPOLoss(PreferenceLoss):
+    """LiPO-lambda (Liu et al. 2024, "LiPO: Listwise Preference Optimization through Learning-to-Rank"): pairwise
+    logistic terms over every ordered pair of the list, each weighted by the lambda weight of LambdaRank.
+
+    Labels psi_i: the annotation scores, min-max normalised per prompt to [0, 1] (normalize_labels=True; a prompt
+    whose scores all tie gets psi = 0 everywhere: no pair, loss 0) or as given (False). A row without scores
+    (pair data: NaN scores) gets psi = 1 for slot 0 (the chosen response) and 0 for the others.
+    Gains G_i = 2^psi_i - 1; tau(i) = 1-based rank of response i by the current rewards r (detached), decreasing,
+    ties by lower slot first; discount D(tau) = log2(1 + tau); Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|.
+    Per prompt: sum over real pairs with psi_i > psi_j of Delta_ij l(r_i, r_j) (a sum, not a mean), l the dpo
+    framework's term: with eps = 0 and margin 0 exactly log(1 + exp(-(r_i - r_j))). Delta carries no gradient.
+    Only framework dpo (no published definition under the others).
+
+    Call: (policy_logps [B, M], ref_logps [B, M], mask bool [B, M], scores [B, M] (NaN rows: pair data),
+    num_negatives (unused)) -> LossOutput(losses [B], metrics + lipo/pairs, lipo/delta_mean). O(M^2) per prompt.
+    """
+
+    input_kind = "ranking"
+    natural_sampler = "all"
+    preference_model = "LiPO-λ"
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, framework: str = "dpo",
+                 normalize_labels: bool = True, reward: str = "ratio", margin: float = 0.0):
+        super().__init__(beta, label_smoothing, framework, reward, margin)
+        if framework != "dpo":
+            raise ValueError(f"loss=lipo has no published definition under framework={framework}; use "
+                             f"framework=dpo")
+        self.normalize_labels = bool(normalize_labels)
+
+    @property
+    def row(self) -> dict:
+        row = super().row
+        row["method"] = "SimPO-LiPO-λ" if self.reward == "simpo" else "LiPO-λ"
+        return row
+
+    def labels(self, scores: Tensor | None, mask: Tensor) -> Tensor:
+        """psi [B, M] (0 on padding): see the class docstring."""
+        if scores is None:
+            scores = torch.full(mask.shape, float("nan"), device=mask.device)
+        scores = scores.detach()
+        scored = torch.isfinite(scores) & mask
+        unscored = ~scored.any(1, keepdim=True)          # pair data: the chosen response (slot 0) is the best
+        if bool((mask & ~scored & ~unscored).any()):
+            raise ValueError("loss=lipo: a row has scores on some real slots but not on others")
+        chosen = (torch.arange(mask.shape[1], device=mask.device) == 0).to(scores.dtype).expand_as(scores)
+        s = torch.where(mask, torch.where(unscored, chosen, scores), 0.0)
+        if not self.normalize_labels:
+            return s
+        lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
+        span = s.masked_fill(~mask, float("-inf")).amax(1, keepdim=True) - lo
+        return torch.where(mask & (span > 0), (s - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+    def _losses(self, r, mask, scores, num_negatives):
+        psi = self.labels(scores, mask).to(r.dtype)
+        rd = r.detach()
+        M = r.shape[1]
+        slot = torch.arange(M, device=r.device)
+        # tau(i) = 1 + #{real j ranked before i}: r_j > r_i, or r_j == r_i and j < i.
+        r_j, r_i = rd[:, None, :], rd[:, :, None]
+        before = (r_j > r_i) | ((r_j == r_i) & (slot[None, :] < slot[:, None]))   # [B, i, j]
+        tau = 1 + (before & mask[:, None, :]).sum(-1).to(r.dtype)          # [B, i]
+        inv_d = 1.0 / torch.log2(1.0 + tau)
+        gain = torch.exp2(psi) - 1.0
+        delta = (gain[:, :, None] - gain[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()
+        pairs = mask[:, :, None] & mask[:, None, :] & (psi[:, :, None] > psi[:, None, :])   # [B, i, j]
+        ell = torch.where(pairs, delta * self.ell(r[:, :, None], r[:, None, :]), 0.0)
+        n_pairs = pairs.sum((1, 2)).to(r.dtype)
+        return ell.sum((1, 2)), {
+            "lipo/pairs": n_pairs.mean(),
+            "lipo/delta_mean": (torch.where(pairs, delta, 0.0).sum((1, 2)) / n_pairs.clamp(min=1)).mean(),
         }

@@ -321,6 +321,10 @@ def training_seed(cfg: DictConfig) -> int:
 def run_label(cfg: DictConfig, loss_fn, sampler, train: Examples) -> dict:
     """The run's coordinates in the paper's tables (metrics.json "run"), as the loss describes itself."""
     row = dict(loss_fn.row)
+    hardness = getattr(sampler, "hardness", "annotation")
+    if hardness != "annotation":   # the negatives come from the policy: its own row (e.g. "HPS (policy-hard)")
+        row["method"] += {"policy_reward": " (policy-hard)", "policy_logp": " (policy-logp-hard)"}[hardness]
+        row["hardness"] = hardness
     if cfg.label:
         row["method"] = cfg.label
     gamma = row.pop("gamma", None)

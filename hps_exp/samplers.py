@@ -27,6 +27,14 @@ HPS authors' released code: γ = gamma_start + (gamma_end - gamma_start)·m, m t
 the first — their -5 + 10·i/(M-1) at row i = 20/40/60/80 % of M rows, for large M; with the defaults γ = -5, -3,
 -1, 1, 3, never +5). A progress value at a milestone already counts as past it.
 
+Where hardness comes from (`hardness`, HardSampler only): "annotation" (default) the scores r̂ as above;
+"policy_reward" the current policy's implicit rewards r_i (the loss's own r, no gradient); "policy_logp" its
+log-probabilities log π_θ(y_i|x) (MC-PO's choice). The candidates are the same eligible negatives (strictly below
+the best by r̂); only the logits change: γ·r_i or γ·log π_θ(y_i|x). The policy's values exist only inside a
+training step, so the draw is split in two: `noise(ex, rng)` (the Gumbel noise, drawn where the annotation draw
+would be drawn, from the same generator) and `select_by(ex, values, noise, γ)` (the top-k of logits + noise, in
+the step, once the policy has scored all n responses). Same seed and step => same draws, whatever the world size.
+
 Draws use only the `numpy.random.Generator` passed in; the caller seeds it from (seed, epoch), so draws are
 fresh every epoch and reproducible. `check_compatible` rejects sampler/loss/data combinations that cannot work,
 with a message saying what to use instead.
@@ -45,6 +53,7 @@ __all__ = ["Selection", "PairSampler", "BestWorstSampler", "RankingSampler", "Ha
            "probabilities", "gamma_schedule", "check_compatible"]
 
 SCHEDULES = ("constant", "linear", "step", "authors")
+HARDNESS = ("annotation", "policy_reward", "policy_logp")
 KINDS = ("pair", "ranking", "hard")
 
 
@@ -209,6 +218,8 @@ class HardSampler(_Sampler):
     and authors. A knob the schedule does not use is refused (it would silently do nothing).
     Slots: best, then the drawn negatives by decreasing score (ties by index).
     A prompt whose responses all tie with the best has no negative: select raises a ValueError naming it.
+    hardness: annotation | policy_reward | policy_logp (module docstring); the policy ones draw with
+    `noise` + `select_by` in the training step (`needs_policy`), never with `select`.
     """
 
     kind = "hard"
@@ -216,7 +227,9 @@ class HardSampler(_Sampler):
 
     def __init__(self, num_negatives: int = 1, gamma: float | None = None, schedule: str = "constant",
                  gamma_start: float | None = None, gamma_end: float | None = None,
-                 milestones: tuple[float, ...] | list[float] | None = None):
+                 milestones: tuple[float, ...] | list[float] | None = None, hardness: str = "annotation"):
+        if hardness not in HARDNESS:
+            raise ValueError(f"hardness must be one of {', '.join(HARDNESS)}; got {hardness!r}")
         if isinstance(num_negatives, bool) or int(num_negatives) != num_negatives or num_negatives < 1:
             raise ValueError(f"num_negatives must be an integer >= 1, got {num_negatives!r}")
         if schedule not in SCHEDULES:
@@ -247,6 +260,15 @@ class HardSampler(_Sampler):
         self.gamma_start = float(gamma_start)
         self.gamma_end = float(gamma_end)
         self.milestones = milestones
+        self.hardness = hardness
+        if hardness != "annotation" and schedule == "constant" and self.gamma == 0:
+            raise ValueError(f"hardness={hardness} does nothing at gamma=0 (uniform draws, whatever the policy); "
+                             "set sampler.gamma or leave hardness=annotation")
+
+    @property
+    def needs_policy(self) -> bool:
+        """Whether the draw needs the current policy's values (drawn in the training step: noise + select_by)."""
+        return self.hardness != "annotation"
 
     @property
     def gamma_label(self) -> float | str:
@@ -260,20 +282,38 @@ class HardSampler(_Sampler):
                               self.milestones)
 
     def select(self, ex: Example, rng: np.random.Generator, progress: float) -> Selection:
-        s = _scores(ex, "sampler=hard")
+        if self.needs_policy:
+            raise ValueError(f"hardness={self.hardness} draws in the training step (noise + select_by), not select")
+        return self.select_by(ex, _scores(ex, "sampler=hard"), self.noise(ex, rng), self.gamma_at(progress))
+
+    def _negatives(self, ex: Example) -> list[int]:
+        _scores(ex, "sampler=hard")
         neg = sorted(ex.negatives)   # index order: the Gumbel draws are assigned in this order
         if not neg:
             raise ValueError(f"{_where(ex)}: all {ex.n} responses tie with the best score, so there is no "
                              "negative to sample; drop such prompts from the data")
-        gamma = self.gamma_at(progress)
+        return neg
+
+    def noise(self, ex: Example, rng: np.random.Generator) -> np.ndarray | None:
+        """The Gumbel noise of this prompt's draw, one per eligible negative in index order; None (and nothing
+        drawn from rng) when all of them are taken."""
+        neg = self._negatives(ex)
+        return None if min(self.num_negatives, len(neg)) == len(neg) else rng.gumbel(size=len(neg))
+
+    def select_by(self, ex: Example, values, noise: np.ndarray | None, gamma: float) -> Selection:
+        """Best + the k negatives with the largest γ·values[i] + noise: k successive draws without replacement,
+        each ∝ exp(γ·values[i]) among those left (Gumbel-top-k). values: one per response (r̂, r_i or log π)."""
+        s = _scores(ex, "sampler=hard")
+        neg = self._negatives(ex)
         k = min(self.num_negatives, len(neg))
-        if k == len(neg):
+        if noise is None:
             drawn = neg
         else:
-            # Gumbel-top-k: the k largest of (logit + Gumbel noise) are exactly k successive draws without
-            # replacement, each ∝ exp(logit) among those left.
-            logits = gamma * s[neg]
-            keys = (logits - logits.max()) + rng.gumbel(size=len(neg))
+            logits = gamma * np.asarray(values, dtype=np.float64)[neg]
+            if not np.isfinite(logits).all():
+                raise ValueError(f"{_where(ex)}: non-finite hardness values {list(np.asarray(values)[neg])} "
+                                 f"(hardness={self.hardness})")
+            keys = (logits - logits.max()) + noise
             drawn = [neg[j] for j in np.argsort(-keys, kind="stable")[:k]]
         drawn = sorted(drawn, key=lambda i: (-s[i], i))
         return Selection((ex.best, *drawn), len(neg), gamma)

@@ -31,7 +31,9 @@ from hps_exp.cache import Entry, cached, content_key, readable, stage_entry
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text, read_examples, write_examples
 from hps_exp.generation import build_generator
+from hps_exp.losses import implicit_rewards
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_reward_model
+from hps_exp.samplers import Selection
 from hps_exp.trainer import Trainer, compute_numerics
 
 
@@ -228,6 +230,14 @@ class RefLogps:
     logps: tuple[torch.Tensor, ...]   # one [n_i] tensor per example: log pi_ref(response | prompt)
     key: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class MarginReward:
+    """The implicit reward r the reward-margin metrics report: the loss's own (hps_exp.losses.implicit_rewards),
+    "ratio" beta (log pi - log pi_ref) or "simpo" beta / |y| log pi."""
+    reward: str = "ratio"
+    beta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -465,11 +475,14 @@ def _ref_logps(spec: ReferenceSpec, sft_result: SFTResult, items, env: Env) -> l
 
 # ---------------------------------------------------------------------------------------------- preference
 
-def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, train: Examples, ref: RefLogps,
+def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, train: Examples, ref: RefLogps | None,
                env: Env, run_dir: Path) -> PolicyResult:
     """Train the SFT policy with the preference loss; the aligned policy is saved to run_dir/policy. Not cached:
-    it checkpoints into run_dir and a rerun with the same run dir resumes."""
-    entry = env.entry("preference", spec, sft=sft_result.key, train=train.key, reference=ref.key)
+    it checkpoints into run_dir and a rerun with the same run dir resumes. `ref` is None when the loss needs no
+    reference (reward=simpo)."""
+    if ref is None and loss_fn.needs_reference:
+        raise ValueError(f"{loss_fn!r} needs the reference log-probs, but none were computed")
+    entry = env.entry("preference", spec, sft=sft_result.key, train=train.key, reference=ref.key if ref else None)
     if env.dry_run:
         env.plan(entry, cached=False)
         return PolicyResult(Path(), entry.key, 0.0, 0, sft_result)
@@ -480,6 +493,8 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
     torch.manual_seed(spec.seed)   # same stream whether or not SFT ran in this process (cache hit)
     items = train.items
     enc = _encode(tok, items, spec.max_prompt_length, spec.max_length)
+    # Without a reference the batches carry zeros in its place; the loss's rewards do not read them.
+    ref_logps = ref.logps if ref is not None else [torch.zeros(e.n) for e in items]
     bs = spec.batch_size
     # Optional length bucketing (seeded, so resume re-creates the same batches): less padding per step, but
     # batches of similar lengths (measured: 1.03-1.06x tokens/s here; docs/benchmarks.md), so off by default.
@@ -496,16 +511,26 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         epoch_progress = progress()
         for idx in batches(rng):
             p = progress() if spec.resample == "step" else epoch_progress
+            if getattr(sampler, "needs_policy", False):
+                # The policy's values exist only in the step: the noise is drawn here (the same generator and
+                # order as an annotation draw, for the global micro-batch), the negatives there.
+                noise = {i: sampler.noise(items[i], rng) for i in idx}
+                part, real = _shard(env, idx)
+                yield PolicyDraws(part, [noise[i] for i in part], sampler.gamma_at(p), real,
+                                  tuple(items[i].source for i in part))
+                continue
             # Draw for the whole global micro-batch on every rank (the draws never depend on the world size),
             # then keep this rank's prompts.
             sels = {i: sampler.select(items[i], rng, p) for i in idx}
             stats = [sampler.stats(items[i], sels[i]) for i in idx]
             part, real = _shard(env, idx)
             yield batching.preference_batch([items[i] for i in part], [enc[i] for i in part],
-                                            [ref.logps[i] for i in part], [sels[i] for i in part], stats,
+                                            [ref_logps[i] for i in part], [sels[i] for i in part], stats,
                                             tok.pad_token_id, num_prompts=real)
 
-    def step(model, batch: batching.PreferenceBatch):
+    def step(model, batch: batching.PreferenceBatch | PolicyDraws):
+        if isinstance(batch, PolicyDraws):
+            batch = _draw_by_policy(model, batch, items, enc, ref_logps, sampler, loss_fn, tok.pad_token_id, env.device)
         dev = env.device
         mask = batch.mask.to(dev)
         policy = batching.preference_logps(model, batch)
@@ -513,7 +538,8 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
         # A diverged policy's log-probs overflow: the loss would refuse them; give the trainer a NaN loss instead
         # (still connected to the graph) so that its non-finite guard decides (error names the rows, skip skips).
         inputs = policy if finite else torch.nan_to_num(policy.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-        out = loss_fn(inputs, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev))
+        out = loss_fn(inputs, batch.ref_logps.to(dev), mask, batch.scores.to(dev), batch.num_negatives.to(dev),
+                      lengths=_slot_lengths(batch).to(dev))
         metrics = {k: float(v) for k, v in out.metrics.items()}
         loss = out.losses.mean() if finite else (policy[mask] * float("nan")).sum()
         return loss, {**metrics, **batch.stats, "tokens": batching.forwarded_tokens(model, batch)}
@@ -530,6 +556,48 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
     trainer.save_pretrained(tok, run_dir / "policy", lora_save="merged")
     return PolicyResult(run_dir / "policy", entry.key, result["seconds"], int(result["steps"]), sft_result,
                         final=dict(result), tokens=int(result["tokens"]))
+
+
+@dataclass
+class PolicyDraws:
+    """A micro-batch whose negatives the current policy picks (sampler.hardness=policy_*): this rank's prompts,
+    each one's Gumbel noise (drawn for the global micro-batch: the same whatever the world size) and the step's γ."""
+    indices: list[int]
+    noise: list
+    gamma: float
+    num_prompts: int    # real prompts (the trainer's loss weight)
+    sources: tuple = ()
+
+
+def _draw_by_policy(model, draws: PolicyDraws, items, enc, ref_logps, sampler, loss_fn, pad_id: int,
+                    device) -> batching.PreferenceBatch:
+    """The micro-batch of the negatives the current policy draws (`_policy_selections`)."""
+    examples, encoded, refs = ([seq[i] for i in draws.indices] for seq in (items, enc, ref_logps))
+    sels = _policy_selections(model, draws, examples, encoded, refs, sampler, loss_fn, pad_id, device)
+    stats = [sampler.stats(e, sel) for e, sel in zip(examples, sels)]
+    return batching.preference_batch(examples, encoded, refs, sels, stats, pad_id, num_prompts=draws.num_prompts)
+
+
+def _policy_selections(model, draws: PolicyDraws, examples, encoded, refs, sampler, loss_fn, pad_id: int,
+                       device) -> list[Selection]:
+    """Score every response of these prompts with the current policy (one forward, no gradient: the hardness is
+    data, not a parameter), then draw each prompt's negatives ∝ exp(γ · value) with its own noise.
+    value = the loss's reward r_i (hardness=policy_reward) or log pi(y_i|x) (policy_logp)."""
+    every = [Selection(tuple(range(e.n)), e.num_negatives) for e in examples]   # slot m = response m
+    scoring = batching.preference_batch(examples, encoded, refs, every, [], pad_id)
+    with torch.no_grad():
+        values = batching.preference_logps(model, scoring)
+        if sampler.hardness == "policy_reward":
+            values = loss_fn.rewards(values, scoring.ref_logps.to(device), _slot_lengths(scoring).to(device))
+    values = values.double().cpu().numpy()
+    return [sampler.select_by(e, values[b, :e.n], noise, draws.gamma)
+            for b, (e, noise) in enumerate(zip(examples, draws.noise))]
+
+
+def _slot_lengths(batch: batching.PreferenceBatch) -> torch.Tensor:
+    """[B, M] each slot's response token count |y| (0 on padding): the rows are row-major over the mask."""
+    counts = batch.sequences.response_mask.sum(1).to(torch.float32)
+    return torch.zeros(batch.mask.shape).masked_scatter(batch.mask, counts)
 
 
 def _check_finite_weights(model, env: Env, result: dict) -> None:
@@ -551,12 +619,25 @@ def _check_finite_weights(model, env: Env, result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
-def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: RefLogps, scorer: Scorer | None,
-                 env: Env) -> EvalResult:
+def _margin_rewards(margin: MarginReward, policy_logps, ref: RefLogps | None, enc) -> list[torch.Tensor]:
+    """Each example's r [n_i] under the loss's reward (enc: the token counts, read by simpo only)."""
+    out = []
+    for i, pol in enumerate(policy_logps):
+        lengths = torch.tensor([float(len(r)) for r in enc[i].responses]) if enc is not None else None
+        out.append(implicit_rewards(pol, ref.logps[i] if ref else None, lengths, reward=margin.reward,
+                                    beta=margin.beta))
+    return out
+
+
+def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: RefLogps | None,
+                 scorer: Scorer | None, env: Env, margin: MarginReward = MarginReward()) -> EvalResult:
     """The SFT policy's evaluation, cached: a sweep over losses evaluates the reference policy once per eval set.
-    The SFT policy is the reference, so its policy log-probs are the reference ones (margins exactly 0)."""
-    entry = env.entry("sft_eval", spec, sft=sft_result.key, examples=eval_set.examples.key, reference=ref.key,
-                      scorer=scorer.key if scorer else None)
+    Under ratio rewards the SFT policy is the reference, so its policy log-probs are the reference ones (margins
+    exactly 0, whatever beta); under reference-free (simpo) rewards its margins are its own, keyed by reward and
+    beta."""
+    own = None if margin.reward == "ratio" else f"{margin.reward}:beta={margin.beta!r}"
+    entry = env.entry("sft_eval", spec, sft=sft_result.key, examples=eval_set.examples.key,
+                      reference=ref.key if ref else None, scorer=scorer.key if scorer else None, margin=own)
     if env.dry_run:
         env.plan(entry)
         return EvalResult({}, {}, [], 0.0)
@@ -564,7 +645,8 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
     def build(out: Path) -> None:
         tok, model = sft_result.load()
         model.to(env.device)
-        result = _evaluate(spec, model, tok, eval_set, ref, ref.logps, scorer, env, model_dir=sft_result.path)
+        result = _evaluate(spec, model, tok, eval_set, ref, ref.logps if ref else None, scorer, env, margin,
+                           model_dir=sft_result.path)
         atomic_write_text(out / "eval.json", json.dumps({"metrics": result.metrics, "per_prompt": result.per_prompt,
                                                          "samples": result.samples, "seconds": result.seconds}))
 
@@ -573,23 +655,25 @@ def evaluate_sft(spec: EvalSpec, sft_result: SFTResult, eval_set: EvalSet, ref: 
     return EvalResult(d["metrics"], d["per_prompt"], d["samples"], d["seconds"])
 
 
-def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref: RefLogps, scorer: Scorer | None,
-                    env: Env, margin_beta: float) -> EvalResult:
+def evaluate_policy(spec: EvalSpec, policy: PolicyResult, eval_set: EvalSet, ref: RefLogps | None,
+                    scorer: Scorer | None, env: Env, margin: MarginReward) -> EvalResult:
     if env.dry_run:
         env.plan(env.entry("eval", spec, policy=policy.key, examples=eval_set.examples.key,
                            scorer=scorer.key if scorer else None), cached=False)
         return EvalResult({}, {}, [], 0.0)
     tok, model = policy.load()
     model.to(env.device)
-    return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin_beta, model_dir=policy.path)
+    return _evaluate(spec, model, tok, eval_set, ref, None, scorer, env, margin, model_dir=policy.path)
 
 
-def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, policy_logps, scorer: Scorer | None,
-              env: Env, margin_beta: float = 1.0, model_dir: Path | None = None) -> EvalResult:
+def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps | None, policy_logps,
+              scorer: Scorer | None, env: Env, margin: MarginReward, model_dir: Path | None = None) -> EvalResult:
     started = time.perf_counter()
     examples = list(eval_set.examples.items)
-    if policy_logps is None:
+    enc = None
+    if policy_logps is None or margin.reward != "ratio":
         enc = _encode(tok, examples, spec.max_prompt_length, spec.max_length)
+    if policy_logps is None:
         policy_logps = batching.all_response_logps(model, enc, tok.pad_token_id, spec.batch_size, env.device,
                                                    env.autocast)
     if spec.backend == "vllm":
@@ -598,13 +682,15 @@ def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, poli
         from hps_exp import distributed
 
         distributed.shutdown()
+    # The margins use the loss's own r, passed as "policy log-probs" against a zero reference at beta 1 (exact).
+    rewards = _margin_rewards(margin, policy_logps, ref, enc)
     generator = build_generator(spec.backend, model=model, tok=tok, model_dir=model_dir, device=env.device,
                                 max_prompt_length=spec.max_prompt_length, batch_size=spec.batch_size,
                                 autocast=env.autocast, **({**spec.vllm, "seed": spec.seed} if spec.backend == "vllm"
                                                           else {}))
     metrics, per_prompt, samples = evaluate.evaluate_policy(
-        generator, examples, policy_logps=list(policy_logps), ref_logps=list(ref.logps),
-        reward_model=scorer.model if scorer else None, beta=margin_beta, protocol=spec.protocol,
+        generator, examples, policy_logps=rewards, ref_logps=[torch.zeros_like(r) for r in rewards],
+        reward_model=scorer.model if scorer else None, beta=1.0, protocol=spec.protocol,
         num_samples=spec.num_samples, max_prompts=spec.max_prompts, max_new_tokens=spec.max_new_tokens,
         temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
     return EvalResult(metrics, per_prompt, samples, time.perf_counter() - started)

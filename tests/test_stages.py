@@ -18,6 +18,8 @@ NONE: set = set()
 EXPECTED = {
     "trainer.seed": {"preference", "sft_eval", "eval"},   # the shared pipeline (SFT, RM, augmentation) stays
     "eval.validation_prompts": ALL,                        # the held-out prompts leave the training data
+    # reward=simpo needs no reference (both reference stages go) and the SFT policy's margins become its own
+    "loss.reward": {"reference#0", "reference#1", "sft_eval", "preference", "eval"},
     "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
     "trainer.resample": POLICY, "trainer.max_steps": POLICY, "trainer.bucketing": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
@@ -36,7 +38,7 @@ EXPECTED = {
 }
 # A valid different value where "+1 / flip / x0.5" would not be one.
 CHANGE = {
-    "loss.framework": "ipo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
+    "loss.framework": "ipo", "loss.reward": "simpo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
     "model.n_head": 8, "model.n_embd": 64, "model.max_length": 120, "model.dtype": "bf16",
     "model.attn_implementation": "eager", "reward_model.n_head": 8, "reward_model.n_embd": 64,
     "reward_model.pairs": "chosen_rejected", "reward_model.subset": "half_a",
@@ -166,6 +168,21 @@ def test_fsdp2_keeps_fp32_parameters_under_trainer_precision_fp32():
     assert fp32 is None and compute_numerics("fsdp2", True, fp32) == "fp32"
     assert compute_numerics("fsdp2", True, torch.bfloat16) == "bfloat16 parameters (fsdp2)"
     assert compute_numerics("fsdp2", False, torch.bfloat16) == "bfloat16 autocast"   # one process: not wrapped
+
+
+@pytest.mark.parametrize("base, change, expected", [
+    (["loss=lipo"], "loss.normalize_labels=false", POLICY),
+    (["sampler=hard"], "sampler.hardness=policy_reward", POLICY),
+    (["sampler=hard", "sampler.hardness=policy_logp"], "sampler.gamma=2.0", POLICY),
+    (["loss.reward=simpo"], "loss.beta=0.2", {"sft_eval", *POLICY}),   # the SFT policy's own simpo margins
+    (["loss.reward=simpo"], "loss.margin=0.5", POLICY),
+])
+def test_knobs_outside_the_default_options_change_exactly_their_stages(compose, tmp_path, base, change, expected):
+    """The every-knob test walks the default loss and skips the sampler group: their other options' knobs here."""
+    before = planned(compose([*BASE, *base]), tmp_path)
+    after = planned(compose([*BASE, *base, change]), tmp_path)
+    assert set(before) == set(after)
+    assert {s for s in before if before[s] != after[s]} == expected
 
 
 def _ranked_rows(n, tag=""):
