@@ -108,6 +108,21 @@ def test_sigterm_outside_training_is_recorded_as_interrupted(tmp_path):
     assert record["status"] == "interrupted" and "outside training" in record["error"]
 
 
+def test_sigterm_while_loading_exits_143_and_leaves_the_run_dir_as_it_was(tmp_path):
+    """Before the job holds its run dir (here: loading the data) a SIGTERM writes nothing there: the dir may hold
+    a completed run that this job would only have reused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"status": "completed"}')
+    patch = ("import os, signal\nfrom hps_exp import plan\nreal = plan.load_data\n"
+             "def load_data(cfg):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(cfg)\n"
+             "plan.load_data = load_data")
+    p = _run_with(patch, [*TINY, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path}/cache"])
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "interrupted by SIGTERM" in p.stderr and "nothing recorded" in p.stderr
+    assert (run_dir / "metrics.json").read_text() == '{"status": "completed"}'
+
+
 def test_a_base_exception_is_recorded_and_does_not_stop_a_multirun(tmp_path, monkeypatch):
     """Hydra's job runner catches Exception only: a BaseException would end a multirun's loop."""
     from hydra import compose as hydra_compose, initialize_config_dir
