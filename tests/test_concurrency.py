@@ -121,3 +121,21 @@ def test_a_waiting_builder_takes_over_the_entry_of_a_killed_one(tmp_path):
     assert len(entries) == 1 and entries[0].startswith("sft_eval-")          # the dead builder's temp dir is gone
     assert json.loads((cache_dir / entries[0] / "eval.json").read_text()) == {"value": 1}
     assert not (cache_dir / entries[0] / "partial.bin").exists()
+
+
+@pytest.mark.slow
+def test_the_reported_parallel_sweep_completes_every_arm(tmp_path):
+    """Issue 18.2 as reported: `python -m hps_exp.sweep main_dpo_small --parallel ... seed=0` lost 3 of its 4
+    arms (four jobs building one SFT entry on one cache). Tiny data, a checkpoint every step."""
+    jobs_dir = tmp_path / "jobs"
+    env = {**os.environ, "HPS_EXP_NO_PROGRESS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "hps_exp.sweep", "main_dpo_small", "--parallel", "--jobs-dir",
+                        str(jobs_dir), "seed=0", "dataset.n_train=24", "dataset.n_test=6", "eval.max_prompts=4",
+                        "eval.max_new_tokens=8", "sft.epochs=1", "trainer.epochs=1", "model.n_embd=32",
+                        "logger.mode=disabled", "trainer.save_every=1", f"cache_dir={tmp_path}/cache"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0 and "total: 4 job(s), 4 completed" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    logs = [f.read_text() for f in (jobs_dir / ".sweep_logs").glob("*.log")]
+    assert len(logs) == 4
+    text = "".join(logs)
+    assert text.count("[cache] sft: built") == 1 and "is building it; waiting for it" in text, text[-5000:]
