@@ -229,6 +229,20 @@ def divergence_warnings(final: dict, results: dict) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict:
+    """One job. SIGTERM anywhere in it raises Terminated: during the work it is recorded in metrics.json (_work);
+    before (loading, planning, claiming the run dir) nothing is written there, the dir's record stays as it was."""
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    try:
+        return _run(cfg)
+    except Terminated as e:
+        print(f"[hps_exp] {e}, before the run started: nothing recorded", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     quiet_libraries()
     threads, threads_source = choose_threads(cfg.trainer.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -284,7 +298,6 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
         atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
     env = stages.Env(**env_args, logger=logger)
-    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
 
     def interrupted(error: str, stage, step, signum: int):
         if logger is not None:
@@ -327,8 +340,6 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
             logger.finish(exit_code=1)
         raise
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
         distributed.shutdown()
 
 

@@ -121,3 +121,31 @@ def test_a_killed_policy_save_or_checkpoint_leaves_nothing_after_the_rerun(tmp_p
     (tmp_path / "policy").mkdir()
     assert sorted(rundir.clean_partial(tmp_path)) == sorted(left)
     assert [p.name for p in tmp_path.iterdir()] in (["policy", "checkpoints"], ["checkpoints", "policy"])
+
+
+def test_a_zeroed_or_foreign_reference_entry_is_rebuilt(tmp_path, capsys):
+    """The reference stage itself: a ref_logps.pt of zeros that still loads, then another data set's entry copied
+    under this one's name; each is reported and rebuilt, never served."""
+    sft = _sft(tmp_path)()
+    env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "cache")
+    data = load(n_train=12, n_test=6, n_responses=2)
+    spec = stages.ReferenceSpec(max_prompt_length=24, max_length=48)
+    train, test = stages.Examples.of(data.train), stages.Examples.of(data.test)
+    good = stages.reference(spec, sft, train, env)
+    entry = tmp_path / "cache" / f"reference-{good.key}"
+    torch.save([torch.zeros_like(t) for t in good.logps], entry / "ref_logps.pt")   # loadable, all zeros
+    cache._verified.clear()                                                            # as a new process sees it
+    capsys.readouterr()
+    again = stages.reference(spec, sft, train, env)
+    out = capsys.readouterr().out
+    assert "ref_logps.pt: content hash differs" in out and "reference: built" in out
+    assert all(torch.equal(a, b) for a, b in zip(again.logps, good.logps)) and len(again.logps) == len(train)
+
+    other = stages.reference(spec, sft, test, env)
+    shutil.rmtree(entry)
+    shutil.copytree(tmp_path / "cache" / f"reference-{other.key}", entry)
+    cache._verified.clear()
+    capsys.readouterr()
+    again = stages.reference(spec, sft, train, env)
+    assert "inputs.json records another entry's inputs" in capsys.readouterr().out
+    assert len(again.logps) == len(train) and all(torch.equal(a, b) for a, b in zip(again.logps, good.logps))

@@ -4,6 +4,8 @@ resumes the interrupted one."""
 import json
 import shutil
 
+import pytest
+
 from conftest import REPO
 from test_end_to_end import run_app
 
@@ -17,6 +19,8 @@ def test_rerun_reuses_a_completed_run_and_refuses_other_settings(tmp_path):
     args = TINY + [f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
     first = run_app(args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
+    # item 9: the run's first line says how many threads and why
+    assert first.stdout.splitlines()[0].startswith("[hps_exp] torch threads: 1 (OMP_NUM_THREADS), load average ")
     metrics = tmp_path / "run" / "metrics.json"
     recorded = metrics.read_bytes()
     assert json.loads(recorded)["identity"]["stages"]
@@ -48,15 +52,60 @@ def test_rerunning_a_multirun_skips_finished_jobs_and_resumes_the_interrupted_on
     trained_s = json.loads((job1 / "metrics.json").read_text())["timing"]["pref_s"]
     (job1 / "metrics.json").unlink()
     shutil.rmtree(job1 / "policy")
+    # ... and a kill in the middle of the final policy save, or of a checkpoint save (item 3)
+    partial = [job1 / ".policy.tmp-4321", job1 / ".policy.old-4321",
+               job1 / "checkpoints" / ".preference.tmp-host-4321-abc-step2"]
+    for p in partial:
+        p.mkdir()
     again = run_app(args, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already holds this run's completed result") == 1
     assert "resumed from" in again.stdout and "checkpoints/preference" in again.stdout
     assert (job0 / "metrics.json").read_bytes() == done0
+    assert not any(p.exists() for p in partial)
     resumed = json.loads((job1 / "metrics.json").read_text())
     assert resumed["status"] == "completed"
     # Resumed at its last step: its cost is still that of all its steps (item 4), not ~0 s.
     assert resumed["timing"]["pref_s"] >= 0.5 * trained_s > 0
+
+
+@pytest.mark.slow
+def test_a_killed_runs_checkpoint_resumes_only_that_run(tmp_path):
+    """Issue 18.1 as reported: a DPO run checkpointing every step, then `loss=pl trainer.lr=1e-2` in the same
+    hydra.run.dir. After a kill that left no record (the trainer refuses the checkpoint) and after a SIGTERM
+    (its record says interrupted: refused before any work), never a DPO checkpoint resumed as DPO-PL;
+    trainer.resume=false starts afresh there."""
+    run = tmp_path / "run"
+    args = TINY + ["trainer.save_every=1", "trainer.max_steps=3", f"hydra.run.dir={run}", f"cache_dir={tmp_path}/cache"]
+    first = run_app(args, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics, meta = run / "metrics.json", run / "checkpoints" / "preference" / "meta.json"
+    dpo, dpo_meta = json.loads(metrics.read_text()), meta.read_bytes()
+    metrics.unlink()                        # a SIGKILL after the last checkpoint: no record, no policy
+    shutil.rmtree(run / "policy")
+    pl = args + ["loss=pl", "trainer.lr=1e-2"]
+    killed = run_app(pl, cwd=REPO)
+    assert killed.returncode != 0 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
+    assert "was made by another run" in killed.stderr and "config.loss.name: 'dpo' -> 'pl'" in killed.stderr
+    assert "config.lr: 0.0002 -> 0.01" in killed.stderr and "trainer.resume=false" in killed.stderr
+    assert "resumed from" not in killed.stdout and meta.read_bytes() == dpo_meta and not metrics.exists()
+
+    recorded = json.dumps({"status": "interrupted", "error": "interrupted by SIGTERM", "stage": "train", "step": 3,
+                           "identity": dpo["identity"]})
+    metrics.write_text(recorded)
+    termed = run_app(pl, cwd=REPO)
+    assert termed.returncode != 0 and "Traceback" not in termed.stderr, termed.stderr[-3000:]
+    assert "holds the checkpoint of an interrupted run with other settings" in termed.stderr
+    assert "loss.name: 'dpo' -> 'pl'" in termed.stderr and "trainer.lr: 0.0002 -> 0.01" in termed.stderr
+    assert "trainer.resume=false" in termed.stderr and "[cache]" not in termed.stdout   # before any work
+    assert metrics.read_text() == recorded and meta.read_bytes() == dpo_meta
+
+    afresh = run_app(pl + ["trainer.resume=false"], cwd=REPO)
+    assert afresh.returncode == 0, afresh.stderr[-3000:]
+    assert "resumed from" not in afresh.stdout
+    done = json.loads(metrics.read_text())
+    assert done["status"] == "completed" and done["identity"]["config"]["loss.name"] == "pl"
+    assert json.loads(meta.read_text())["record"]["config"]["loss"]["name"] == "pl"   # the checkpoint replaced
 
 
 def test_differences_name_the_settings_then_the_code_then_the_content():
