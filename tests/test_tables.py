@@ -722,3 +722,15 @@ def test_circular_evaluation_rows_are_marked(paired_sweep, tmp_path):
     with open(tmp_path / "o" / "runs.csv", newline="") as f:
         marked = {r["job_dir"] for r in csv.DictReader(f) if r["circular_eval"] == "true"}
     assert len(marked) == 7
+
+
+def test_runs_that_warn_are_listed(paired_sweep, tmp_path):
+    """Issue 18 item 5: a diverged run's metrics.json warnings reach the report, naming the job."""
+    path = paired_sweep / "0" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["warnings"] = ["the aligned reward margin on hh is 8123.4 (|margin| > 100): training diverged?"]
+    path.write_text(json.dumps(m))
+    assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "20"]) == 0
+    section = (tmp_path / "o" / "table.md").read_text().split("## Runs that warn", 1)[1].split("\n## ", 1)[0]
+    assert str(paired_sweep / "0") in section and "8123.4" in section and "DPO-HPS" in section
+    assert str(paired_sweep / "1") not in section

@@ -36,6 +36,7 @@ class Run:
     timing: dict = field(default_factory=dict)
     circular: bool = False  # metrics.json circular_eval: scored by the annotation reward model itself
     extra: dict = field(default_factory=dict)  # metrics.json's other blocks (reward_model, augment) for runs.csv
+    warnings: list = field(default_factory=list)  # metrics.json warnings: divergence, skipped non-finite steps
 
     @property
     def ok(self) -> bool:
@@ -101,7 +102,8 @@ def load_run(job_dir: Path) -> Run:
     extra = {k: data[k] for k in ("reward_model", "augment") if isinstance(data.get(k), dict)}
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
                data.get("error"), overrides, timing if isinstance(timing, dict) else {},
-               data.get("circular_eval") is True, extra)
+               data.get("circular_eval") is True, extra,
+               [str(w) for w in data.get("warnings") or []] if isinstance(data.get("warnings"), list) else [])
 
 
 def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:

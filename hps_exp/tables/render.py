@@ -137,6 +137,18 @@ def render_failed(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def render_warnings(runs: list[Run]) -> str:
+    """Completed runs whose metrics.json warns (a diverged margin, skipped non-finite steps): their numbers are in
+    the tables above, so say which they are."""
+    warned = [r for r in runs if r.ok and r.warnings]
+    if not warned:
+        return "None."
+    lines = ["| Job dir | Method | Warnings |", "|:---|:---|:---|"]
+    for r in warned:
+        lines.append(f"| {_md(r.job_dir)} | {_md(r.method)} | {_md('; '.join(r.warnings))} |")
+    return "\n".join(lines)
+
+
 @dataclass
 class Report:
     runs: list[Run]
@@ -175,7 +187,8 @@ def render_markdown(report: Report, sweep_dirs: list[Path], command: str, decima
         parts += [f"- {note}" for note in report.timing.notes]
     for table in report.ablations.values():
         parts += [f"## Ablation: {table.title}", render_table(table, decimals)]
-    parts += ["## Failed or missing runs", render_failed(runs),
+    parts += ["## Runs that warn (included above)", render_warnings(runs),
+              "## Failed or missing runs", render_failed(runs),
               "## Jobs of the grid that never started",
               render_never_started(report.never, report.grids, report.never_notes),
               "## Command", f"```\n{command}\n```"]
