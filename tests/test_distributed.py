@@ -267,7 +267,9 @@ def sft_worker(out: Path, opts: dict) -> None:
         params = list(model.parameters())
         seen.update(meta=all(p.is_meta for p in params), resident_bytes=sum(
             p.numel() * p.element_size() for p in params if not p.is_meta))
-        return real_shard(model, world, param_dtype)
+        sharded = real_shard(model, world, param_dtype)
+        seen["shard_bytes"] = sum(p.to_local().numel() * p.element_size() for p in sharded.parameters())
+        return sharded
 
     trainer.shard_from_rank0 = recording_shard
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
@@ -424,6 +426,15 @@ def test_fsdp2_ranks_but_0_build_on_meta_and_train_the_same_weights(tmp_path):
     assert not runs["every_rank"][1]["meta"]                                        # before: a full copy per rank
     a, b = (load_file(Path(runs[n][0]["path"]) / "model.safetensors") for n in ("meta", "every_rank"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The memory planner's per-GPU parameter bytes under fsdp2 x 2 against what each rank really holds (FSDP2
+    # pads each tensor's first dimension to a multiple of the world size: within 2 %).
+    from hps_exp import memory, models
+
+    model = models.load_saved(Path(runs["meta"][0]["path"]), meta=True)[1]
+    setting = memory.Setting("fsdp2", 2, "fp32", "fp32", 4, 2, 48, False, 8)
+    planned = memory.plan(model, model.config, setting, memory.ActivationFit(0, 0, 0))["parameters"]
+    for rank in runs["meta"]:
+        assert rank["shard_bytes"] == pytest.approx(planned, rel=0.02)
 
 
 if __name__ == "__main__":
