@@ -260,16 +260,19 @@ def plan(model, config, s: Setting, fit: ActivationFit) -> dict[str, int]:
 
 
 def phases(config, s: Setting) -> dict[str, int]:
-    """The phases outside training: the reference pass (the SFT model, unsharded, in model.dtype, no gradients,
-    plus one scoring batch's fp32 logits) and vLLM (bf16 weights / tensor parallel, KV cache per token)."""
+    """The phases outside training: the reference pass (no gradients: the SFT model whole in model.dtype, or under
+    fsdp2 its shard plus the whole model gathered in the compute dtype; plus one scoring batch's fp32 logits) and
+    vLLM (bf16 weights / tensor parallel, KV cache per token)."""
     base = meta_model(config, s.dtype)
     shape = shape_of(config)
     weights = tensor_bytes(base.parameters())
-    bf16_weights = tensor_bytes(base.parameters()) * 2 // DTYPE_BYTES[next(base.parameters()).dtype]
+    per_byte = weights // DTYPE_BYTES[next(base.parameters()).dtype]   # parameters, counted once
+    compute_bytes = 2 if s.compute != "fp32" else DTYPE_BYTES[next(base.parameters()).dtype]
+    model = math.ceil(weights / s.world_size) + per_byte * compute_bytes if s.sharded else weights
     return {
-        "reference pass (every rank: whole model + a scoring batch's logits)":
-            weights + s.score_batch_size * s.max_length * shape.vocab * 4,
-        "vLLM weights (bf16, per tensor-parallel rank)": bf16_weights // s.vllm_tp,
+        "reference pass (the model + a scoring batch's logits)":
+            model + s.score_batch_size * s.max_length * shape.vocab * 4,
+        "vLLM weights (bf16, per tensor-parallel rank)": per_byte * 2 // s.vllm_tp,
         "vLLM KV cache per token (bf16)": shape.kv_bytes_per_token // s.vllm_tp,
     }
 

@@ -325,11 +325,32 @@ def _is_main(env: Env) -> bool:
     return env.world is None or env.world.is_main
 
 
+def _fsdp2_world(env: Env) -> bool:
+    return env.runtime.strategy == "fsdp2" and env.world is not None and env.world.distributed
+
+
 def _weights_from_rank0(env: Env) -> bool:
     """True on the ranks other than 0 of an fsdp2 world: they build the model to train on the meta device and get
     their shards of rank 0's weights (trainer.shard_from_rank0), so only rank 0 ever reads or holds the whole model
     (in host memory)."""
-    return env.runtime.strategy == "fsdp2" and env.world is not None and env.world.distributed and not _is_main(env)
+    return _fsdp2_world(env) and not _is_main(env)
+
+
+def _gathered_for_scoring(model, env: Env):
+    """The reference model under fsdp2: sharded from rank 0's weights (only rank 0 reads them, into host memory),
+    then gathered once on every rank in the compute dtype (bf16 parameters on CUDA: half of fp32) and kept gathered,
+    so each rank scores its own share of the prompts with no further collective (ranks run different numbers of
+    forwards). Without gradients nothing else is held."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from hps_exp.trainer import shard_from_rank0
+
+    model = shard_from_rank0(model, env.world, env.autocast)
+    model.set_reshard_after_forward(False, recurse=True)
+    for m in model.modules():   # every rank, the same order: one all-gather per block, then the root
+        if isinstance(m, FSDPModule):
+            m.unshard()
+    return model
 
 
 def _shard(env: Env, idx) -> tuple[list, int]:
@@ -448,7 +469,8 @@ def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, en
     parts = None
     if world is not None and world.distributed and not world.broadcast_object(entry.path(env.cache_dir).exists()):
         mine = world.shard(list(range(len(examples))))
-        parts = world.gather_object((mine, _ref_logps(spec, sft_result, [examples.items[i] for i in mine], env)))
+        parts = world.gather_object((mine, _ref_logps(spec, sft_result, [examples.items[i] for i in mine], env,
+                                                      sharded=_fsdp2_world(env))))
 
     def build(out: Path) -> None:
         if parts is None:
@@ -465,9 +487,15 @@ def reference(spec: ReferenceSpec, sft_result: SFTResult, examples: Examples, en
     return RefLogps(tuple(logps), entry.key, time.perf_counter() - started)
 
 
-def _ref_logps(spec: ReferenceSpec, sft_result: SFTResult, items, env: Env) -> list[torch.Tensor]:
-    tok, model = sft_result.load()
-    model.to(env.device)
+def _ref_logps(spec: ReferenceSpec, sft_result: SFTResult, items, env: Env, sharded: bool = False
+               ) -> list[torch.Tensor]:
+    """`sharded` (fsdp2, every rank calls it): the model gathered from rank 0's shards (_gathered_for_scoring)."""
+    if sharded:
+        tok, model = sft_result.load(meta=not _is_main(env))
+        model = _gathered_for_scoring(model, env)
+    else:
+        tok, model = sft_result.load()
+        model.to(env.device)
     enc = _encode(tok, items, spec.max_prompt_length, spec.max_length)
     return batching.all_response_logps(model, enc, tok.pad_token_id, env.runtime.score_batch_size, env.device,
                                        env.autocast)

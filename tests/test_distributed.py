@@ -263,19 +263,27 @@ def sft_worker(out: Path, opts: dict) -> None:
     seen = {}
     real_shard = trainer.shard_from_rank0
 
-    def recording_shard(model, world, param_dtype=None):
+    def recording_shard(model, world, param_dtype=None):   # the first call trains (SFT), the second scores
         params = list(model.parameters())
-        seen.update(meta=all(p.is_meta for p in params), resident_bytes=sum(
-            p.numel() * p.element_size() for p in params if not p.is_meta))
-        return real_shard(model, world, param_dtype)
+        seen.setdefault("calls_meta", []).append(all(p.is_meta for p in params))
+        if "meta" not in seen:
+            seen.update(meta=all(p.is_meta for p in params), resident_bytes=sum(
+                p.numel() * p.element_size() for p in params if not p.is_meta))
+        sharded = real_shard(model, world, param_dtype)
+        seen.setdefault("shard_bytes", sum(p.to_local().numel() * p.element_size() for p in sharded.parameters()))
+        return sharded
 
     trainer.shard_from_rank0 = recording_shard
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
                           epochs=1, lr=1e-3, batch_size=4, optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
     env = stages.Env(device=world.device, autocast=None, cache_dir=out / "cache", world=world,
                      runtime=stages.Runtime(strategy="fsdp2"))
-    result = stages.sft(spec, stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train), env)
-    (out / f"rank{world.rank}.json").write_text(json.dumps({**seen, "path": str(result.path)}))
+    train = stages.Examples.of(load(n_train=12, n_test=2, n_responses=3).train)
+    result = stages.sft(spec, train, env)
+    ref = stages.reference(stages.ReferenceSpec(24, 48), result, train, env)   # sharded, then gathered once
+    if world.is_main:
+        torch.save(list(ref.logps), out / "ref.pt")
+    (out / f"rank{world.rank}.json").write_text(json.dumps({**seen, "path": str(result.path), "key": result.key}))
     shutdown()
 
 
@@ -410,8 +418,9 @@ def test_uneven_micro_batch_counts_fail_fast_instead_of_hanging(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_ranks_but_0_build_on_meta_and_train_the_same_weights(tmp_path):
-    """Only rank 0 holds the whole model: rank 1 reaches fully_shard with every parameter on the meta device and
-    gets its shards from rank 0, ending at exactly the weights of the run in which every rank loaded the model."""
+    """Only rank 0 holds the whole model: rank 1 reaches fully_shard with every parameter on the meta device (SFT
+    and the reference pass) and gets its shards from rank 0, ending at exactly the weights of the run in which
+    every rank loaded the model; the sharded reference log-probs equal one process's."""
     from safetensors.torch import load_file
 
     runs = {}
@@ -420,10 +429,31 @@ def test_fsdp2_ranks_but_0_build_on_meta_and_train_the_same_weights(tmp_path):
         assert r.returncode == 0, r.stdout[-3000:]
         runs[name] = [json.loads((tmp_path / name / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert runs["meta"][1]["meta"] and runs["meta"][1]["resident_bytes"] == 0
+    assert runs["meta"][1]["calls_meta"] == [True, True]   # SFT and the reference pass: rank 1 never loads
     assert not runs["meta"][0]["meta"] and runs["meta"][0]["resident_bytes"] > 0   # rank 0 holds it (host memory)
     assert not runs["every_rank"][1]["meta"]                                        # before: a full copy per rank
     a, b = (load_file(Path(runs[n][0]["path"]) / "model.safetensors") for n in ("meta", "every_rank"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The memory planner's per-GPU parameter bytes under fsdp2 x 2 against what each rank really holds (FSDP2
+    # pads each tensor's first dimension to a multiple of the world size: within 2 %).
+    from hps_exp import memory, models
+
+    model = models.load_saved(Path(runs["meta"][0]["path"]), meta=True)[1]
+    setting = memory.Setting("fsdp2", 2, "fp32", "fp32", 4, 2, 48, False, 8)
+    planned = memory.plan(model, model.config, setting, memory.ActivationFit(0, 0, 0))["parameters"]
+    for rank in runs["meta"]:
+        assert rank["shard_bytes"] == pytest.approx(planned, rel=0.02)
+    # The sharded reference pass (each rank its share, the model gathered once) equals one process scoring all.
+    from hps_exp import stages
+    from hps_exp.data.synthetic import load
+
+    sft = stages.SFTResult(Path(runs["meta"][0]["path"]), runs["meta"][0]["key"], 0.0)
+    one = stages.reference(stages.ReferenceSpec(24, 48), sft,
+                           stages.Examples.of(load(n_train=12, n_test=2, n_responses=3).train),
+                           stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "one"))
+    two = torch.load(tmp_path / "meta" / "ref.pt", weights_only=True)
+    assert len(two) == len(one.logps) == 12
+    assert max(float((a - b).abs().max()) for a, b in zip(one.logps, two)) < 1e-5
 
 
 if __name__ == "__main__":
