@@ -32,7 +32,12 @@ EXPECTED = {
     "authors_small": {"DPO": 5, "DPO-authors": 5},
     "main_paper": {"BT": 15, "PL": 15, "HPS": 15, "HPS-full": 15},
     "n_ablation_paper": {"DPO-BT": 12, "DPO-PL": 12, "DPO-HPS": 12, "DPO-HPS-full": 12},
+    "beyond_small": {"DPO-BT": 5, "DPO-HPS": 5, "LiPO": 5, "HPS-policy-hard": 5, "HPS-policy-logp": 5,
+                     "SimPO-BT": 5, "SimPO-HPS": 5, "SimPO-HPS-lr2e-4": 5},
+    "smollm2_hh_tune": {"DPO": 4, "BT": 4, "PL": 4, "HPS": 4, "HPS-full": 4, "HPS-released": 4},
 }
+# The real-model grids (SmolLM2 on the HH-RLHF file): one shared pipeline, seeds by trainer.seed.
+REAL = {"smollm2_hh_tune": {0}}
 PAPER = {"main_paper", "n_ablation_paper"}
 SMALL_SEEDS, PAPER_SEEDS = {0, 1, 2, 3, 4}, {0, 1, 2}
 # Grids that compare preference models name the treatment of the tables' paired test.
@@ -135,17 +140,24 @@ def test_every_job_composes_and_builds(compose, name):
             loss, sampler = loss_and_sampler(cfg)  # resolves sampler=auto in cfg
             if cfg.dataset.name == "synthetic":
                 max_n = cfg.dataset.n_responses
+            elif name in REAL:   # the HH pair + the sampled responses
+                assert cfg.dataset.name == "hh_rlhf" and cfg.augment.name == "sample"
+                max_n = 2 + cfg.augment.n
             else:  # paper scale: ranked files with n scored responses per prompt
                 assert cfg.dataset.name == "ranked_jsonl" and name in PAPER
                 max_n = 16
             check_compatible(loss.input_kind, loss.needs_scores, cfg.loss.name, sampler, cfg.sampler.name,
                              max_n, True)
-            seen.add((arm, cfg.loss.name, cfg.loss.framework, cfg.sampler.name, cfg.seed))
-            if name in PAPER:
+            seen.add((arm, cfg.loss.name, cfg.loss.framework, cfg.sampler.name,
+                      cfg.trainer.seed if name in REAL else cfg.seed))
+            if name in REAL:   # tuned on validation prompts carved from the training prompts, never on test
+                assert cfg.model.name == "smollm2_135m" and cfg.eval.split == "validation"
+                assert cfg.eval.reward_model == "trained"   # never the annotation reward model
+            elif name in PAPER:
                 assert cfg.trainer.device == "cuda" and cfg.model.name_or_path
             else:
                 assert cfg.model.name == "tiny" and cfg.dataset.n_train <= 200
-    assert {seed for *_, seed in seen} == (PAPER_SEEDS if name in PAPER else SMALL_SEEDS)
+    assert {seed for *_, seed in seen} == REAL.get(name, PAPER_SEEDS if name in PAPER else SMALL_SEEDS)
     assert (s.compare.get("treatment") == "HPS") == (name in COMPARED)
     if name in COMPARED:
         assert s.compare["baselines"] == ["BT", "PL"]  # HPS-full is a variant of the treatment, not a baseline
