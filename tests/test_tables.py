@@ -734,3 +734,17 @@ def test_runs_that_warn_are_listed(paired_sweep, tmp_path):
     section = (tmp_path / "o" / "table.md").read_text().split("## Runs that warn", 1)[1].split("\n## ", 1)[0]
     assert str(paired_sweep / "0") in section and "8123.4" in section and "DPO-HPS" in section
     assert str(paired_sweep / "1") not in section
+
+
+def test_reference_free_runs_get_their_own_sft_row(paired_sweep, tmp_path):
+    """SimPO runs' SFT margins are the SFT policy's own β/|y|·log π: a row of their own, never averaged with the
+    log-ratio runs' SFT row (issue 19)."""
+    for num in range(2, 30, 6):   # every run of one method becomes reference-free
+        path = paired_sweep / str(num) / "metrics.json"
+        m = json.loads(path.read_text())
+        m["run"].update(reward_type="simpo", beta=2.0)
+        m["eval"]["hh"]["sft"]["reward_margin"] = 7.0
+        path.write_text(json.dumps(m))
+    assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "20"]) == 0
+    _, rows = parse_md_table((tmp_path / "o" / "table.md").read_text(), "## Main results")
+    assert "SFT (reference, reward=ratio)" in rows and "SFT (reference, reward=simpo β=2)" in rows

@@ -227,6 +227,13 @@ def _seed_notes(label: str, runs: list[Run]) -> list[str]:
     return [f"{label}: seed(s) {', '.join(dup)} appear more than once; each run counts as one sample."] if dup else []
 
 
+def _reward_of(run: Run) -> str:
+    """The implicit reward behind the run's margins: "ratio" (β·log π/π_ref), or e.g. "simpo β=2" (β/|y|·log π,
+    whose SFT margins depend on β)."""
+    kind = str(run.run.get("reward_type") or "ratio")
+    return kind if kind == "ratio" else f"{kind} β={fmt_value(run.run.get('beta'))}"
+
+
 def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
     out: dict[Any, list[Run]] = defaultdict(list)
     for r in runs:
@@ -236,18 +243,21 @@ def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
 
 def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
               circular: dict[str, list[Run]] | None = None) -> tuple[dict, dict]:
-    """SFT metrics, one row per SFT policy: per train set and number of responses (both change the SFT data).
-    Every method's run re-reports the same SFT policy of its seed, so one sample per seed: the mean of the runs'
-    scalars, with the first run's per-prompt values."""
+    """SFT metrics, one row per SFT policy: per train set and number of responses (both change the SFT data), and
+    per reward type (a reference-free run's SFT margins are the SFT policy's own β/|y|·log π, not 0: never averaged
+    with the log-ratio margins). Every method's run re-reports the same SFT policy of its seed, so one sample per
+    seed: the mean of the runs' scalars, with the first run's per-prompt values."""
     by_train: dict[Any, list[Run]] = defaultdict(list)
     for r in done:
-        by_train[(hashable(r.run.get("train_dataset")), hashable(r.run.get("n_responses")))].append(r)
-    trains = {t for t, _ in by_train}
-    ns = {n_resp for _, n_resp in by_train}
+        by_train[(hashable(r.run.get("train_dataset")), hashable(r.run.get("n_responses")), _reward_of(r))].append(r)
+    trains = {t for t, _, _ in by_train}
+    ns = {n_resp for _, n_resp, _ in by_train}
+    rewards = {rw for _, _, rw in by_train}
     cells, n = {}, {}
-    for train in sorted(by_train, key=lambda k: (value_key(k[0]), value_key(k[1]))):
+    for train in sorted(by_train, key=lambda k: (value_key(k[0]), value_key(k[1]), value_key(k[2]))):
         parts = ([f"train={fmt_value(train[0])}"] if len(trains) > 1 else []) + \
-                ([f"{KEY_LABELS['n_responses']}={fmt_value(train[1])}"] if len(ns) > 1 else [])
+                ([f"{KEY_LABELS['n_responses']}={fmt_value(train[1])}"] if len(ns) > 1 else []) + \
+                ([f"reward={train[2]}"] if len(rewards) > 1 else [])
         label = SFT_LABEL if not parts else f"SFT (reference, {', '.join(parts)})"
         by_seed = _by_seed(by_train[train])
         for col in columns:
