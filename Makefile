@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench gpu-check sweep table clean
+.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench gpu-check sweep table clean lint
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -28,6 +28,9 @@ run:  ## the embedded default: tiny model + synthetic data, SFT -> DPO -> evalua
 
 test:  ## the default test suite (what CI runs first): everything but slow / multi-process tests
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint:  ## ruff (pyflakes, pycodestyle, import order, bugbear; settings in pyproject.toml)
+	$(VENV)/bin/ruff check hps_exp tests benchmarks
 
 test-slow:  ## slow and multi-process tests (torchrun gloo DDP/FSDP2, DCP resume, long end-to-end runs)
 	$(PY) -m pytest -q -m slow $(ARGS)
