@@ -90,6 +90,8 @@ def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     if cfg.reward_model.get("_target_") and "name_or_path" in cfg.reward_model:
         plan.check_model_source(cfg.reward_model.name_or_path, "reward_model.name_or_path")
     device = device or models.pick_device(cfg.trainer.device)
+    for line in plan.check_engines(cfg, device):   # peft, gguf, vllm: missing or unfit fails here, not later
+        print(f"[hps_exp] {line}")
     eval_node = cfg.eval.reward_model
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
         raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")

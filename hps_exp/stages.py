@@ -173,6 +173,7 @@ class EvalSpec:
     seed: int
     backend: str = "hf"
     vllm: dict = field(default_factory=dict)
+    stop: tuple[str, ...] = ()     # the strings that end a reply (the evaluation sets' dataset.stop)
 
 
 @dataclass(frozen=True)
@@ -584,5 +585,5 @@ def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps, poli
         generator, examples, policy_logps=list(policy_logps), ref_logps=list(ref.logps),
         reward_model=scorer.model if scorer else None, beta=margin_beta, protocol=spec.protocol,
         num_samples=spec.num_samples, max_prompts=spec.max_prompts, max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
+        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, stop=spec.stop)
     return EvalResult(metrics, per_prompt, samples, time.perf_counter() - started)
