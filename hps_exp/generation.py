@@ -236,8 +236,7 @@ class VLLMGenerator:
             top_k=self.top_k if self.top_k else -1, max_tokens=max_new_tokens,   # -1: off
             stop=list(stop) or None, seed=prompt_seed(seed, i)) for i in range(len(prompts))]
         t0 = time.perf_counter()
-        use_tqdm = False if progress is None else (lambda **kw: progress_bar(**{**kw, "desc": progress}))
-        outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
+        outputs = llm.generate(inputs, params, use_tqdm=False if progress is None else _vllm_bar(progress))
         texts = [[c.text for c in o.outputs] for o in outputs]
         self.stats["gen_s"] += time.perf_counter() - t0
         self.stats["generated"] += sum(len(t) for t in texts)
@@ -255,6 +254,16 @@ class VLLMGenerator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _vllm_bar(desc: str):
+    """vLLM's `use_tqdm` factory: our bar (plain lines off a terminal) over the finished requests; the quick
+    loop that adds them (vLLM wraps an iterable) gets none."""
+    def bar(iterable=None, **kwargs):
+        if iterable is not None:
+            return iterable
+        return progress_bar(**{**kwargs, "desc": desc})
+    return bar
 
 
 def _max_model_len(args: dict) -> int:
