@@ -28,8 +28,10 @@ The returned text is what comes before it: neither the eos token nor the marker 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -216,7 +218,8 @@ class VLLMGenerator:
             args = dict(self.engine_args)
             if self.on_cpu:   # whole prompts per step: the longest the model takes must fit one step
                 args["max_num_batched_tokens"] = max(8192, args.get("max_model_len") or _max_model_len(args))
-            self._llm = vllm.LLM(**args)
+            with _callers_state_kept():
+                self._llm = vllm.LLM(**args)
         return self._llm
 
     def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int = 48, temperature: float = 0.7,
@@ -254,6 +257,21 @@ class VLLMGenerator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _callers_state_kept():
+    """Building an engine, vLLM's CPU platform rewrites the calling process's environment (LOCAL_WORLD_SIZE,
+    LD_PRELOAD, NUMEXPR_MAX_THREADS, ...) and may lower torch's threads; its own processes have their copies by
+    the time LLM() returns, so the caller's are put back (a later job of a multirun, or torchrun's
+    LOCAL_WORLD_SIZE, must not see vLLM's)."""
+    env, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
 
 
 def _vllm_bar(desc: str):

@@ -95,6 +95,9 @@ def tiny(tmp_path_factory):
     models.save(model, tok, path)
     hf = generation.build_generator("hf", model=model, tok=tok, max_prompt_length=64, batch_size=64)
     with generation.build_generator("vllm", model_dir=path, device="cpu", max_prompt_length=64) as engine:
+        before = dict(os.environ), torch.get_num_threads()
+        engine._engine()
+        assert (dict(os.environ), torch.get_num_threads()) == before   # the caller's process is left as it was
         yield model, tok, hf, engine, [e.prompt for e in splits.test]
 
 
