@@ -169,7 +169,8 @@ class VLLMGenerator:
     """vLLM engine over a saved HF model directory; built lazily on the first call (imports vllm then).
 
     `dtype`: None = the run's precision (fp32 on CPU, bf16 under CUDA autocast). `kv_cache_gib`: the KV cache size
-    (default CPU_KV_CACHE_GIB on CPU; on GPU vLLM's gpu_memory_utilization decides unless set)."""
+    (default CPU_KV_CACHE_GIB on CPU; on GPU vLLM's gpu_memory_utilization decides unless set). `top_k`: None = what
+    transformers would use for this model (hf_default_top_k), as the hf backend does; 0 = off."""
 
     def __init__(self, model_dir: str | Path, *, max_prompt_length: int, device="cpu", dtype: str | None = None,
                  tensor_parallel_size: int = 1, enable_prefix_caching: bool = True,
@@ -234,6 +235,8 @@ class VLLMGenerator:
         sample = temperature > 0
         # vLLM ends a reply at the model's eos (tokenizer and generation config) and at `stop`, returning the text
         # before it (include_stop_str_in_output=False, skip_special_tokens=True: its defaults, the hf rule).
+        if self.top_k is None:   # as the hf backend: the model's generation config decides
+            self.top_k = hf_default_top_k(self.model_dir)
         params = [self._vllm.SamplingParams(
             n=n, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
             top_k=self.top_k if self.top_k else -1, max_tokens=max_new_tokens,   # -1: off
@@ -284,6 +287,22 @@ def _vllm_bar(desc: str):
             return iterable
         return progress_bar(**{**kwargs, "desc": desc})
     return bar
+
+
+def hf_default_top_k(model_dir: str) -> int:
+    """The top-k transformers' generate samples with when none is given: the model's generation config, else
+    transformers' global default (50). vLLM would take none: evaluation (top_k None) would then sample another
+    distribution than with the hf backend. 0 = off."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:   # no generation_config.json
+        config = GenerationConfig()
+    top_k = config.top_k
+    if top_k is None:
+        top_k = getattr(GenerationConfig, "_get_default_generation_params", dict)().get("top_k")
+    return int(top_k or 0)
 
 
 def _max_model_len(args: dict) -> int:

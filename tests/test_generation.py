@@ -153,6 +153,8 @@ def test_vllm_cpu_defaults_start_beside_other_work(monkeypatch, tiny, tmp_path):
     assert "gpu_memory_utilization" not in llm and llm["dtype"] == "float32"
     assert llm["enable_chunked_prefill"] is False and llm["enforce_eager"] is True
     assert llm["max_num_batched_tokens"] >= model.config.n_positions
+    # top_k unset: what transformers samples this model with (its global default, 50), as the hf backend does
+    assert seen["params"][-1]["top_k"] == 50 == generation.hf_default_top_k(tmp_path / "m")
     generation.build_generator("vllm", model_dir=tmp_path / "m", device="cpu", max_prompt_length=8, kv_cache_gib=0.25,
                                enforce_eager=False, max_model_len=64).generate(["a"], n=1, max_new_tokens=1,
                                                                                temperature=0.0, top_p=1.0, seed=0)

