@@ -40,7 +40,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from hps_exp.progress import enabled as progress_enabled, progress_bar
+from hps_exp.progress import progress_bar
 
 BACKENDS = ("hf", "vllm")
 
@@ -206,6 +206,7 @@ class VLLMGenerator:
         self.top_k = top_k
         self._llm = None
         self._vllm = None
+        self._requests = 0
         self.stats = {"generated": 0, "gen_tokens": 0, "gen_s": 0.0}
 
     def _engine(self):
@@ -215,7 +216,9 @@ class VLLMGenerator:
             except ImportError as e:
                 raise ImportError(f"eval.backend/augment.backend=vllm needs the vllm package: {VLLM_INSTALL} "
                                   f"({e})") from None
-            self._vllm = vllm
+            from vllm.sampling_params import RequestOutputKind
+
+            self._vllm, self._final_only = vllm, RequestOutputKind.FINAL_ONLY   # one output per finished request
             args = dict(self.engine_args)
             if self.on_cpu:   # whole prompts per step: the longest the model takes must fit one step
                 args["max_num_batched_tokens"] = max(8192, args.get("max_model_len") or _max_model_len(args))
@@ -240,16 +243,41 @@ class VLLMGenerator:
         params = [self._vllm.SamplingParams(
             n=n, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
             top_k=self.top_k if self.top_k else -1, max_tokens=max_new_tokens,   # -1: off
-            stop=list(stop) or None, seed=prompt_seed(seed, i)) for i in range(len(prompts))]
+            stop=list(stop) or None, seed=prompt_seed(seed, i), output_kind=self._final_only)
+            for i in range(len(prompts))]
         t0 = time.perf_counter()
-        # vLLM divides by a bar's elapsed time: a disabled bar (elapsed 0) must be no bar at all
-        use_tqdm = _vllm_bar(progress) if progress is not None and progress_enabled() else False
-        outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
+        outputs = self._run(llm, inputs, params, progress)
         texts = [[c.text for c in o.outputs] for o in outputs]
         self.stats["gen_s"] += time.perf_counter() - t0
         self.stats["generated"] += sum(len(t) for t in texts)
         self.stats["gen_tokens"] += sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return texts
+
+    def _run(self, llm, inputs: list, params: list, progress: str | None) -> list:
+        """The requests' outputs, in order. All requests reach the scheduler at once (it is paused while they are
+        added, vLLM's pause_scheduler "keep": adds are queued): otherwise vLLM's engine process starts on the first
+        requests while later ones still arrive, and the batches it forms, so the floating-point sums and now and
+        then a sampled token, change from run to run (measured: the same seeded requests gave other samples in
+        other batch compositions)."""
+        engine = llm.llm_engine
+        base, self._requests = self._requests, self._requests + len(inputs)   # request ids unique per engine
+        engine.engine_core.call_utility("pause_scheduler", "keep", False)
+        try:
+            for i, (prompt, p) in enumerate(zip(inputs, params)):
+                engine.add_request(str(base + i), prompt, p)
+        finally:
+            engine.engine_core.call_utility("resume_scheduler")
+        done = {}
+        bar = progress_bar(total=sum(p.n for p in params), desc=progress, disable=progress is None)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[int(out.request_id) - base] = out
+                        bar.update(len(out.outputs))
+        finally:
+            bar.close()
+        return [done[i] for i in range(len(inputs))]
 
     def close(self) -> None:
         """Shut down this generator's engine (its processes and their memory); nothing else."""
@@ -277,16 +305,6 @@ def _callers_state_kept():
         os.environ.clear()
         os.environ.update(env)
         torch.set_num_threads(threads)
-
-
-def _vllm_bar(desc: str):
-    """vLLM's `use_tqdm` factory: our bar (plain lines off a terminal) over the finished requests; the quick
-    loop that adds them (vLLM wraps an iterable) gets none."""
-    def bar(iterable=None, **kwargs):
-        if iterable is not None:
-            return iterable
-        return progress_bar(**{**kwargs, "desc": desc})
-    return bar
 
 
 def hf_default_top_k(model_dir: str) -> int:

@@ -72,11 +72,12 @@ def test_bad_arguments_are_named(tiny):
 
 
 def fake_vllm(monkeypatch):
-    seen = {"llm": None, "params": [], "inputs": None, "shutdown": 0}
+    """A stand-in `vllm` with the engine calls VLLMGenerator makes; records them."""
+    seen = {"llm": None, "params": [], "inputs": None, "shutdown": 0, "calls": []}
 
     class SamplingParams:
         def __init__(self, **kw):
-            self.kw = kw
+            self.kw, self.n = kw, kw["n"]
             seen["params"].append(kw)
 
     class FakeTok:
@@ -84,24 +85,41 @@ def fake_vllm(monkeypatch):
             assert add_special_tokens is False
             return {"input_ids": [ord(c) for c in text]}
 
+    class Engine:
+        def __init__(self):
+            self.queue = []
+            self.engine_core = types.SimpleNamespace(call_utility=lambda *a: seen["calls"].append(a),
+                                                     shutdown=lambda: seen.__setitem__("shutdown",
+                                                                                       seen["shutdown"] + 1))
+
+        def add_request(self, request_id, prompt, params):
+            seen["calls"].append(("add", request_id))
+            self.queue.append((request_id, prompt, params))
+
+        def has_unfinished_requests(self):
+            return bool(self.queue)
+
+        def step(self):   # finishes the requests in reverse order: outputs are put back in prompt order
+            seen["inputs"] = [q[1] for q in self.queue]
+            done, self.queue = self.queue[::-1], []
+            return [types.SimpleNamespace(request_id=rid, finished=True, outputs=[
+                types.SimpleNamespace(text=f"p{p['prompt_token_ids'][0]}s{j}", token_ids=[1] * (j + 1))
+                for j in range(params.n)]) for rid, p, params in done]
+
     class LLM:
         def __init__(self, **kw):
             seen["llm"] = kw
-            self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(
-                shutdown=lambda: seen.__setitem__("shutdown", seen["shutdown"] + 1)))
+            self.llm_engine = Engine()
 
         def get_tokenizer(self):
             return FakeTok()
 
-        def generate(self, inputs, params, use_tqdm=True):
-            seen["inputs"], seen["use_tqdm"] = inputs, use_tqdm
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"p{i}s{j}", token_ids=[1] * (j + 1))
-                                                   for j in range(p.kw["n"])])
-                    for i, p in enumerate(params)]
-
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
+    params_module = types.ModuleType("vllm.sampling_params")
+    params_module.RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="final_only")
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", params_module)
     return seen
 
 
@@ -113,18 +131,22 @@ def test_vllm_argument_mapping(monkeypatch, tmp_path):
     assert seen["llm"] is None   # lazy: nothing imported or built before the first call
     out = g.generate(["abcdef", "xy"], n=3, max_new_tokens=7, temperature=0.8, top_p=0.9, seed=4,
                      stop=["\n\nHuman:"])
+    # every request reaches a paused scheduler, then it runs: batches do not depend on arrival times
+    assert seen["calls"] == [("pause_scheduler", "keep", False), ("add", "0"), ("add", "1"), ("resume_scheduler",)]
     # on GPU: the run's precision (bf16 autocast), vLLM's own memory defaults (no KV-cache size, no utilization)
     assert seen["llm"] == dict(model=str(tmp_path), tensor_parallel_size=2, dtype="bfloat16",
                                enable_prefix_caching=True, seed=11)
-    assert out == [["p0s0", "p0s1", "p0s2"], ["p1s0", "p1s1", "p1s2"]]
+    assert out == [["p99s0", "p99s1", "p99s2"], ["p120s0", "p120s1", "p120s2"]]   # prompt order ("c", "x")
     assert seen["inputs"] == [{"prompt_token_ids": [ord(c) for c in "cdef"]},   # last 4 tokens kept
                               {"prompt_token_ids": [ord("x"), ord("y")]}]
     p0, p1 = seen["params"]
     assert {k: v for k, v in p0.items() if k != "seed"} == dict(n=3, temperature=0.8, top_p=0.9, top_k=-1,
-                                                                 max_tokens=7, stop=["\n\nHuman:"])
+                                                                 max_tokens=7, stop=["\n\nHuman:"],
+                                                                 output_kind="final_only")
     assert p0["seed"] != p1["seed"] and p0["seed"] == generation.prompt_seed(4, 0)
     assert g.stats["generated"] == 6 and g.stats["gen_tokens"] == 2 * (1 + 2 + 3)
-    assert seen["use_tqdm"] is False
+    g.generate(["abc"], n=1, max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
+    assert seen["calls"][-2] == ("add", "2")   # request ids stay unique over calls to one engine
     g.close()
     assert seen["shutdown"] == 1 and g._llm is None
     g.close()   # closing twice shuts down nothing more

@@ -7,7 +7,7 @@ model is the same. What is checked:
   model (head size 128 / 4 = 32, one vLLM's CPU attention takes) twice from scratch: identical augmented data and
   samples.jsonl; and on SmolLM2-135M-Instruct when `make setup-smollm2` installed it (HPS_EXP_SLOW=1);
 - the dry run refuses a head size the CPU kernels do not take (model.n_embd=64: 16), naming the setting;
-- greedy vLLM = greedy HF on the fp32 tiny model, text for text;
+- greedy vLLM = greedy HF on the fp32 tiny model, text for text (undecodable trailing bytes aside);
 - sampled replies have the same mean per-token log-prob under the model as HF's samples, within 4 standard
   errors of the difference (and a temperature of 0.7 instead of 1 is told apart by the same test);
 - a reply ends at the dataset's turn marker and at every end token of the model's generation config, the marker
@@ -102,9 +102,12 @@ def tiny(tmp_path_factory):
 
 
 def test_greedy_vllm_equals_greedy_hf(tiny):
+    """Text for text, but for undecodable bytes at the very end: HF decodes each as U+FFFD, vLLM's incremental
+    detokenizer holds them back waiting for the rest of the character (a random model emits lone byte tokens)."""
     _, _, hf, engine, prompts = tiny
     args = dict(n=1, max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0)
-    assert engine.generate(prompts, **args) == hf.generate(prompts, **args)
+    ours, theirs = engine.generate(prompts, **args), hf.generate(prompts, **args)
+    assert [[t.rstrip("\ufffd") for t in x] for x in ours] == [[t.rstrip("\ufffd") for t in x] for x in theirs]
 
 
 def mean_logprob_per_token(model, tok, prompts, replies) -> list[float]:
