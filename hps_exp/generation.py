@@ -211,18 +211,17 @@ class VLLMGenerator:
 
     def _engine(self):
         if self._llm is None:
-            try:
-                import vllm
-            except ImportError as e:
-                raise ImportError(f"eval.backend/augment.backend=vllm needs the vllm package: {VLLM_INSTALL} "
-                                  f"({e})") from None
-            from vllm.sampling_params import RequestOutputKind
-
-            self._vllm, self._final_only = vllm, RequestOutputKind.FINAL_ONLY   # one output per finished request
             args = dict(self.engine_args)
             if self.on_cpu:   # whole prompts per step: the longest the model takes must fit one step
                 args["max_num_batched_tokens"] = max(8192, args.get("max_model_len") or _max_model_len(args))
-            with _callers_state_kept():
+            with _callers_state_kept():   # vLLM's imports and engine start both write to os.environ
+                try:
+                    import vllm
+                    from vllm.sampling_params import RequestOutputKind
+                except ImportError as e:
+                    raise ImportError(f"eval.backend/augment.backend=vllm needs the vllm package: {VLLM_INSTALL} "
+                                      f"({e})") from None
+                self._vllm, self._final_only = vllm, RequestOutputKind.FINAL_ONLY   # one output per request
                 self._llm = vllm.LLM(**args)
         return self._llm
 
@@ -294,8 +293,9 @@ class VLLMGenerator:
 
 @contextlib.contextmanager
 def _callers_state_kept():
-    """Building an engine, vLLM's CPU platform rewrites the calling process's environment (LOCAL_WORLD_SIZE,
-    LD_PRELOAD, NUMEXPR_MAX_THREADS, ...) and may lower torch's threads; its own processes have their copies by
+    """Importing vLLM (TORCHINDUCTOR_*, LD_LIBRARY_PATH through cv2) and building an engine (its CPU platform:
+    LOCAL_WORLD_SIZE, LD_PRELOAD, NUMEXPR_MAX_THREADS, ...) rewrite the calling process's environment, and vLLM may
+    lower torch's threads; its own processes have their copies by
     the time LLM() returns, so the caller's are put back (a later job of a multirun, or torchrun's
     LOCAL_WORLD_SIZE, must not see vLLM's)."""
     env, threads = dict(os.environ), torch.get_num_threads()
