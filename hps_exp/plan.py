@@ -24,6 +24,8 @@ from hps_exp.stages import (AugmentSpec, EvalSet, EvalSpec, Examples, ModelSpec,
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Top-level keys that do not change an experiment's result (excluded from its config_key).
 NOT_EXPERIMENT = ("cache_dir", "logger", "run_name", "sweep", "label")
+# Dataset keys that are not the loader's: its scorer, and the strings that end a reply in its format.
+NOT_LOADER = ("reward_model", "stop")
 
 
 def plain(node) -> Any:
@@ -80,7 +82,7 @@ def _dataset_node(cfg: DictConfig, name: str) -> DictConfig:
 
 def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
     """The training split, the training dataset's own test split and each evaluation set, all fingerprinted."""
-    splits: Splits = build(cfg.dataset, "dataset", drop=("reward_model",))
+    splits: Splits = build(cfg.dataset, "dataset", drop=NOT_LOADER)
     if not splits.train or not splits.test:
         raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
     unknown = [k for k in cfg.eval.dataset_args if k not in (cfg.eval.datasets or [cfg.dataset.name])]
@@ -92,7 +94,7 @@ def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
         if name == cfg.dataset.name and not cfg.eval.dataset_args.get(name):
             test = splits.test
         else:
-            test = build(_dataset_node(cfg, name), f"eval.dataset_args.{name}", drop=("reward_model",)).test
+            test = build(_dataset_node(cfg, name), f"eval.dataset_args.{name}", drop=NOT_LOADER).test
             if not test:
                 raise ConfigError(f"eval.datasets: {name} has an empty test split")
         sets.append(EvalSet(name, Examples.of(test)))
@@ -213,6 +215,72 @@ def _params(target: str) -> tuple[str, ...]:
     return tuple(inspect.signature(get_object(target)).parameters)
 
 
+def reply_stop(node, key: str) -> tuple[str, ...]:
+    """A dataset's `stop`: the strings that end a reply in its format (its turn markers); none when unset."""
+    stop = plain(node).get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"{key}.stop={stop!r} must be a list of non-empty strings (the markers that end a reply), "
+                          f"or [] for none")
+    return tuple(stop)
+
+
+def eval_stop(cfg: DictConfig) -> tuple[str, ...]:
+    """Every evaluation set's stop strings, in order, once: one generation setting for all sets."""
+    stops = []
+    for name in cfg.eval.datasets or [cfg.dataset.name]:
+        own = name == cfg.dataset.name and not cfg.eval.dataset_args.get(name)
+        stops += reply_stop(cfg.dataset, "dataset") if own else reply_stop(_dataset_node(cfg, name),
+                                                                             f"eval.dataset_args.{name}")
+    return tuple(dict.fromkeys(stops))
+
+
+def check_engines(cfg: DictConfig, device) -> list[str]:
+    """The engines a run chose can run here, checked before any work (prepare, so the dry run too): peft for
+    model.lora, gguf for a GGUF model, and vllm (its version; on CPU the model's head size) for eval.backend and
+    augment.backend. One line per vllm backend, or a ConfigError / ModelError of one line naming the key."""
+    import importlib.util
+
+    from hps_exp import generation, models
+
+    if cfg.model.lora.enabled and importlib.util.find_spec("peft") is None:
+        raise ConfigError("model.lora.enabled=true needs the peft package, not installed here: pip install peft")
+    if cfg.model.name_or_path:
+        _, gguf_file, package = models.resolve_gguf(cfg.model.name_or_path)
+        if gguf_file is not None:
+            models._check_gguf_support(package)
+    chosen = [("eval.backend", cfg.eval.backend)]
+    if "_target_" in cfg.augment:
+        chosen.append(("augment.backend", cfg.augment.get("backend", "hf")))
+    lines = []
+    for key, backend in chosen:
+        if backend == "vllm":
+            try:
+                lines.append(generation.check_vllm(key, device, *_head_size(cfg.model)))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    return lines
+
+
+def _head_size(m: DictConfig) -> tuple[int | None, str]:
+    """(attention head size, the settings that give it) of the policy; None when its config cannot be read."""
+    if not m.name_or_path:
+        return m.n_embd // m.n_head, f"model.n_embd={m.n_embd} / model.n_head={m.n_head}"
+    from transformers import AutoConfig
+
+    from hps_exp import models
+
+    source, gguf_file, _ = models.resolve_gguf(m.name_or_path)
+    try:
+        c = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}),
+                                       trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError):
+        return None, f"model.name_or_path={m.name_or_path}"
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    size = getattr(c, "head_dim", None) or (width // heads if width and heads else None)
+    return size, f"model.name_or_path={m.name_or_path}"
+
+
 # ---------------------------------------------------------------------------------------------- specs
 
 def _lora_spec(lora: dict) -> dict:
@@ -292,6 +360,9 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
             raise ConfigError(f"augment.backend={gen['backend']!r} is not allowed; choose one of hf, vllm")
         if gen["backend"] == "hf" and gen["vllm"]:
             raise ConfigError("augment.vllm does nothing with augment.backend=hf")
+        if "stop" in knobs:
+            raise ConfigError("augment.stop: the strings that end a reply are the dataset's; set dataset.stop")
+        knobs["stop"] = list(reply_stop(cfg.dataset, "dataset"))
         aug = AugmentSpec(knobs=knobs, generator=gen, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
     pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
@@ -301,7 +372,7 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
                   max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens,
                   temperature=protocol["temperature"] if e.temperature is None else e.temperature,
                   top_p=e.top_p, batch_size=e.batch_size, seed=train_seed, backend=e.backend, vllm=plain(e.vllm),
-                  **lengths)
+                  stop=eval_stop(cfg), **lengths)
     if ev.backend == "hf" and ev.vllm:
         raise ConfigError("eval.vllm does nothing with eval.backend=hf")
     if ev.num_samples > 1 and ev.temperature == 0:

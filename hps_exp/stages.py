@@ -178,6 +178,7 @@ class EvalSpec:
     seed: int
     backend: str = "hf"
     vllm: dict = field(default_factory=dict)
+    stop: tuple[str, ...] = ()     # the strings that end a reply (the evaluation sets' dataset.stop)
 
 
 @dataclass(frozen=True)
@@ -720,5 +721,5 @@ def _evaluate(spec: EvalSpec, model, tok, eval_set: EvalSet, ref: RefLogps | Non
         generator, examples, policy_logps=rewards, ref_logps=[torch.zeros_like(r) for r in rewards],
         reward_model=scorer.model if scorer else None, beta=1.0, protocol=spec.protocol,
         num_samples=spec.num_samples, max_prompts=spec.max_prompts, max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
+        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, stop=spec.stop)
     return EvalResult(metrics, per_prompt, samples, time.perf_counter() - started)

@@ -23,6 +23,7 @@ EXPECTED = {
     "loss.": POLICY, "trainer.batch_size": POLICY, "trainer.lr": POLICY, "trainer.epochs": POLICY,
     "trainer.resample": POLICY, "trainer.max_steps": POLICY, "trainer.bucketing": POLICY,
     "dataset.n_test": {"reference#1", "sft_eval", "eval"},
+    "dataset.stop": {"augment", "reference#0", "preference", "sft_eval", "eval"},   # not the data: what is generated
     "dataset.": ALL, "model.gradient_checkpointing": NONE, "model.lora.enabled": POLICY,
     "model.lora.": NONE,  # LoRA is off: its knobs change nothing (with it on, they change the policy)
     "model.": ALL, "sft.": ALL,
@@ -94,7 +95,10 @@ def expected_for(key):
     return next(v for prefix, v in EXPECTED.items() if key == prefix or key.startswith(prefix) and prefix.endswith("."))
 
 
-def test_every_knob_changes_exactly_its_stages(compose, tmp_path):
+def test_every_knob_changes_exactly_its_stages(compose, tmp_path, monkeypatch):
+    from hps_exp import plan
+
+    monkeypatch.setattr(plan, "check_engines", lambda cfg, device: [])   # backend=vllm without vllm: keys only
     base_cfg = compose(BASE)
     base = planned(compose(BASE), tmp_path)
     assert set(base) == ALL
@@ -183,6 +187,14 @@ def test_knobs_outside_the_default_options_change_exactly_their_stages(compose, 
     after = planned(compose([*BASE, *base, change]), tmp_path)
     assert set(before) == set(after)
     assert {s for s in before if before[s] != after[s]} == expected
+
+
+def test_stop_strings_reach_augmentation_and_evaluation(compose, tmp_path):
+    """dataset.stop (a list, so the loop above skips it) ends every generated reply: augmentation and evaluation."""
+    base = planned(compose(BASE), tmp_path)
+    for change in ("dataset.stop=[]", "dataset.stop=[END]"):
+        got = planned(compose([*BASE, change]), tmp_path)
+        assert {s for s in ALL if got[s] != base[s]} == expected_for("dataset.stop"), change
 
 
 def _ranked_rows(n, tag=""):
