@@ -65,8 +65,13 @@ def _build(ex: Example, responses: list[str], scores: list[float], harmful: list
 
 def augment(examples: list[Example], *, generator, reward_model, n: int, temperature: float, top_p: float,
             max_new_tokens: int, seed: int, placeholder: str, keep_original: bool = True, progress: bool = True,
-            dedup: bool = True, stop: Sequence[str] = DEFAULT_STOP, stats: dict | None = None) -> list[Example]:
+            dedup: bool = True, stop: Sequence[str] = DEFAULT_STOP, max_prompts: int | None = None,
+            stats: dict | None = None) -> list[Example]:
     """n scored samples per prompt (+ the originals); see the module docstring for every decision.
+
+    `max_prompts`: only the first max_prompts examples are augmented (and so trained on by the preference stage),
+    while the stages before (SFT, the reward models) use them all: on a small machine the reward models get every
+    training pair and the policy a budget it can afford.
 
     `generator` is a hps_exp.generation.Generator (HF or vLLM); `placeholder` stands for an empty sample (the
     tokenizer's eos token); `stop`: the strings that end a reply (the dataset format's turn markers). `stats`, if
@@ -84,6 +89,10 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
         raise ValueError("augment: max_new_tokens must be >= 1")
     if not placeholder or not placeholder.strip():
         raise ValueError("augment: the tokenizer needs an eos token (the placeholder for empty samples)")
+    if max_prompts is not None:
+        if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+            raise ValueError(f"augment.max_prompts must be null or an integer >= 1, got {max_prompts!r}")
+        examples = examples[:max_prompts]
     st = stats if stats is not None else {}
     st.clear()
     st.update(prompts=len(examples), examples=0, generated=0, responses=0, empty=0, duplicates=0,

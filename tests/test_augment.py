@@ -180,3 +180,13 @@ def test_ties_chosen_is_first_best_rejected_is_last_worst(data, tok):
     out = run(data.train[:1], lm, tok, n=4, keep_original=False,
               reward_model=TableRM({"alpha": 0.0, "beta": 2.0, "gamma": 2.0, "delta": 0.0}))
     assert (out[0].chosen, out[0].rejected) == (1, 3)
+
+
+def test_max_prompts_augments_the_first_prompts_only(data, model, tok):
+    """augment.max_prompts: the policy's budget of prompts; the same samples as without the cap for those."""
+    stats = {}
+    capped = run(data.train, model, tok, max_prompts=2, stats=stats)
+    assert stats["prompts"] == 2 and {e.prompt for e in capped} <= {e.prompt for e in data.train[:2]}
+    assert capped == run(data.train[:2], model, tok)
+    with pytest.raises(ValueError, match="augment.max_prompts"):
+        run(data.train, model, tok, max_prompts=0)

@@ -49,7 +49,7 @@ CHANGE = {
     "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
     "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s", "cache_dir": "elsewhere",
     "model.lora.enabled": True, "model.lora.target_modules": "c_attn", "model.lora.save": "adapter",
-    "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4, "eval.num_samples": 3, "eval.temperature": 0.5,
+    "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4, "augment.max_prompts": 12, "eval.num_samples": 3, "eval.temperature": 0.5,
 }
 # model.chat_template: refused for the tiny model; with a template it rewrites the data (keys follow the content).
 # eval.split: tested in test_plan_validation.py. reward_model.backbone needs a model dir: test_backbone_reward_model_keys
