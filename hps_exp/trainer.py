@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from hps_exp.config import TrainerConfig
 from hps_exp.distributed import DistributedError, World
+from hps_exp.progress import progress_bar
 
 # step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float}); metrics["tokens"], if given, is the
 # micro-batch's real token count: summed over the stage (and ranks) into fit()'s "tokens", not averaged
@@ -411,8 +411,8 @@ class Trainer:
         self._resume(opt, sched)
 
         self._started, last = time.perf_counter(), {}
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
-                   disable=os.environ.get("HPS_EXP_NO_PROGRESS") == "1" or not world.is_main)
+        # a bar on a terminal, a plain line every 10 % in a log file (hps_exp.progress)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.stage, disable=not world.is_main)
         start_epoch = self.step // steps_per_epoch
         with _StopRequests() as stop:
             for epoch in range(start_epoch, cfg.epochs):
