@@ -26,10 +26,10 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from hps_exp import config, distributed, evaluate, models, plan, rundir, stages
+from hps_exp.cache import CacheError
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
 from hps_exp.logger import RunLogger
-from hps_exp.cache import CacheError
 from hps_exp.trainer import CheckpointDamaged, CheckpointMismatch, NonFiniteError, TrainingInterrupted
 
 log = logging.getLogger("hps_exp")
@@ -79,7 +79,7 @@ class Prepared:
     eval_by_annotator: bool
 
 
-def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
+def prepare(cfg: DictConfig, device: torch.device | None = None, load_reward_models: bool = True) -> Prepared:
     """Config, components and data, all checked: bad input fails here, before any training."""
     config.check_values(cfg)
     loss_fn, sampler = plan.loss_and_sampler(cfg)
@@ -98,10 +98,11 @@ def prepare(cfg: DictConfig, device: torch.device | None = None) -> Prepared:
     if eval_node == "annotation" and "_target_" not in cfg.reward_model:
         raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")
     dataset_scorer = plan.scorer_from_node(cfg.dataset.get("reward_model"), "dataset.reward_model", device)
-    hf_annotator = (plan.scorer_from_node(cfg.reward_model, "reward_model", device)
+    # Pretrained reward models are read by the process that scores (rank 0: augmentation, evaluation) alone.
+    hf_annotator = (plan.scorer_from_node(cfg.reward_model, "reward_model", device, load_reward_models)
                     if "_target_" in cfg.reward_model and p.reward_model is None else None)
     evaluator = None if eval_node in (None, "annotation", "trained") else plan.scorer_from_node(
-        eval_node, "eval.reward_model", device)
+        eval_node, "eval.reward_model", device, load_reward_models)
     if cfg.eval.protocol == "paper" and evaluator is None and eval_node not in ("annotation", "trained"):
         raise ConfigError("eval.protocol=paper ranks generations and references by reward: set eval.reward_model "
                           "(or eval.reward_model=annotation with reward_model=train|hf)")
@@ -256,7 +257,7 @@ def _run(cfg: DictConfig) -> dict:
                           f"alone): set trainer.strategy=ddp or fsdp2")
     # Every process must use the main process's run dir (Hydra's timestamp may differ by a second).
     run_dir = Path(world.broadcast_object(str(HydraConfig.get().runtime.output_dir)))
-    r = prepare(cfg, world.device)
+    r = prepare(cfg, world.device, load_reward_models=world.is_main)
     autocast, precision_why = models.resolve_precision(cfg.trainer.precision, world.device,
                                                        pretrained=cfg.model.name_or_path is not None)
     env_args = dict(device=world.device, autocast=autocast,
@@ -312,7 +313,8 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
 
     try:
         if world.is_main:
-            print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} (loss={cfg.loss.name}, sampler={cfg.sampler.name}) "
+            print(f"[hps_exp] {cfg.label or r.loss_fn.row['method']} "
+                  f"(loss={cfg.loss.name}, sampler={cfg.sampler.name}) "
                   f"on {cfg.dataset.name}: {len(r.train)} train prompts, eval on "
                   f"{', '.join(eval_set_sizes(s, cfg.eval.max_prompts) for s in r.eval_sets)}, device={world.device}"
                   f"{f' x {world.world_size} processes' if world.distributed else ''}, run dir {run_dir}")

