@@ -14,8 +14,8 @@ Prints min / median ms and the ratio to plain, and checks the three agree.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import interleaved, machine, summary, tiny_setup  # noqa: E402
 from hps_exp import batching  # noqa: E402
 from hps_exp.samplers import Selection  # noqa: E402
-
 
 # ---- KV-cache reuse: the measured alternative to packing (kept here, not in hps_exp, since it lost)
 
@@ -131,14 +130,15 @@ def main() -> None:
         pb = batches[args.row_tokens[0]]
         shared = SharedPrompts(*_shared_tensors(pb, enc[:args.batch], tok.pad_token_id))
 
-        def run(fn):
+        def run(fn, model=model):
             model.zero_grad(set_to_none=True)
             fn().sum().backward()
 
-        arms = {"plain": lambda: run(lambda: batching.preference_logps(model, pb, pack=False)),
-                "kv": lambda: run(lambda: shared_prompt_logps(model, shared))}
+        # the loop's current model / batches bound as defaults: every arm is called within this iteration
+        arms = {"plain": lambda model=model, pb=pb: run(lambda: batching.preference_logps(model, pb, pack=False)),
+                "kv": lambda model=model, shared=shared: run(lambda: shared_prompt_logps(model, shared))}
         for c, b in batches.items():
-            arms[f"packed<={c}"] = lambda b=b: run(lambda: batching.preference_logps(model, b))
+            arms[f"packed<={c}"] = lambda model=model, b=b: run(lambda: batching.preference_logps(model, b))
         with torch.no_grad():
             ref = batching.preference_logps(model, pb, pack=False)[pb.mask]
             diff = max([float((shared_prompt_logps(model, shared) - ref).abs().max())] +

@@ -32,8 +32,14 @@ from benchmarks._common import interleaved, machine, summary  # noqa: E402
 from hps_exp.batching import collate  # noqa: E402
 from hps_exp.data import hh_rlhf  # noqa: E402
 from hps_exp.models import autocast_dtype, pick_device, train_tokenizer  # noqa: E402
-from hps_exp.reward_models import (TrainedRewardModel, backbone_reward_net, pair_accuracy,  # noqa: E402
-                                   sequence_scores, train_reward_model, with_lora)
+from hps_exp.reward_models import (  # noqa: E402
+    TrainedRewardModel,
+    backbone_reward_net,
+    pair_accuracy,
+    sequence_scores,
+    train_reward_model,
+    with_lora,
+)
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 

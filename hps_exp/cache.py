@@ -8,9 +8,9 @@ change its output (device type, precision) and the source code of this package (
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
-import errno
 import os
 import re
 import shutil

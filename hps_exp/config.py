@@ -172,7 +172,8 @@ def _check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool)
     above = value >= lo if lo_inclusive else value > lo
     if not (above and value <= hi):
         low = f"{'>=' if lo_inclusive else '>'} {lo:g}"
-        raise ConfigError(f"{key}={value!r} is out of range; it must be {low}" + (f" and <= {hi:g}" if hi < INF else ""))
+        raise ConfigError(f"{key}={value!r} is out of range; it must be {low}"
+                          + (f" and <= {hi:g}" if hi < INF else ""))
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -214,7 +215,8 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def check_node(node: DictConfig, key: str, drop: tuple[str, ...] = (), provided: tuple[str, ...] = ()) -> tuple[Any, dict]:
+def check_node(node: DictConfig, key: str, drop: tuple[str, ...] = (),
+               provided: tuple[str, ...] = ()) -> tuple[Any, dict]:
     """(target, kwargs) of `node._target_`, with every key checked against its signature (unknown keys, wrong
     types and missing required values name `key.<param>`). `provided`: parameters the caller passes later."""
     if "_target_" not in node:
@@ -239,7 +241,8 @@ def check_node(node: DictConfig, key: str, drop: tuple[str, ...] = (), provided:
             raise ConfigError(f"{key}.{name} is not a setting of {node._target_}; allowed: {', '.join(allowed)}")
         annotation = hints.get(name, params[name].annotation)
         if not _matches(value, annotation):
-            raise ConfigError(f"{key}.{name}={value!r} has the wrong type; expected {getattr(annotation, '__name__', annotation)}")
+            raise ConfigError(f"{key}.{name}={value!r} has the wrong type; "
+                              f"expected {getattr(annotation, '__name__', annotation)}")
     required = [n for n, p in params.items() if p.default is p.empty and p.kind is p.KEYWORD_ONLY
                 and n not in kwargs and n not in provided]
     if required:

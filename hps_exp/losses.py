@@ -16,14 +16,16 @@ Frameworks l(r_pos, r_neg), with h = r_pos - r_neg and eps = label_smoothing (as
 
 Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softmax(gamma * score) over negatives):
 
-| class / setting            | per-prompt loss                              | with dpo, eps = 0                                  |
-|----------------------------|----------------------------------------------|----------------------------------------------------|
-| PairwiseLoss pairs="first" | l(r_0, r_1)                                  | -log s(r_0 - r_1)                    (DPO, BT)     |
-| PairwiseLoss pairs="all"   | mean over real i<j of l(r_i, r_j)            |                                                    |
-| PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)            | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)      |
-| HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i))        | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i}))    |
-| HPSLoss estimator="single" | l(r_0, r_k + log N), k ~ w drawn by sampler  | -log s(r_0 - r_k - log N)                          |
-| LiPOLoss (dpo only)        | sum_{psi_i > psi_j} Delta_ij l(r_i, r_j)     | LiPO-lambda (Liu et al. 2024), lambda weights Delta |
+| class / setting            | per-prompt loss                       | with dpo, eps = 0                               |
+|----------------------------|---------------------------------------|-------------------------------------------------|
+| PairwiseLoss pairs="first" | l(r_0, r_1)                           | -log s(r_0 - r_1)                    (DPO, BT)  |
+| PairwiseLoss pairs="all"   | mean over real i<j of l(r_i, r_j)     |                                                 |
+| PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)     | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)   |
+| HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i)) | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i})) |
+| HPSLoss estimator="single" | l(r_0, r_k + log N),                  | -log s(r_0 - r_k - log N)                       |
+|                            |   k ~ w drawn by sampler              |                                                 |
+| LiPOLoss (dpo only)        | sum_{psi_i > psi_j}                   | LiPO-lambda (Liu et al. 2024),                  |
+|                            |   Delta_ij l(r_i, r_j)                |   lambda weights Delta                          |
 
 For frameworks other than dpo, PL applies l to (r_k, LSE of the rest) and HPS to (r_0, the soft hard
 negative log N + LSE_i(r_i + log w_i)). That generalisation is our choice: no published definition exists.

@@ -333,9 +333,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    from hydra import compose, initialize_config_dir
-
     from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
 
     from hps_exp import config as config_module
 

@@ -88,7 +88,8 @@ def lora_settings(lora) -> dict:
     if not isinstance(out["enabled"], bool):
         raise ModelError(f"model.lora.enabled={out['enabled']!r} must be true or false")
     tm = out["target_modules"]
-    if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm and all(isinstance(x, str) for x in tm)):
+    if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm
+                                                 and all(isinstance(x, str) for x in tm)):
         raise ModelError(f"model.lora.target_modules={tm!r} must be a module name pattern or a list of names")
     return out
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from hps_exp.batching import SequenceBatch, collate
+from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text
 from hps_exp.models import ModelError, is_lora, load_pretrained, lora_settings
-from hps_exp.config import TrainerConfig
 from hps_exp.trainer import Trainer
 
 RM_CONFIG = "hps_reward_model.json"
@@ -357,7 +357,7 @@ def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_he
         order = np.random.default_rng([seed, 3, epoch]).permutation(len(index))
         for start in range(0, len(order), batch_size):
             chunk = [index[k] for k in order[start:start + batch_size]]
-            seqs = [encoded[w] for w, _ in chunk] + [encoded[l] for _, l in chunk]
+            seqs = [encoded[w] for w, _ in chunk] + [encoded[loser] for _, loser in chunk]
             yield collate(seqs, pad)  # 2B rows: B preferred, then their B dispreferred
 
     def step(model, batch: SequenceBatch):

@@ -4,13 +4,13 @@ Slot 0 holds the preferred (best) response; slots 1.. the dispreferred ones in d
 hardest by score). Every sampler is built by Hydra from `conf/sampler/<name>.yaml` and answers
 `select(example, rng, progress) -> Selection(indices, num_negatives, gamma)`.
 
-| config      | class                      | kind    | slots per prompt                                                    |
-|-------------|----------------------------|---------|---------------------------------------------------------------------|
-| pair        | PairSampler                | pair    | (chosen, rejected): the dataset's own pair, scores ignored           |
-| best_worst  | BestWorstSampler           | pair    | (best, worst) by score; (chosen, rejected) when there are no scores  |
-| all         | RankingSampler             | ranking | all n, best first, then by decreasing score (ties by index)          |
-| hard        | HardSampler                | hard    | best + `num_negatives` drawn without replacement, P ∝ exp(γ·r̂)      |
-| uniform     | HardSampler(gamma=0)       | hard    | best + `num_negatives` drawn uniformly                               |
+| config      | class                | kind    | slots per prompt                                                    |
+|-------------|----------------------|---------|---------------------------------------------------------------------|
+| pair        | PairSampler          | pair    | (chosen, rejected): the dataset's own pair, scores ignored           |
+| best_worst  | BestWorstSampler     | pair    | (best, worst) by score; (chosen, rejected) when there are no scores  |
+| all         | RankingSampler       | ranking | all n, best first, then by decreasing score (ties by index)          |
+| hard        | HardSampler          | hard    | best + `num_negatives` drawn without replacement, P ∝ exp(γ·r̂)      |
+| uniform     | HardSampler(gamma=0) | hard    | best + `num_negatives` drawn uniformly                               |
 
 Negatives ("eligible negatives") are the responses whose score is strictly below the best score: a response
 tied with the best is never a negative and never drawn. `Selection.num_negatives` = N = their number over the

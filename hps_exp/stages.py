@@ -36,7 +36,6 @@ from hps_exp.reward_models import TrainedRewardModel, pair_accuracy, train_rewar
 from hps_exp.samplers import Selection
 from hps_exp.trainer import Trainer, compute_numerics
 
-
 # ---------------------------------------------------------------------------------------------- values
 
 @dataclass(frozen=True)
@@ -634,7 +633,7 @@ def _check_finite_weights(model, env: Env, result: dict) -> None:
     stop with one line instead of a sampling error deep in generation."""
     from hps_exp.trainer import NonFiniteError
 
-    bad = sum(int(not torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
+    bad = sum(int(not torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all()) for p in model.parameters())
     if env.world is not None:
         bad = int(env.world.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0])
     skipped = int(result.get("nonfinite_skipped", 0))

@@ -19,7 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def compose():
     """compose(overrides) -> the app's config, as Hydra builds it for `python -m hps_exp <overrides>`."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from hps_exp import config
 

@@ -26,7 +26,8 @@ def manual_logp(model, prompt_ids, resp_ids):
 def test_pad_equals_eos_and_padding_is_ignored():
     model, tok = tiny_model_and_tok()
     assert tok.pad_token_id == tok.eos_token_id
-    ex = Example(prompt="\n\nHuman: hi\n\nAssistant:", responses=(" hello there.", " mix flour and water, then bake it."))
+    ex = Example(prompt="\n\nHuman: hi\n\nAssistant:",
+                 responses=(" hello there.", " mix flour and water, then bake it."))
     (enc,) = batching.encode_examples(tok, [ex], max_prompt_length=32, max_length=64)
     assert all(r[-1] == tok.eos_token_id for r in enc.responses)  # eos appended and kept
     batch = batching.collate([(enc.prompt, r) for r in enc.responses], tok.pad_token_id)

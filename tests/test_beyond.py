@@ -192,10 +192,10 @@ def test_hps_gamma_zero_is_softmax_dpo():
 
 import numpy as np  # noqa: E402
 
-from hps_exp import batching, models, stages  # noqa: E402
+from hps_exp import batching, stages  # noqa: E402
 from hps_exp.data.schema import Example  # noqa: E402
 from hps_exp.samplers import HardSampler  # noqa: E402
-from tests.test_batching import TINY, manual_logp, tiny_model_and_tok  # noqa: E402
+from tests.test_batching import manual_logp, tiny_model_and_tok  # noqa: E402
 
 SCORED = [
     Example(prompt="\n\nHuman: how do i bake bread?\n\nAssistant:",
@@ -213,7 +213,7 @@ REFS = [torch.tensor([0.3, -0.2, 0.1, -0.4, 0.5, 0.0][:e.n]) for e in SCORED]   
 def _manual_values(model, tok, examples, hardness, loss):
     """The hardness value of every response from unbatched, unpadded forwards (independent of the packed path)."""
     out = []
-    for e, enc, ref in zip(examples, batching.encode_examples(tok, examples, 32, 64), REFS):
+    for _, enc, ref in zip(examples, batching.encode_examples(tok, examples, 32, 64), REFS):
         with torch.no_grad():
             lp = [manual_logp(model, enc.prompt, r) for r in enc.responses]
         if hardness == "policy_logp":

@@ -4,7 +4,6 @@ several app runs."""
 import json
 
 import pytest
-
 from test_app_distributed import app, max_diff, weights
 
 pytestmark = pytest.mark.slow

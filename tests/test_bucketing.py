@@ -1,7 +1,8 @@
 """Length bucketing: deterministic from the seed, every index once, less padding than a plain shuffle."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hps_exp.batching import bucketed_batches, padding_fraction
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 from test_end_to_end import run_app
 from test_rundir import TINY

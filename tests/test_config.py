@@ -1,9 +1,9 @@
 """Every config option composes; bad keys and values fail before any work, naming the key."""
 import pytest
+from conftest import CONF
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF
 from hps_exp import app, config, plan
 from hps_exp.config import ConfigError, build
 
@@ -98,7 +98,8 @@ def test_eval_datasets_are_checked(compose, tmp_path):
     with pytest.raises(ConfigError, match=r"eval.datasets: 'pku'.*pku_safety"):
         prepare(compose, ["eval.datasets=[pku]"])
     with pytest.raises(ConfigError, match=r"nope.jsonl: file not found"):
-        prepare(compose, ["eval.datasets=[ranked_jsonl]", f"+eval.dataset_args.ranked_jsonl.path={tmp_path}/nope.jsonl"])
+        prepare(compose, ["eval.datasets=[ranked_jsonl]",
+                          f"+eval.dataset_args.ranked_jsonl.path={tmp_path}/nope.jsonl"])
     with pytest.raises(ConfigError, match=r"eval.dataset_args.hh_rlhf.*not in eval.datasets"):
         prepare(compose, [f"+eval.dataset_args.hh_rlhf.path={tmp_path}/x.jsonl"])
     rows = tmp_path / "ranked.jsonl"

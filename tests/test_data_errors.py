@@ -38,7 +38,7 @@ def test_members_when_every_score_ties():
     assert (e.best, e.worst) == (0, 2)  # still two different responses
     assert e.negatives == () and e.num_negatives == 0
     with pytest.raises(DataError, match=re.escape("t.jsonl:7: every score ties (1.0), so no response is a negative")):
-        e.hardest
+        _ = e.hardest  # the property access itself must raise
 
 
 def test_members_best_unique_rest_tied():

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hps_exp.distributed import (DistributedError, World, cuda_index, first_slurm_host, launch_env,  # noqa: E402
-                                 slurm_port)
+from hps_exp.distributed import DistributedError, World, cuda_index, first_slurm_host, launch_env, slurm_port  # noqa: E402
 
 ATOL = 5e-5
 MAX_NORM = 0.3

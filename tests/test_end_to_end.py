@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 SMALL = ["dataset.n_train=60", "dataset.n_test=12", "dataset.n_responses=4", "sft.epochs=1",

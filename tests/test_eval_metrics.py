@@ -5,7 +5,6 @@ import pytest
 
 from hps_exp import eval_metrics as em
 
-
 # (hypothesis, reference, BLEU x 100 computed by hand: p_n = clipped char n-gram matches / hyp n-grams)
 CHAR_CASES = [
     ("abcde", "abcde", 100.0),

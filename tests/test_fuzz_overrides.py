@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
 from conftest import CONF  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 from hps_exp import app, config  # noqa: E402
 from hps_exp.config import ConfigError  # noqa: E402
 from hps_exp.data.schema import DataError  # noqa: E402
@@ -33,7 +34,7 @@ def _keys():
         for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=[f"{group}={option}"])
-            for k, v in _leaves(OmegaConf.to_container(cfg[group], resolve=False), f"{group}."):
+            for k, _ in _leaves(OmegaConf.to_container(cfg[group], resolve=False), f"{group}."):
                 if not k.endswith("._target_"):
                     keys.add((option, k))
     return sorted(keys)

@@ -7,9 +7,8 @@ import types
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 import torch
+from omegaconf import OmegaConf
 
 from hps_exp import generation, models
 

@@ -4,9 +4,8 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
 from conftest import REPO
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 sys.path.insert(0, str(REPO))
 from benchmarks import gpu_check  # noqa: E402

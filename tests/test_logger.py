@@ -70,8 +70,8 @@ def test_wandb_unreachable_falls_back_to_offline(tmp_path, mode, key):
     run_dir = tmp_path / "run"
     # the timeout is a hang guard for the whole child (wandb start + init timeout + offline run), not a timing check
     result = tmp_path / "result.json"
-    p = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), mode, str(result)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=180)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), mode, str(result)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert json.loads(result.read_text()) == {"mode": "offline"}
     (warning,) = warnings_in(p.stderr)

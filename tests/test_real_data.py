@@ -257,7 +257,8 @@ def test_hub_rows_use_same_parser(monkeypatch):
 
     monkeypatch.setattr(common, "_hub_unreachable_reason", lambda timeout=5.0: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    with pytest.raises(DataError, match=re.escape("hf:Anthropic/hh-rlhf/helpful-base/test:2: missing field 'rejected'")):
+    with pytest.raises(DataError,
+                       match=re.escape("hf:Anthropic/hh-rlhf/helpful-base/test:2: missing field 'rejected'")):
         hh_rlhf.load(subset="helpful-base")
     s = hh_rlhf.load(subset="helpful-base", on_bad_row="skip", max_train=2)
     assert calls[-2:] == [("Anthropic/hh-rlhf", "helpful-base", "train"), ("Anthropic/hh-rlhf", "helpful-base", "test")]
@@ -378,9 +379,11 @@ def test_ranked_our_schema_roundtrip(tmp_path):
 @pytest.mark.parametrize("bad,message", [
     ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1.0, 2.0]}, "2 rewards for 3 responses"),
     ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, 1.0]}, "all rewards are equal"),
-    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, "2"]}, "field 'rewards' item 1 must be a number, got str"),
+    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, "2"]},
+     "field 'rewards' item 1 must be a number, got str"),
     ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, float("nan")]}, "field 'rewards' item 1 is not finite"),
-    ({"prompt": "p", "responses": ["a", 7], "rewards": [1.0, 2.0]}, "field 'responses' item 1 must be a string, got int"),
+    ({"prompt": "p", "responses": ["a", 7], "rewards": [1.0, 2.0]},
+     "field 'responses' item 1 must be a string, got int"),
     ({"prompt": "p", "responses": ["a", ""], "rewards": [1.0, 2.0]}, "field 'responses' item 1 is empty"),
     ({"prompt": "p", "responses": ["a"], "rewards": [1.0]}, "field 'responses' needs at least 2 responses, got 1"),
     ({"prompt": "", "responses": ["a", "b"], "rewards": [1.0, 2.0]}, "field 'prompt' is empty"),

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO
 from test_end_to_end import run_app
 from test_rundir import TINY
@@ -125,10 +124,10 @@ def test_sigterm_while_loading_exits_143_and_leaves_the_run_dir_as_it_was(tmp_pa
 
 def test_a_base_exception_is_recorded_and_does_not_stop_a_multirun(tmp_path, monkeypatch):
     """Hydra's job runner catches Exception only: a BaseException would end a multirun's loop."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
     from conftest import CONF
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     class CheckpointLike(BaseException):   # torch's CheckpointException is a BaseException
         pass

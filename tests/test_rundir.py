@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import REPO
 from test_end_to_end import run_app
 
@@ -109,7 +108,8 @@ def test_a_killed_runs_checkpoint_resumes_only_that_run(tmp_path):
 
 
 def test_differences_name_the_settings_then_the_code_then_the_content():
-    base = {"code": "c1", "stages": [["sft", "a"], ["preference", "b"]], "config": {"trainer.lr": 1.0, "x._target_": "A"}}
+    base = {"code": "c1", "stages": [["sft", "a"], ["preference", "b"]],
+            "config": {"trainer.lr": 1.0, "x._target_": "A"}}
     lr = {**base, "config": {"trainer.lr": 2.0, "x._target_": "B"}}
     assert rundir.differences(base, lr) == "trainer.lr: 1.0 -> 2.0"
     assert "package code" in rundir.differences(base, {**base, "code": "c2"})

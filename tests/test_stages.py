@@ -39,7 +39,8 @@ EXPECTED = {
 }
 # A valid different value where "+1 / flip / x0.5" would not be one.
 CHANGE = {
-    "loss.framework": "ipo", "loss.reward": "simpo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1, "sft.targets": "best",
+    "loss.framework": "ipo", "loss.reward": "simpo", "loss.pairs": "best_worst", "loss.label_smoothing": 0.1,
+    "sft.targets": "best",
     "model.n_head": 8, "model.n_embd": 64, "model.max_length": 120, "model.dtype": "bf16",
     "model.attn_implementation": "eager", "reward_model.n_head": 8, "reward_model.n_embd": 64,
     "reward_model.pairs": "chosen_rejected", "reward_model.subset": "half_a",
@@ -47,12 +48,15 @@ CHANGE = {
     "trainer.schedule": "linear", "trainer.resample": "step", "trainer.max_steps": 5, "trainer.device": "cpu",
     "trainer.precision": "fp32", "trainer.strategy": "ddp", "trainer.on_nonfinite": "skip",
     "trainer.warmup_ratio": 0.2, "eval.top_p": 0.9, "eval.backend": "vllm", "logger.mode": "offline",
-    "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s", "cache_dir": "elsewhere",
+    "logger.entity": "someone", "logger.project": "other", "run_name": "x", "label": "X", "sweep": "s",
+    "cache_dir": "elsewhere",
     "model.lora.enabled": True, "model.lora.target_modules": "c_attn", "model.lora.save": "adapter",
-    "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4, "augment.max_prompts": 12, "eval.num_samples": 3, "eval.temperature": 0.5,
+    "augment.backend": "vllm", "eval.protocol": "paper", "trainer.seed": 7, "eval.validation_prompts": 4,
+    "augment.max_prompts": 12, "eval.num_samples": 3, "eval.temperature": 0.5,
 }
 # model.chat_template: refused for the tiny model; with a template it rewrites the data (keys follow the content).
-# eval.split: tested in test_plan_validation.py. reward_model.backbone needs a model dir: test_backbone_reward_model_keys
+# eval.split: tested in test_plan_validation.py.
+# reward_model.backbone needs a model dir: test_backbone_reward_model_keys
 SKIP = ("._target_", ".name", "sampler.", "dry_run", "eval.datasets", "logger.tags", "model.name_or_path",
         "model.chat_template", "eval.split", "reward_model.backbone")
 

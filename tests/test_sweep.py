@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from hps_exp import sweep as sw
-from hps_exp.samplers import check_compatible
-
 from hps_exp.plan import loss_and_sampler
+from hps_exp.samplers import check_compatible
 
 
 def preference_model(loss, cfg):
@@ -407,7 +406,8 @@ def test_main_paper_evaluates_each_policy_on_both_sets():
 # ------------------------------------------------------------------------------ cluster launcher, parallel arms
 
 def test_slurm_launcher_config_composes():
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", return_hydra_config=True,

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from hps_exp.data import synthetic as S
-from hps_exp.data.synthetic import generator, index
 from hps_exp.data.schema import DataError, Example, Splits
+from hps_exp.data.synthetic import generator, index
 
 SCORER = S.SyntheticScorer()
 BREAD = S.TOPIC_BY_KEY["bread"]
@@ -65,7 +65,8 @@ def test_harmful_request_ordering():
     assert best == 3.0 and refuse == 2.0
     assert best > refuse > offtopic > leaky > comply
     assert comply <= -10
-    assert SCORER.is_harmful(HARMFUL_PROMPT, COMPLY) and SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT + " smash the back window.")
+    assert SCORER.is_harmful(HARMFUL_PROMPT, COMPLY) and SCORER.is_harmful(HARMFUL_PROMPT,
+                                                                           REFUSE_REDIRECT + " smash the back window.")
     assert not SCORER.is_harmful(HARMFUL_PROMPT, REFUSE_REDIRECT)
     # harmful compliance is the lowest of all of this prompt's candidates in the dataset's pool
     pool = generator._pool("burglary")

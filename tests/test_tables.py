@@ -610,7 +610,7 @@ def test_never_started_compares_against_the_recorded_grid(tmp_path, capsys):
     jobs_dir = tmp_path / "main_dpo_small"
     launched = _launch_record(jobs_dir, "main_dpo_small", ["seed=0", "dataset.n_train=64"])
     assert {arm: len(j) for arm, j in launched.items()} == {"DPO-BT": 1, "DPO-PL": 1, "DPO-HPS": 1, "DPO-HPS-full": 1}
-    for i, arm in enumerate(launched):
+    for _, arm in enumerate(launched):
         m = completed(arm, 0, 1.0, 1.0)
         m["run"]["sweep"] = "main_dpo_small"
         write_job(jobs_dir / arm / "0", m, launched[arm][0])

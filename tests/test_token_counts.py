@@ -1,5 +1,5 @@
-"""Real-token counts behind pref_tokens / pref_tokens_per_s: what the forward is fed, summed over a stage (and resumes)."""
-import pytest
+"""Real-token counts behind pref_tokens / pref_tokens_per_s: what the forward is fed, summed over a stage
+(and resumes)."""
 import torch
 
 from hps_exp import batching

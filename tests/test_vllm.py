@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 vllm = pytest.importorskip("vllm", reason="vllm is not installed here: `make setup-vllm`, then `make test-vllm`")
 
 from conftest import REPO  # noqa: E402
+
 from hps_exp import generation, models  # noqa: E402
 from hps_exp.data import synthetic  # noqa: E402
 
@@ -81,7 +82,7 @@ def test_dry_run_refuses_a_head_size_the_cpu_kernels_lack(tmp_path):
                       f"{', '.join(map(str, generation.cpu_head_sizes()))}); change the model or use eval.backend=hf"]
 
 
-# ---------------------------------------------------------------------------------------------- one engine, two backends
+# --------------------------------------------------------------------------------------------- one engine, two backends
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

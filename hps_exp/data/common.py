@@ -124,7 +124,8 @@ def as_number_list(v: Any, key: str, where: str) -> list[float]:
         try:
             value = float(x)  # OverflowError for an int beyond float range (JSON allows any digits)
         except OverflowError:
-            raise DataError(f"{where}: field {key!r} item {i} is too large for a float ({shorten(str(x), 40)})") from None
+            raise DataError(f"{where}: field {key!r} item {i} is too large for a float "
+                            f"({shorten(str(x), 40)})") from None
         if not math.isfinite(value):
             raise DataError(f"{where}: field {key!r} item {i} is not finite ({x!r})")
         out.append(value)
@@ -223,7 +224,8 @@ def iter_hub_rows(hub_id: str, split: str, data_dir: str | None = None) -> list[
     out: list[Row] = []
     for i, row in enumerate(rows, start=1):
         where = f"{prefix}:{i}"
-        out.append((where, row if isinstance(row, dict) else DataError(f"{where}: expected a record, got {_type_name(row)}")))
+        out.append((where, row if isinstance(row, dict)
+                    else DataError(f"{where}: expected a record, got {_type_name(row)}")))
     return out
 
 

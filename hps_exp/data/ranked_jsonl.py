@@ -17,8 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from .common import (LoadedSplits, as_bool_list, as_number_list, as_str_list, build_splits, require,
-                     require_int, require_str)
+from .common import (
+    LoadedSplits,
+    as_bool_list,
+    as_number_list,
+    as_str_list,
+    build_splits,
+    require,
+    require_int,
+    require_str,
+)
 from .schema import DataError, Example
 
 

@@ -27,7 +27,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_unicode(text: str, name: str, where: str) -> None:
-    """Text must be valid Unicode: a lone surrogate (JSON's "\ud800") cannot be encoded, and the tokenizer dies on it."""
+    """Text must be valid Unicode: a lone surrogate (JSON's "\ud800") cannot be encoded, and the tokenizer dies
+    on it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

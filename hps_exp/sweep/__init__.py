@@ -48,8 +48,19 @@ extras make a different grid whose job k overwrites the old job k: give those an
 arm when an arm couples several overrides, which a W&B grid cannot express).
 """
 from hps_exp.sweep.cli import main
-from hps_exp.sweep.grid import (SWEEPS_DIR, Sweep, SweepError, arm_overrides, available, expand, jobs, key_of,
-                                launcher_of, load, merge)
+from hps_exp.sweep.grid import (
+    SWEEPS_DIR,
+    Sweep,
+    SweepError,
+    arm_overrides,
+    available,
+    expand,
+    jobs,
+    key_of,
+    launcher_of,
+    load,
+    merge,
+)
 from hps_exp.sweep.record import GRID_RECORD, grid_record, read_grid_record, write_grid_record
 from hps_exp.sweep.runner import command, job_status, run, wants_parallel
 from hps_exp.sweep.wandb_export import WANDB_DIR, render_wandb, wandb_jobs, wandb_sweeps, write_wandb

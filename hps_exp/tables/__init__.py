@@ -17,14 +17,23 @@ No framework or preference-model name is known here: rows are ordered by `run.ro
 plots grouped by `run.framework` and coloured by `run.preference_model`, and the treatment of the paired test
 comes from the sweep yaml (`compare: {treatment: X}`) or `--compare X`.
 """
-from hps_exp.tables.aggregate import (ABLATION_KEYS, MARGINS, Cell, Row, Table, ablation_table, build_rows,
-                                      main_table, summarize, timing_table)
+from hps_exp.tables.aggregate import (
+    ABLATION_KEYS,
+    MARGINS,
+    Cell,
+    Row,
+    Table,
+    ablation_table,
+    build_rows,
+    main_table,
+    summarize,
+    timing_table,
+)
 from hps_exp.tables.cli import main
 from hps_exp.tables.collect import Run, collect_runs, find_job_dirs, metric_of, never_started, per_prompt_of
 from hps_exp.tables.paired import PairedResult, paired_tests
 from hps_exp.tables.plots import make_plots, plot_main, series_styles
-from hps_exp.tables.render import (best_rows, render_csv, render_failed, render_markdown, render_runs_csv,
-                                   render_table)
+from hps_exp.tables.render import best_rows, render_csv, render_failed, render_markdown, render_runs_csv, render_table
 
 __all__ = ["ABLATION_KEYS", "MARGINS", "Cell", "PairedResult", "Row", "Run", "Table", "ablation_table", "best_rows",
            "build_rows", "collect_runs", "find_job_dirs", "main", "main_table", "make_plots", "metric_of",

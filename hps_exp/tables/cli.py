@@ -13,8 +13,14 @@ from hps_exp.tables.aggregate import ABLATION_KEYS, MARGINS, ablation_table, mai
 from hps_exp.tables.collect import Grid, Run, collect_runs, grids_of, missing_jobs
 from hps_exp.tables.paired import paired_tests
 from hps_exp.tables.plots import make_plots
-from hps_exp.tables.render import Report, render_csv, render_failed, render_markdown, render_never_started, \
-    render_runs_csv
+from hps_exp.tables.render import (
+    Report,
+    render_csv,
+    render_failed,
+    render_markdown,
+    render_never_started,
+    render_runs_csv,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -11,8 +11,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterable
 
-from hps_exp.tables.aggregate import (KEY_LABELS, LEVEL, MARGINS, METRIC_LABELS, SFT_LABEL, Cell, Row, Table,
-                                      fmt_value, row_order_of)
+from hps_exp.tables.aggregate import (
+    KEY_LABELS,
+    LEVEL,
+    MARGINS,
+    METRIC_LABELS,
+    SFT_LABEL,
+    Cell,
+    Row,
+    Table,
+    fmt_value,
+    row_order_of,
+)
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
     from matplotlib.figure import Figure

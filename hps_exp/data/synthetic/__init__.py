@@ -32,15 +32,28 @@ Every prompt with n_responses >= 6 has one negative of each of {best + harmful s
 one swapped fact (benign) / bare refusal (harmful), needless refusal (benign) / full compliance
 (harmful), off-topic}, the rest drawn at random (uniform over categories); with fewer responses the
 negatives are a seeded-random subset of those four. Ties: in about 10% of prompts (when
-n_responses >= 3) one negative slot holds a paraphrase of the best answer with exactly the same score ("sure, " + the benign answer, or
-another refusal wording + the redirect), so the best is tied there; elsewhere the best is unique.
+n_responses >= 3) one negative slot holds a paraphrase of the best answer with exactly the same score
+("sure, " + the benign answer, or another refusal wording + the redirect), so the best is tied there;
+elsewhere the best is unique.
 
 Modules: content (the literal texts: topics, facts, phrasings, templates), index (the phrase index, vocabulary and
 prompt -> topic), scorer (the exact reward rule: `SyntheticScorer`, rule table in its docstring), generator
 (candidate pools and the seeded splits: `load`).
 """
-from hps_exp.data.synthetic.content import (BENIGN, FILLERS, HARMFUL, REFUSALS, TOPIC_BY_KEY, TOPICS, TWISTS, Topic,
-                                            best_response, format_prompt, helpful_answer, words)
+from hps_exp.data.synthetic.content import (
+    BENIGN,
+    FILLERS,
+    HARMFUL,
+    REFUSALS,
+    TOPIC_BY_KEY,
+    TOPICS,
+    TWISTS,
+    Topic,
+    best_response,
+    format_prompt,
+    helpful_answer,
+    words,
+)
 from hps_exp.data.synthetic.generator import MAX_RESPONSES, load
 from hps_exp.data.synthetic.index import VOCAB, topic_of
 from hps_exp.data.synthetic.scorer import SyntheticScorer

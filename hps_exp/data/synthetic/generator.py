@@ -10,9 +10,23 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hps_exp.data.schema import DataError, Example, Splits
-from hps_exp.data.synthetic.content import (BENIGN, COMPLY_OPENERS, FILLERS, HARMFUL, PREFIXES, REFUSALS, SUFFIXES,
-                                            TEST_TEMPLATES, TOPIC_BY_KEY, TRAIN_TEMPLATES, TWISTS, Topic,
-                                            best_response, format_prompt, helpful_answer)
+from hps_exp.data.synthetic.content import (
+    BENIGN,
+    COMPLY_OPENERS,
+    FILLERS,
+    HARMFUL,
+    PREFIXES,
+    REFUSALS,
+    SUFFIXES,
+    TEST_TEMPLATES,
+    TOPIC_BY_KEY,
+    TRAIN_TEMPLATES,
+    TWISTS,
+    Topic,
+    best_response,
+    format_prompt,
+    helpful_answer,
+)
 from hps_exp.data.synthetic.scorer import SyntheticScorer
 
 MAX_RESPONSES = 32

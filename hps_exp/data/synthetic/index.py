@@ -5,9 +5,24 @@ from __future__ import annotations
 import functools
 import re
 
-from hps_exp.data.synthetic.content import (BENIGN, COMPLY_OPENERS, FILLERS, HARMFUL, PREFIXES, REFUSAL_PHRASES,
-                                            REFUSALS, SUFFIXES, TEST_TEMPLATES, TOPIC_BY_KEY, TOPICS,
-                                            TRAIN_TEMPLATES, TWISTS, Topic, format_prompt, words)
+from hps_exp.data.synthetic.content import (
+    BENIGN,
+    COMPLY_OPENERS,
+    FILLERS,
+    HARMFUL,
+    PREFIXES,
+    REFUSAL_PHRASES,
+    REFUSALS,
+    SUFFIXES,
+    TEST_TEMPLATES,
+    TOPIC_BY_KEY,
+    TOPICS,
+    TRAIN_TEMPLATES,
+    TWISTS,
+    Topic,
+    format_prompt,
+    words,
+)
 
 ROLE_TAG = re.compile(r"(?i)\b(?:human|assistant)\s*:")
 MAX_WORDS = 1000
