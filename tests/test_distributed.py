@@ -123,7 +123,7 @@ def test_vllm_evaluation_leaves_the_process_group_first(tmp_path, monkeypatch):
         env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path)
         with pytest.raises(Built):
             stages._evaluate(spec, None, None, stages.EvalSet("x", stages.Examples.of([])),
-                             stages.RefLogps((), "k", 0.0), (), None, env)
+                             stages.RefLogps((), "k", 0.0), (), None, env, stages.MarginReward())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
