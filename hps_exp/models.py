@@ -208,11 +208,8 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf_file, package = resolve_gguf(name_or_path)
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
-    if gguf_file is not None:
-        _check_gguf_support(package)
-        kwargs["gguf_file"] = gguf_file
+    source, kwargs = _source_and_kwargs(name_or_path, trust_remote_code)
+    gguf_file = kwargs.get("gguf_file")
     model_kwargs = {**kwargs, **(_gguf_dense_kwargs() if gguf_file is not None else {}), "dtype": torch_dtype(dtype)}
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
@@ -235,15 +232,21 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
     return tok, model
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
-    """The tokenizer alone (hub id, local dir or GGUF file), as load_pretrained loads it."""
-    from transformers import AutoTokenizer
-
+def _source_and_kwargs(name_or_path: str, trust_remote_code: bool) -> tuple[str, dict]:
+    """What from_pretrained reads (a dir or hub id) and the kwargs both the tokenizer and the model take."""
     source, gguf_file, package = resolve_gguf(name_or_path)
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     if gguf_file is not None:
         _check_gguf_support(package)
         kwargs["gguf_file"] = gguf_file
+    return source, kwargs
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """The tokenizer alone (hub id, local dir or GGUF file), as load_pretrained loads it."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source_and_kwargs(name_or_path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
