@@ -196,24 +196,30 @@ def test_vllm_missing_says_how_to_install(monkeypatch, tmp_path):
 MARKED = "\n\nHuman: say yes\n\nAssistant: yes sir\n\nHuman: and more\n\nAssistant: fine"
 
 
-@pytest.fixture(scope="module")
-def parrot():
-    """A tiny LM trained until greedy decoding recites MARKED: after its prompt it writes on into the next
-    "\n\nHuman:" turn, as a real dialogue model does."""
-    tok = models.train_tokenizer([MARKED] * 4 + TEXTS, vocab_size=300)
-    cfg = OmegaConf.create({"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64})
+def train_to_recite(text: str, texts=(), *, n_layer: int, n_embd: int, steps: int, tol: float):
+    """(tokenizer, tiny LM) trained on `text` alone until its loss is below `tol` (at most `steps` Adam steps), in
+    eval mode: greedy decoding then recites it. Also used by tests/test_vllm.py."""
+    tok = models.train_tokenizer([text] * 4 + list(texts), vocab_size=300)
+    cfg = OmegaConf.create({"n_layer": n_layer, "n_head": 2, "n_embd": n_embd, "n_positions": 64})
     model = models.build_tiny(cfg, len(tok), seed=0)
-    ids = torch.tensor([tok(MARKED, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.02:
+        if loss.item() < tol:
             break
     model.eval()
     return tok, model
+
+
+@pytest.fixture(scope="module")
+def parrot():
+    """A tiny LM trained until greedy decoding recites MARKED: after its prompt it writes on into the next
+    "\n\nHuman:" turn, as a real dialogue model does."""
+    return train_to_recite(MARKED, TEXTS, n_layer=1, n_embd=32, steps=300, tol=0.02)
 
 
 PROMPT = "\n\nHuman: say yes\n\nAssistant:"

@@ -31,6 +31,7 @@ from conftest import REPO  # noqa: E402
 
 from hps_exp import generation, models  # noqa: E402
 from hps_exp.data import synthetic  # noqa: E402
+from tests.test_generation import train_to_recite  # noqa: E402
 
 STOP = ["\n\nHuman:", "\n\nAssistant:"]
 TINY = ["dataset.n_train=24", "dataset.n_test=8", "dataset.n_responses=2", "sft.epochs=1", "trainer.epochs=1",
@@ -158,19 +159,7 @@ def parrot(tmp_path_factory):
     """A tiny model trained until greedy decoding recites MARKED (it writes on into the next Human turn), saved
     with one more end token in its generation config: the first token of " fine" (a chat template's end token
     stands in the same place, e.g. SmolLM2's "<|im_end|>")."""
-    tok = models.train_tokenizer([MARKED] * 4, vocab_size=300)
-    model = models.build_tiny(OmegaConf.create({"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}),
-                              len(tok), seed=0)
-    ids = torch.tensor([tok(MARKED, add_special_tokens=False)["input_ids"]])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
+    tok, model = train_to_recite(MARKED, n_layer=2, n_embd=64, steps=400, tol=0.01)
     end = tok(" fine", add_special_tokens=False)["input_ids"][0]
     model.generation_config.eos_token_id = [tok.eos_token_id, end]
     path = tmp_path_factory.mktemp("parrot") / "model"
