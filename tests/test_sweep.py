@@ -34,9 +34,10 @@ EXPECTED = {
     "beyond_small": {"DPO-BT": 5, "DPO-HPS": 5, "LiPO": 5, "HPS-policy-hard": 5, "HPS-policy-logp": 5,
                      "SimPO-BT": 5, "SimPO-HPS": 5, "SimPO-HPS-lr2e-4": 5},
     "smollm2_hh_tune": {"DPO": 4, "BT": 4, "PL": 4, "HPS": 4, "HPS-full": 4, "HPS-released": 4},
+    "smollm2_hh": {"DPO": 1, "BT": 1, "PL": 1, "HPS": 1, "HPS-full": 1, "HPS-released": 1},
 }
 # The real-model grids (SmolLM2 on the HH-RLHF file): one shared pipeline, seeds by trainer.seed.
-REAL = {"smollm2_hh_tune": {0}}
+REAL = {"smollm2_hh_tune": {0}, "smollm2_hh": {0}}   # smollm2_hh: one seed per launch (trainer.seed=0|1|2)
 PAPER = {"main_paper", "n_ablation_paper"}
 SMALL_SEEDS, PAPER_SEEDS = {0, 1, 2, 3, 4}, {0, 1, 2}
 # Grids that compare preference models name the treatment of the tables' paired test.
@@ -149,8 +150,10 @@ def test_every_job_composes_and_builds(compose, name):
                              max_n, True)
             seen.add((arm, cfg.loss.name, cfg.loss.framework, cfg.sampler.name,
                       cfg.trainer.seed if name in REAL else cfg.seed))
-            if name in REAL:   # tuned on validation prompts carved from the training prompts, never on test
-                assert cfg.model.name == "smollm2_135m" and cfg.eval.split == "validation"
+            if name in REAL:   # tuning: on validation prompts carved from the training prompts, never on test
+                assert cfg.model.name == "smollm2_135m"
+                assert cfg.eval.split == ("validation" if name.endswith("_tune") else "test")
+                assert cfg.eval.validation_prompts == 64   # the same training prompts in both steps
                 assert cfg.eval.reward_model == "trained"   # never the annotation reward model
             elif name in PAPER:
                 assert cfg.trainer.device == "cuda" and cfg.model.name_or_path
