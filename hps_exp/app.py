@@ -390,7 +390,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-COLUMNS = [("BLEU", "bleu"), ("char BLEU", "bleu_char"), ("reward", "reward"), ("reward@top1", "reward_top1"),
+COLUMNS = [("corpus BLEU", "bleu_corpus"), ("sentence BLEU", "bleu_sentence"), ("char BLEU", "bleu_char"),
+           ("reward", "reward"), ("reward@top1", "reward_top1"),
            ("margin", "reward_margin"), ("margin(hardest)", "reward_margin_hardest"), ("harmful", "harmful_rate"),
            ("win rate", "win_rate")]
 

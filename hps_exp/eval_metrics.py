@@ -89,7 +89,7 @@ def paper_protocol(generations: list[list[str]], generation_rewards: list[list[f
     Returns (scalars, per_prompt):
     - reward: mean reward over all samples of all prompts; per prompt: the mean of its K samples.
     - reward_top1: mean over prompts of the best of K.
-    - bleu_char / bleu: per prompt, the generation with the highest reward against the reference response
+    - bleu_char / bleu_sentence: per prompt, the generation with the highest reward against the reference response
       with the highest reward (first on ties), in char_bleu / sentence_sacrebleu form, averaged over prompts.
     - bleu_signature (scalars only): sacrebleu's signature string.
     """
@@ -98,7 +98,7 @@ def paper_protocol(generations: list[list[str]], generation_rewards: list[list[f
         raise ValueError("paper_protocol: no prompts")
     _check_nested("generations", generations, generation_rewards, n)
     _check_nested("references", references, reference_rewards, n)
-    per_prompt: dict[str, list[float]] = {"reward": [], "reward_top1": [], "bleu_char": [], "bleu": []}
+    per_prompt: dict[str, list[float]] = {"reward": [], "reward_top1": [], "bleu_char": [], "bleu_sentence": []}
     total, count = 0.0, 0
     for gens, g_rew, refs, r_rew in zip(generations, generation_rewards, references, reference_rewards):
         total += float(sum(g_rew))
@@ -107,9 +107,9 @@ def paper_protocol(generations: list[list[str]], generation_rewards: list[list[f
         per_prompt["reward"].append(float(sum(g_rew)) / len(g_rew))
         per_prompt["reward_top1"].append(float(max(g_rew)))
         per_prompt["bleu_char"].append(char_bleu(best_gen, best_ref))
-        per_prompt["bleu"].append(sentence_sacrebleu(best_gen, best_ref))
+        per_prompt["bleu_sentence"].append(sentence_sacrebleu(best_gen, best_ref))
     scalars: dict = {"reward": total / count}
-    for key in ("reward_top1", "bleu_char", "bleu"):
+    for key in ("reward_top1", "bleu_char", "bleu_sentence"):
         scalars[key] = sum(per_prompt[key]) / n
     scalars["bleu_signature"] = sacrebleu_signature()
     return scalars, per_prompt

@@ -1,14 +1,14 @@
 """Evaluation on held-out prompts, under one of two protocols (`eval.protocol`):
 
 default (one sample per prompt, eval.temperature default 0.7):
-- bleu: sacrebleu corpus BLEU of one sampled generation per prompt against the prompt's best
+- bleu_corpus: sacrebleu corpus BLEU of one sampled generation per prompt against the prompt's best
   reference response (argmax score, or the dataset's chosen one).
 - reward: mean evaluation-reward-model score of those generations.
 - harmful_rate: fraction of generations the reward model's `is_harmful` flags (None without labels).
 
 paper (the HPS authors' protocol; K = eval.num_samples, default 5, samples per prompt at temperature 0.9):
 - reward: mean over all K samples; reward_top1: mean over prompts of the best of K.
-- bleu_char (the authors' NLTK form: character 4-gram BLEU, no smoothing) and bleu (sacrebleu sentence BLEU) of
+- bleu_char (the authors' NLTK form: character 4-gram BLEU, no smoothing) and bleu_sentence (sacrebleu sentence BLEU) of
   the generation with the highest reward against the reference response with the highest reward, per prompt,
   averaged (hps_exp/eval_metrics.py). Needs an evaluation reward model.
 - harmful_rate: over all K samples.
@@ -31,7 +31,8 @@ import torch
 from hps_exp.data.schema import Example
 
 
-def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+    """(sacrebleu corpus BLEU 0..100, its signature) of one hypothesis per reference, both stripped."""
     metric = sacrebleu.BLEU()
     score = metric.corpus_score([h.strip() for h in hypotheses], [[r.strip() for r in references]])
     return score.score, str(metric.get_signature())
@@ -54,11 +55,11 @@ def reward_margins(examples: list[Example], policy_logps: list[torch.Tensor], re
 
 
 def evaluate_generations(examples: list[Example], generations: list[str], reward_model) -> tuple[dict, list[dict]]:
-    """BLEU, reward and harmful rate of one generation per example; also the per-sample records."""
+    """Corpus BLEU, reward and harmful rate of one generation per example; also the per-sample records."""
     prompts = [e.prompt for e in examples]
     refs = [e.responses[e.best] for e in examples]
-    score, signature = bleu(generations, refs)
-    metrics: dict = {"bleu": score, "bleu_signature": signature, "reward": None, "harmful_rate": None}
+    score, signature = corpus_bleu(generations, refs)
+    metrics: dict = {"bleu_corpus": score, "bleu_signature": signature, "reward": None, "harmful_rate": None}
     rewards = reward_model.score_batch(prompts, generations) if reward_model is not None else [None] * len(prompts)
     harmful = [None] * len(prompts)
     if reward_model is not None:

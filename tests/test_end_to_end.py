@@ -27,7 +27,7 @@ def test_short_run_writes_results_and_reuses_the_cache(tmp_path):
     assert metrics["status"] == "completed" and metrics["run"]["method"] == "DPO"
     ev = metrics["eval"]["synthetic"]
     for stage in ("sft", "aligned"):
-        for key in ("bleu", "reward", "reward_margin", "reward_margin_hardest", "harmful_rate"):
+        for key in ("bleu_corpus", "reward", "reward_margin", "reward_margin_hardest", "harmful_rate"):
             assert isinstance(ev[stage][key], float), (stage, key)
     assert len(ev["per_prompt"]["aligned"]["reward_margin"]) == 12 and len(ev["per_prompt"]["sft"]["reward"]) == 12
     assert "BLEU" in p.stdout and "aligned (DPO)" in p.stdout
@@ -83,7 +83,7 @@ def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
     assert m["reward_model"]["pairs"] == m["augment"]["prompts"]  # one (chosen, rejected) pair per training prompt
     assert m["augment"]["generated"] == 160 * 4 and m["augment"]["responses_per_s"] > 0
     ev = m["eval"]["hh_rlhf"]
-    assert isinstance(ev["aligned"]["reward"], float) and isinstance(ev["aligned"]["bleu"], float)
+    assert isinstance(ev["aligned"]["reward"], float) and isinstance(ev["aligned"]["bleu_corpus"], float)
     assert ev["aligned"]["harmful_rate"] is None  # no safety labels for generations on HH
     assert "[augment]" in p.stdout and "held-out pair accuracy" in p.stdout
 

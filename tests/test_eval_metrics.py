@@ -75,8 +75,8 @@ def test_paper_protocol_hand_computed():
     # characters o, e match (p1 > 0) but no 2-gram does -> 0
     assert per["bleu_char"] == pytest.approx([100.0, 0.0])
     assert scalars["bleu_char"] == pytest.approx(50.0)
-    assert per["bleu"] == pytest.approx([100.0, 0.0])
-    assert scalars["bleu"] == pytest.approx(50.0)
+    assert per["bleu_sentence"] == pytest.approx([100.0, 0.0])
+    assert scalars["bleu_sentence"] == pytest.approx(50.0)
     assert "tok:13a" in scalars["bleu_signature"]
 
 

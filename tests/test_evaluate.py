@@ -8,14 +8,14 @@ from hps_exp import evaluate
 from hps_exp.data.schema import Example
 
 
-def test_bleu_known_cases():
-    score, sig = evaluate.bleu(["the cat sat on the mat"], ["the cat sat on the mat"])
+def test_corpus_bleu_known_cases():
+    score, sig = evaluate.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert score == pytest.approx(100.0) and "nrefs:1" in sig
-    assert evaluate.bleu(["dog"], ["the cat sat on the mat"])[0] == pytest.approx(0.0)
+    assert evaluate.corpus_bleu(["dog"], ["the cat sat on the mat"])[0] == pytest.approx(0.0)
     # 4-gram precisions of a hypothesis with one changed word, brevity penalty 1: hand-computed
     hyp, ref = "a b c d e f", "a b c d e g"
     p = [5 / 6, 4 / 5, 3 / 4, 2 / 3]
-    assert evaluate.bleu([hyp], [ref])[0] == pytest.approx(100 * math.exp(sum(map(math.log, p)) / 4), rel=1e-6)
+    assert evaluate.corpus_bleu([hyp], [ref])[0] == pytest.approx(100 * math.exp(sum(map(math.log, p)) / 4), rel=1e-6)
 
 
 def test_reward_margins_definition():

@@ -115,7 +115,7 @@ def test_smollm2_trains_and_evaluates_on_real_hh_prompts(tmp_path, lora):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses), steps
     ev = metrics["eval"]["hh_rlhf"]
     assert math.isfinite(ev["aligned"]["reward_margin"])
-    assert math.isfinite(ev["aligned"]["bleu"])
+    assert math.isfinite(ev["aligned"]["bleu_corpus"])
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(isinstance(s["generation"], str) for s in samples)
     cfg = (run / "config_resolved.yaml").read_text()

@@ -18,7 +18,7 @@ HH_MARGIN = {"DPO-HPS": [1.0, 1.5, 2.0], "DPO-BT": [0.2, 0.4], "DPO-PL": [0.5, 0
              "IPO-HPS": [1.2, 1.2], "CUSTOM": [0.1]}
 # Everything else: a per-method level plus a small per-seed wobble.
 LEVEL = {"DPO-HPS": 3.0, "DPO-BT": 1.0, "DPO-PL": 2.0, "IPO-HPS": 4.0, "CUSTOM": 0.5}
-SFT = {"bleu": 10.0, "reward": 100.0, "reward_margin": 0.0, "reward_margin_hardest": 0.0}
+SFT = {"bleu_corpus": 10.0, "reward": 100.0, "reward_margin": 0.0, "reward_margin_hardest": 0.0}
 # The loss supplies [framework rank, preference-model rank]; CUSTOM has none (an old run): it sorts last.
 ROW_ORDER = {"DPO-BT": [0, 0], "DPO-PL": [0, 1], "DPO-HPS": [0, 2], "IPO-HPS": [1, 2]}
 
@@ -40,10 +40,10 @@ def completed(method, seed, hh_margin, level, n_responses=8, gamma=1.0, beta=0.1
         run["row_order"] = ROW_ORDER[method]
     wobble = 0.1 * seed
     hh = {"sft": {**SFT, "harmful_rate": None},
-          "aligned": {"bleu": 10 + level + wobble, "reward": level + wobble, "reward_margin": hh_margin,
+          "aligned": {"bleu_corpus": 10 + level + wobble, "reward": level + wobble, "reward_margin": hh_margin,
                       "reward_margin_hardest": hh_margin / 2, "harmful_rate": None}}
     pku = {"sft": {**SFT, "harmful_rate": 0.5},
-           "aligned": {"bleu": 20 - level + wobble, "reward": -level + wobble,
+           "aligned": {"bleu_corpus": 20 - level + wobble, "reward": -level + wobble,
                        "reward_margin": level if pku_margin is None else pku_margin,
                        "reward_margin_hardest": 0.0, "harmful_rate": 0.5 / level}}
     return {"status": "completed", "run": run, "eval": {"hh": hh, "pku": pku}, "timing": {"total_s": 1.0}}
@@ -90,8 +90,8 @@ def test_cell_mean_and_std_match_hand_computed(sweep):
     assert cell.std == pytest.approx(0.0)
     cell = main.cell("CUSTOM", ("hh", "reward_margin"))  # one seed: no std
     assert (cell.mean, cell.std, cell.n) == (pytest.approx(0.1), None, 1)
-    # bleu = 10 + level + 0.1*seed over seeds 0, 1, 2
-    cell = main.cell("DPO-HPS", ("hh", "bleu"))
+    # bleu_corpus = 10 + level + 0.1*seed over seeds 0, 1, 2
+    cell = main.cell("DPO-HPS", ("hh", "bleu_corpus"))
     assert cell.mean == pytest.approx(13.1) and cell.std == pytest.approx(statistics.stdev([13.0, 13.1, 13.2]))
 
 
@@ -387,7 +387,7 @@ def test_cells_use_per_prompt_bootstrap_when_available(paired_sweep):
     mean, lo, hi = stats.bootstrap_ci(lists, n_boot=500)
     assert cell.per_prompt and (cell.mean, cell.lo, cell.hi) == (pytest.approx(mean), lo, hi)
     assert lo < mean < hi
-    assert not main.cell("DPO-HPS", ("hh", "bleu")).per_prompt  # no per-prompt BLEU: over seeds
+    assert not main.cell("DPO-HPS", ("hh", "bleu_corpus")).per_prompt  # no per-prompt BLEU: over seeds
 
 
 def test_win_rate_reads_its_per_prompt_list_named_win(tmp_path):
@@ -586,10 +586,10 @@ def test_sft_reference_rows_split_by_the_number_of_responses(tmp_path):
     root = tmp_path / "nabl"
     for num, (n, seed) in enumerate((n, s) for n in (2, 8) for s in (0, 1)):
         m = completed("DPO-HPS", seed, 1.0, 1.0, n_responses=n)
-        m["eval"]["hh"]["sft"] = {**m["eval"]["hh"]["sft"], "bleu": float(n)}
+        m["eval"]["hh"]["sft"] = {**m["eval"]["hh"]["sft"], "bleu_corpus": float(n)}
         write_job(root / str(num), m, [f"n={n}", f"seed={seed}"])
     table = tables.main_table(tables.collect_runs([root]))
-    sft = {label: table.cell(label, ("hh", "bleu")).mean for label in table.rows if label.startswith("SFT")}
+    sft = {label: table.cell(label, ("hh", "bleu_corpus")).mean for label in table.rows if label.startswith("SFT")}
     assert sft == {"SFT (reference, n_resp=2)": 2.0, "SFT (reference, n_resp=8)": 8.0}
 
 
@@ -748,3 +748,33 @@ def test_reference_free_runs_get_their_own_sft_row(paired_sweep, tmp_path):
     assert tables.main([str(paired_sweep), "--out", str(tmp_path / "o"), "--n-boot", "20"]) == 0
     _, rows = parse_md_table((tmp_path / "o" / "table.md").read_text(), "## Main results")
     assert "SFT (reference, reward=ratio)" in rows and "SFT (reference, reward=simpo β=2)" in rows
+
+
+def paper_protocol(metrics):
+    """The same run under eval.protocol=paper: its headline BLEU is the mean sentence BLEU."""
+    for ev in metrics["eval"].values():
+        for stage in ("sft", "aligned"):
+            ev[stage]["bleu_sentence"] = ev[stage].pop("bleu_corpus")
+    return metrics
+
+
+@pytest.mark.parametrize("protocols", [("default",), ("paper",), ("default", "paper")])
+def test_bleu_column_names_the_protocols_bleu(tmp_path, protocols):
+    """The "BLEU" column is bleu_corpus under the default protocol and bleu_sentence under the paper one, and the
+    notes say which; a table holding both keeps them apart, one column each, labelled by kind."""
+    root = tmp_path / "sweep"
+    for i, protocol in enumerate(protocols):
+        m = completed("DPO-HPS", i, 1.0, 3.0)
+        write_job(root / str(i), paper_protocol(m) if protocol == "paper" else m, [f"seed={i}"])
+    main = tables.main_table(tables.collect_runs([root]), n_boot=50)
+    keys = {"default": "bleu_corpus", "paper": "bleu_sentence"}
+    bleu_headers = [h for h in main.headers if h.startswith("hh · BLEU") and "char" not in h]
+    if len(protocols) == 1:
+        key = keys[protocols[0]]
+        assert [c for c in main.columns if c[0] == "hh"][0] == ("hh", key) and bleu_headers == ["hh · BLEU ↑"]
+        assert main.cell("DPO-HPS", ("hh", key)).mean == pytest.approx(13.0)
+        assert [n for n in main.notes if n.startswith("BLEU:")] == [f"BLEU: {tables.HEADLINE_BLEU[key]}."]
+        assert f"eval.protocol={protocols[0]}" in tables.HEADLINE_BLEU[key]
+    else:
+        assert bleu_headers == ["hh · BLEU (corpus) ↑", "hh · BLEU (sentence) ↑"]
+        assert {n.split(":")[0] for n in main.notes if n.startswith("BLEU")} == {"BLEU (corpus)", "BLEU (sentence)"}

@@ -19,6 +19,7 @@ comes from the sweep yaml (`compare: {treatment: X}`) or `--compare X`.
 """
 from hps_exp.tables.aggregate import (
     ABLATION_KEYS,
+    HEADLINE_BLEU,
     MARGINS,
     Cell,
     Row,
@@ -35,7 +36,8 @@ from hps_exp.tables.paired import PairedResult, paired_tests
 from hps_exp.tables.plots import make_plots, plot_main, series_styles
 from hps_exp.tables.render import best_rows, render_csv, render_failed, render_markdown, render_runs_csv, render_table
 
-__all__ = ["ABLATION_KEYS", "MARGINS", "Cell", "PairedResult", "Row", "Run", "Table", "ablation_table", "best_rows",
-           "build_rows", "collect_runs", "find_job_dirs", "main", "main_table", "make_plots", "metric_of",
-           "never_started", "paired_tests", "per_prompt_of", "plot_main", "render_csv", "render_failed",
-           "render_markdown", "render_runs_csv", "render_table", "series_styles", "summarize", "timing_table"]
+__all__ = ["ABLATION_KEYS", "HEADLINE_BLEU", "MARGINS", "Cell", "PairedResult", "Row", "Run", "Table",
+           "ablation_table", "best_rows", "build_rows", "collect_runs", "find_job_dirs", "main", "main_table",
+           "make_plots", "metric_of", "never_started", "paired_tests", "per_prompt_of", "plot_main", "render_csv",
+           "render_failed", "render_markdown", "render_runs_csv", "render_table", "series_styles", "summarize",
+           "timing_table"]

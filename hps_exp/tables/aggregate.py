@@ -19,7 +19,8 @@ ABLATION_KEYS = ("n_responses", "gamma", "beta")
 # Rows of the paired test are compared only when these agree (same data, same n).
 COMPARABLE_KEYS = ("train_dataset", "n_responses")
 KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", "beta": "β"}
-METRIC_LABELS = {"bleu": "BLEU", "bleu_char": "BLEU (char)", "reward": "Reward", "reward_top1": "Reward top-1",
+METRIC_LABELS = {"bleu_corpus": "BLEU (corpus)", "bleu_sentence": "BLEU (sentence)", "bleu_char": "BLEU (char)",
+                 "reward": "Reward", "reward_top1": "Reward top-1",
                  "reward_margin": "Reward margin", "reward_margin_hardest": "Reward margin (hardest)",
                  "win_rate": "Win rate vs SFT", "harmful_rate": "Harmful rate"}
 TIMING_LABELS = {"pref_s": "Preference stage (s)", "pref_step_s": "Per preference step (s)",
@@ -28,8 +29,13 @@ TIMING_LABELS = {"pref_s": "Preference stage (s)", "pref_step_s": "Per preferenc
 # threads it used, and the machine's 1-minute load average at its start and end (absent in older runs).
 SPAN_LABELS = {"threads": "Threads", "load": "Load avg (1 min) at start/end"}
 MARGINS = ("reward_margin", "reward_margin_hardest")
+# The headline BLEU of each evaluation protocol (metrics.json key -> what it is), shown in the main table's "BLEU"
+# column (a column per kind, labelled by kind, where a table holds both protocols).
+HEADLINE_BLEU = {"bleu_corpus": "sacrebleu corpus BLEU of one sample per prompt (eval.protocol=default)",
+                 "bleu_sentence": "mean over prompts of the sacrebleu sentence BLEU of the highest-reward sample "
+                                  "(eval.protocol=paper)"}
 # Main-table columns per eval set, in order; the optional ones only where some run reports them.
-OPTIONAL_METRICS = ("bleu_char", "reward_top1", "win_rate", "harmful_rate")
+OPTIONAL_METRICS = (*HEADLINE_BLEU, "bleu_char", "reward_top1", "win_rate", "harmful_rate")
 LOWER_IS_BETTER = {"harmful_rate"}
 SFT_LABEL = "SFT (reference)"
 LEVEL = 0.95
@@ -180,6 +186,7 @@ class Table:
     mark_circular: bool = True  # results tables mark circularly evaluated rows; the cost table does not
     span_columns: list[str] = field(default_factory=list)  # SPAN_LABELS keys shown after the cells
     spans: dict[tuple[str, str], Span] = field(default_factory=dict)
+    metric_labels: dict[str, str] = field(default_factory=dict)  # the main table's label per metric (plots)
 
     def cell(self, row: str, col: tuple[str, Any]) -> Cell | None:
         return self.cells.get((row, col))
@@ -276,6 +283,13 @@ def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
     return cells, n
 
 
+def metric_labels(metrics: Iterable[str]) -> dict[str, str]:
+    """Column label per metric: METRIC_LABELS, except that the one headline BLEU of a table is plain "BLEU"."""
+    metrics = list(dict.fromkeys(metrics))
+    bleus = [m for m in metrics if m in HEADLINE_BLEU]
+    return {m: "BLEU" if m in HEADLINE_BLEU and len(bleus) == 1 else METRIC_LABELS.get(m, m) for m in metrics}
+
+
 def main_columns(done: list[Run], stage: str, margin: str | tuple[str, ...]) -> list[tuple[str, str]]:
     margins = [margin] if isinstance(margin, str) else list(margin)
     eval_sets = sorted({e for r in done for e in r.eval})
@@ -283,7 +297,8 @@ def main_columns(done: list[Run], stage: str, margin: str | tuple[str, ...]) -> 
     for e in eval_sets:
         present = {m for m in OPTIONAL_METRICS
                    if any(metric_of(r, e, s, m) is not None for r in done for s in (stage, "sft"))}
-        metrics = ["bleu"] + [m for m in ("bleu_char",) if m in present] + ["reward"] \
+        bleus = [m for m in HEADLINE_BLEU if m in present] or [next(iter(HEADLINE_BLEU))]  # an empty column else
+        metrics = bleus + [m for m in ("bleu_char",) if m in present] + ["reward"] \
             + [m for m in ("reward_top1",) if m in present] + margins \
             + [m for m in ("win_rate", "harmful_rate") if m in present]
         columns += [(e, m) for m in metrics]
@@ -293,11 +308,15 @@ def main_columns(done: list[Run], stage: str, margin: str | tuple[str, ...]) -> 
 def main_table(runs: list[Run], stage: str = "aligned", margin: str | tuple[str, ...] = "reward_margin",
                n_boot: int = stats.DEFAULT_N_BOOT) -> Table:
     """Rows = methods (+ the SFT reference), columns = per eval set: BLEU [, BLEU (char)], Reward [, top-1],
-    margin (or several: the plots' table) [, win rate] [, harmful rate]."""
+    margin (or several: the plots' table) [, win rate] [, harmful rate]. BLEU is the protocol's headline BLEU
+    (HEADLINE_BLEU), said in a note."""
     done = [r for r in runs if r.ok]
     columns = main_columns(done, stage, margin)
-    headers = [f"{e} · {METRIC_LABELS.get(m, m)} {'↓' if m in LOWER_IS_BETTER else '↑'}" for e, m in columns]
-    table = Table(f"Main results ({stage} policy)", [], columns, headers, {}, {})
+    labels = metric_labels(m for _, m in columns)
+    headers = [f"{e} · {labels[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for e, m in columns]
+    table = Table(f"Main results ({stage} policy)", [], columns, headers, {}, {}, metric_labels=labels)
+    table.notes += [f"{labels[m]}: {HEADLINE_BLEU[m]}." for m in dict.fromkeys(m for _, m in columns)
+                    if m in HEADLINE_BLEU]
     if stage != "sft":
         sft_cells, sft_n = _sft_rows(done, columns, n_boot, table.row_runs)
         table.cells.update(sft_cells)

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Iterable
 
 from hps_exp.tables.aggregate import (
+    HEADLINE_BLEU,
     KEY_LABELS,
     LEVEL,
     MARGINS,
@@ -70,14 +71,14 @@ def _err(cells: list[Cell | None]) -> list[list[float]]:
 
 
 def plot_main(plt: ModuleType, main: Table, margins: Iterable[str], path: Path) -> None:
-    """One panel row per (framework, eval set), one column per metric (BLEU, reward, then every margin given,
-    e.g. the mean and the hardest-negative one): a bar per preference model (the same colour and place in every
+    """One panel row per (framework, eval set), one column per metric (the headline BLEU, reward, then every margin
+    given, e.g. the mean and the hardest-negative one): a bar per preference model (the same colour and place in every
     panel), the intervals as error bars, SFT as a dashed line, and the values in a strip along the top of each
     panel, above every error bar (never on one)."""
     rows = [main.row_info[r] for r in main.rows if r in main.row_info]
     margins = [m for m in margins if any(c[1] == m for c in main.columns)]
     eval_sets = sorted({e for e, m in main.columns if m in margins})
-    metrics = [m for m in ("bleu", "reward") if any(c[1] == m for c in main.columns)] + margins
+    metrics = [m for m in (*HEADLINE_BLEU, "reward") if any(c[1] == m for c in main.columns)] + margins
     frameworks = list(dict.fromkeys(row.framework for row in rows))
     panels = [(fw, e) for fw in frameworks for e in eval_sets]
     styles = series_styles(rows)
@@ -115,7 +116,7 @@ def plot_main(plt: ModuleType, main: Table, margins: Iterable[str], path: Path) 
             ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
             if i == 0:
-                ax.set_title(METRIC_LABELS.get(m, m), fontsize=9)
+                ax.set_title(main.metric_labels.get(m) or METRIC_LABELS.get(m, m), fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"{fw.upper() or '–'} · {e}", fontsize=9, fontweight="bold")
     handles, labels = [], []
