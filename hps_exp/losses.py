@@ -18,7 +18,8 @@ Preference models (s = sigmoid, LSE = log-sum-exp, N = num_negatives, w = softma
 
 | class / setting            | per-prompt loss                       | with dpo, eps = 0                               |
 |----------------------------|---------------------------------------|-------------------------------------------------|
-| PairwiseLoss pairs="first" | l(r_0, r_1)                           | -log s(r_0 - r_1)                    (DPO, BT)  |
+| PairwiseLoss pairs="dataset"| l(r_0, r_1), the dataset's pair      | -log s(r_0 - r_1)                    (DPO)      |
+|   / pairs="best_worst"     | l(r_0, r_1), best vs worst by score   | -log s(r_0 - r_1)                    (BT)       |
 | PairwiseLoss pairs="all"   | mean over real i<j of l(r_i, r_j)     |                                                 |
 | PlackettLuceLoss           | sum_{k<m-1} l(r_k, LSE_{j>k} r_j)     | -sum_k [r_k - LSE_{j>=k} r_j]        (PL NLL)   |
 | HPSLoss estimator="full"   | l(r_0, log N + LSE_i (r_i + log w_i)) | -log(e^{r_0} / (e^{r_0} + N sum_i w_i e^{r_i})) |
@@ -38,11 +39,10 @@ framework term: l(r_pos - margin, r_neg) in each pair, each PL term, HPS before 
 margin=m, PairwiseLoss under dpo is exactly SimPO: -log s(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - m).
 
 Each loss object also describes itself, so nothing outside this module names a loss: `natural_sampler` (the
-sampler `sampler=auto` picks), `row` (its row in the paper's tables: method name, framework, preference model and
-the row order), `margin_beta` (the beta of the implicit reward used by the reward-margin metric) and
-`check_sampler(sampler)` (refuses knobs that would do nothing with the chosen sampler), `needs_reference` (False
-under reward="simpo": the run skips the reference stage) and `rewards(...)` (the r the loss and the margin metrics
-use).
+sampler `sampler=auto` picks), `row` (what it is: method name, framework, preference model, reward type; where it
+goes in a table is hps_exp.tables' business), `margin_beta` (the beta of the implicit reward used by the
+reward-margin metric), `needs_reference` (False under reward="simpo": the run skips the reference stage) and
+`rewards(...)` (the r the loss and the margin metrics use).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FRAMEWORKS", "PREFERENCE_MODELS", "REWARDS", "LossOutput", "PreferenceLoss", "PairwiseLoss",
+__all__ = ["FRAMEWORKS", "REWARDS", "LossOutput", "PreferenceLoss", "PairwiseLoss",
            "PlackettLuceLoss", "HPSLoss", "LiPOLoss", "masked_logsumexp", "implicit_rewards"]
 
 
@@ -95,8 +95,6 @@ FRAMEWORKS: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
 }
 
 
-# Table order of the preference models (rows within a framework); "DPO" is the dataset's own pair.
-PREFERENCE_MODELS = ("DPO", "BT", "PL", "HPS", "HPS-full", "LiPO-λ")
 REWARDS = ("ratio", "simpo")
 # Frameworks whose pairwise objective has no label-smoothing term: a non-zero value would silently do nothing.
 _SMOOTHED = ("dpo", "exo")
@@ -196,7 +194,7 @@ class PreferenceLoss:
     input_kind: str = "pair"
     needs_scores: bool = False
     natural_sampler: str = "pair"      # the sampler config sampler=auto resolves to
-    preference_model: str = "DPO"      # its row label in tables (one of PREFERENCE_MODELS)
+    preference_model: str = "DPO"      # which responses it compares ("DPO": the dataset's own pair)
 
     @property
     def margin_beta(self) -> float:
@@ -205,7 +203,7 @@ class PreferenceLoss:
 
     @property
     def row(self) -> dict:
-        """The run's coordinates in the paper's tables: e.g. method "IPO-HPS", framework "ipo", order [1, 3].
+        """What the run is (metrics.json "run"): e.g. method "IPO-HPS", framework "ipo", preference model "HPS".
         `reward_type` ("ratio" | "simpo") says which r its margins measure: margins of different rewards are not
         comparable. SimPO rewards name the method "SimPO-<model>" (framework dpo) or "<FW>-SimPO-<model>"."""
         fw = self.framework.upper()
@@ -215,9 +213,7 @@ class PreferenceLoss:
             method = name if self.framework == "dpo" else f"{fw}-{name}"
         else:
             method = fw if pm == "DPO" else f"{fw}-{pm}"
-        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward_type": self.reward,
-               "row_order": [list(FRAMEWORKS).index(self.framework),
-                             PREFERENCE_MODELS.index(pm) if pm in PREFERENCE_MODELS else len(PREFERENCE_MODELS)]}
+        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward_type": self.reward}
         if self.margin:
             row["target_margin"] = self.margin
         return row

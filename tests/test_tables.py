@@ -19,8 +19,6 @@ HH_MARGIN = {"DPO-HPS": [1.0, 1.5, 2.0], "DPO-BT": [0.2, 0.4], "DPO-PL": [0.5, 0
 # Everything else: a per-method level plus a small per-seed wobble.
 LEVEL = {"DPO-HPS": 3.0, "DPO-BT": 1.0, "DPO-PL": 2.0, "IPO-HPS": 4.0, "CUSTOM": 0.5}
 SFT = {"bleu_corpus": 10.0, "reward": 100.0, "reward_margin": 0.0, "reward_margin_hardest": 0.0}
-# The loss supplies [framework rank, preference-model rank]; CUSTOM has none (an old run): it sorts last.
-ROW_ORDER = {"DPO-BT": [0, 0], "DPO-PL": [0, 1], "DPO-HPS": [0, 2], "IPO-HPS": [1, 2]}
 
 
 def write_job(job_dir, metrics=None, overrides=None):
@@ -36,8 +34,6 @@ def completed(method, seed, hh_margin, level, n_responses=8, gamma=1.0, beta=0.1
     fw, _, pm = method.partition("-")
     run = {"method": method, "framework": fw.lower(), "preference_model": pm, "train_dataset": "synthetic",
            "seed": seed, "n_responses": n_responses, "gamma": gamma, "beta": beta, "sweep": "t"}
-    if method in ROW_ORDER:
-        run["row_order"] = ROW_ORDER[method]
     wobble = 0.1 * seed
     hh = {"sft": {**SFT, "harmful_rate": None},
           "aligned": {"bleu_corpus": 10 + level + wobble, "reward": level + wobble, "reward_margin": hh_margin,
@@ -188,20 +184,15 @@ def test_margin_metric_option(sweep, tmp_path):
     assert rows["DPO-HPS"][headers.index("hh · Reward margin (hardest) ↑")] == "**0.75 [0.50, 1.00]†**"
 
 
-def test_rows_follow_row_order_not_names(tmp_path):
-    """Rows sort by the loss's row_order; runs without one come last, alphabetically; names carry no rank."""
+def test_rows_follow_the_papers_order_not_names(tmp_path):
+    """Rows sort by framework, then preference model, in the paper's order (the tables' ROW_ORDER, not the
+    method names); a framework or preference model it does not list comes after, alphabetically."""
     root = tmp_path / "order"
-    order = {"Zeta-A": [0, 1], "Alpha-B": [1, 0], "Mid-C": [0, 0], "Old-2": None, "Old-1": None}
-    for i, (method, row_order) in enumerate(order.items()):
-        metrics = completed(method, 0, 1.0, 1.0)
-        if row_order is None:
-            metrics["run"].pop("row_order", None)
-        else:
-            metrics["run"]["row_order"] = row_order
-        write_job(root / str(i), metrics)
+    methods = ["Zeta-A", "IPO-BT", "DPO-Hinge", "Alpha-B", "DPO-HPS", "DPO-PL", "SPPO-DPO"]
+    for i, method in enumerate(methods):
+        write_job(root / str(i), completed(method, 0, 1.0, 1.0))
     main = tables.main_table(tables.collect_runs([root]), n_boot=50)
-    assert main.rows[1:] == ["Mid-C", "Zeta-A", "Alpha-B", "Old-1", "Old-2"]
-    assert not hasattr(tables, "method_sort_key") and not hasattr(tables, "FRAMEWORKS")
+    assert main.rows[1:] == ["DPO-PL", "DPO-HPS", "DPO-Hinge", "IPO-BT", "SPPO-DPO", "Alpha-B", "Zeta-A"]
 
 
 @pytest.fixture
@@ -337,11 +328,10 @@ def test_unreadable_metrics_are_listed(tmp_path):
 N_PROMPTS = 20
 
 
-def with_prompts(method, seed, margins, row_order, timing=None):
+def with_prompts(method, seed, margins, timing=None):
     """A completed run whose hh margin has per-prompt values (the scalar is their mean, as the app writes it)."""
     fw, _, pm = method.partition("-")
     m = completed(method, seed, statistics.fmean(margins), 1.0)
-    m["run"]["row_order"] = row_order
     hh = m["eval"]["hh"]
     hh["per_prompt"] = {"aligned": {"reward_margin": list(margins), "reward_margin_hardest": [x / 2 for x in margins]},
                         "sft": {"reward_margin": [0.0] * len(margins)}}
@@ -360,18 +350,17 @@ def paired_sweep(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "paired"
     num = 0
-    fw_rank, pm_rank = {"DPO": 0, "IPO": 1}, {"BT": 0, "PL": 1, "HPS": 2}
+    pm_rank = {"BT": 0, "PL": 1, "HPS": 2}
     for seed in range(5):
         base = rng.normal(0.0, 1.0, N_PROMPTS)
         wiggle = 0.1 * (-1.0) ** np.arange(N_PROMPTS)
         margins = {"DPO-HPS": base + 1.0 + rng.normal(0, 0.3, N_PROMPTS), "DPO-PL": base + 0.5,
                    "DPO-BT": base + 0.2, "IPO-HPS": base + wiggle, "IPO-BT": base, "IPO-PL": base - 1.0}
         for method, values in margins.items():
-            fw, _, pm = method.partition("-")
+            pm = method.partition("-")[2]
             timing = {"pref_s": 10.0 * (pm_rank[pm] + 1) + seed, "pref_step_s": 0.1 * (pm_rank[pm] + 1),
                       "total_s": 100.0}
-            write_job(root / str(num), with_prompts(method, seed, values.tolist(), [fw_rank[fw], pm_rank[pm]],
-                                                    timing))
+            write_job(root / str(num), with_prompts(method, seed, values.tolist(), timing))
             num += 1
     return root
 
@@ -510,18 +499,18 @@ def test_never_started_listed_even_without_completed_runs(tmp_path, capsys):
 
 def test_series_colours_never_collide():
     runs = []
-    for i in range(15):  # more series than palette colours
-        r = tables.Run(Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-P{i}", "framework": f"f{i % 3}",
-                                                                 "preference_model": f"P{i}", "row_order": [i % 3, i]})
-        runs.append(r)
-    runs.append(tables.Run(Path("/x/y"), "completed", {"method": "F1-P0", "framework": "f1",
-                                                                "preference_model": "P0", "row_order": [1, 0]}))
+    models = ["HPS", "BT", "DPO"] + [f"P{i:02d}" for i in range(12)]  # more series than palette colours
+    for i, pm in enumerate(models):
+        runs.append(tables.Run(Path(f"/x/{i}"), "completed", {"method": f"F{i % 3}-{pm}", "framework": f"f{i % 3}",
+                                                              "preference_model": pm}))
+    runs.append(tables.Run(Path("/x/y"), "completed", {"method": "F1-HPS", "framework": "f1",
+                                                       "preference_model": "HPS"}))
     rows = tables.build_rows(runs)
     styles = tables.series_styles(rows)
     assert len(styles) == 15 and len(set(styles.values())) == 15
-    assert list(styles)[:3] == ["P0", "P1", "P2"]  # in preference-model rank
+    assert list(styles)[:4] == ["DPO", "BT", "HPS", "P00"]  # in preference-model rank, then by name
     by_label = {row.label: styles[row.series] for row in rows}
-    assert by_label["F0-P0"] == by_label["F1-P0"]  # same preference model, same colour in every framework
+    assert by_label["F0-HPS"] == by_label["F1-HPS"]  # same preference model, same colour in every framework
 
 
 def test_main_plot_panels(paired_sweep, tmp_path):

@@ -4,7 +4,7 @@
                              [--stage aligned] [--compare PREFERENCE_MODEL] [--sweep NAME]
 
 Pipeline, one module per step: collect.collect_runs (every job dir, completed or not) -> aggregate: rows (a
-method, split by settings that vary within it; sorted by the loss's `run.row_order`) -> main_table /
+method, split by settings that vary within it; in the paper's order, aggregate.ROW_ORDER) -> main_table /
 timing_table / ablation_table, every cell "mean [lo, hi]" with a 95 % bootstrap interval (held-out prompts within
 seeds where the run reports per-prompt values, else over seeds: hps_exp.stats) -> paired.paired_tests of the
 treatment preference model against the best baseline of its framework -> render.render_markdown / render_csv /
@@ -13,9 +13,10 @@ grid's jobs that never started (collect.never_started), are listed, never droppe
 `python -m hps_exp.sweep` recorded at launch (`<sweep dir>/sweep_grid.json`, command-line extras included), or,
 for sweeps without a record, the one expanded from the sweep yaml (said in a note).
 
-No framework or preference-model name is known here: rows are ordered by `run.row_order` (supplied by the loss),
-plots grouped by `run.framework` and coloured by `run.preference_model`, and the treatment of the paired test
-comes from the sweep yaml (`compare: {treatment: X}`) or `--compare X`.
+Rows are ordered by the paper's order of `run.framework` and `run.preference_model` (aggregate.ROW_ORDER: the one
+place that ranks them; a loss says only what it is, and one not listed there comes after, alphabetically), plots
+grouped by framework and coloured by preference model, and the treatment of the paired test comes from the sweep
+yaml (`compare: {treatment: X}`) or `--compare X`.
 """
 from hps_exp.tables.aggregate import (
     ABLATION_KEYS,

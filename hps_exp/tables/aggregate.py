@@ -1,7 +1,7 @@
-"""Aggregate runs into tables: a row per method (split by the settings that vary within it, ordered by the
-loss's `run.row_order`), a cell per (eval set, metric) = mean [lo, hi] with a 95 % bootstrap interval
-(hps_exp.stats: over held-out prompts within seeds where the runs report per-prompt values, else over seeds),
-the SFT reference rows, the cost table and the ablation tables."""
+"""Aggregate runs into tables: a row per method (split by the settings that vary within it, in the paper's
+order of frameworks and preference models: ROW_ORDER), a cell per (eval set, metric) = mean [lo, hi] with a
+95 % bootstrap interval (hps_exp.stats: over held-out prompts within seeds where the runs report per-prompt
+values, else over seeds), the SFT reference rows, the cost table and the ablation tables."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,10 @@ from typing import Any, Iterable
 from hps_exp import stats
 from hps_exp.tables.collect import Run, as_number, metric_of, per_prompt_of
 
+# The paper's table order: frameworks (run.framework), then preference models within a framework
+# (run.preference_model; "DPO" is the dataset's own pair). Others come after these, alphabetically.
+ROW_ORDER = {"framework": ("dpo", "ipo", "exo", "sppo", "nca"),
+             "preference_model": ("DPO", "BT", "PL", "HPS", "HPS-full", "LiPO-λ")}
 # Run settings that split one method into several rows when they vary within it.
 GROUP_KEYS = ("train_dataset", "sampler", "n_responses", "gamma", "beta")
 ABLATION_KEYS = ("n_responses", "gamma", "beta")
@@ -106,12 +110,10 @@ def hashable(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, sort_keys=True)
 
 
-def row_order_of(run: Run) -> tuple:
-    """The loss's [framework rank, preference-model rank]; runs without one sort after, alphabetically."""
-    order = run.run.get("row_order")
-    if isinstance(order, (list, tuple)) and order and all(as_number(x) is not None for x in order):
-        return (0, tuple(float(x) for x in order))
-    return (1, ())
+def row_order_of(run: Run) -> tuple[int, int]:
+    """(framework rank, preference-model rank) in ROW_ORDER; a name not there ranks after every one that is."""
+    fw, pm = (order.index(v) if (v := run.run.get(key)) in order else len(order) for key, order in ROW_ORDER.items())
+    return fw, pm
 
 
 def varying_keys(runs: list[Run], keys: Iterable[str] = GROUP_KEYS) -> dict[str, list[str]]:
@@ -153,7 +155,7 @@ class Row:
 
 def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
     """A row is a method, split by the settings that vary within it (e.g. "DPO-HPS (γ=0.5)") so different
-    hyperparameters are never averaged together; rows sorted by run.row_order, then method, then settings."""
+    hyperparameters are never averaged together; rows sorted by ROW_ORDER, then method, then settings."""
     excluded = set(exclude)
     vary = {m: [k for k in ks if k not in excluded] for m, ks in varying_keys(runs).items()}
     groups: dict[tuple, list[Run]] = defaultdict(list)

@@ -17,6 +17,7 @@ from hps_exp.tables.aggregate import (
     LEVEL,
     MARGINS,
     METRIC_LABELS,
+    ROW_ORDER,
     SFT_LABEL,
     Cell,
     Row,
@@ -57,9 +58,8 @@ def _save_png(fig: Figure, path: Path) -> None:
 
 def series_styles(rows: list[Row]) -> dict[str, tuple[str, str]]:
     """Series (preference model + split settings) -> (colour, hatch), in row order: never two alike."""
-    def key(row: Row) -> tuple:  # by preference-model rank (row_order[1:]), then name
-        flag, order = row_order_of(row.runs[0]) if row.runs else (1, ())
-        return (flag, order[1:], row.series)
+    def key(row: Row) -> tuple:  # by preference-model rank, then name
+        return (row_order_of(row.runs[0])[1] if row.runs else len(ROW_ORDER["preference_model"]), row.series)
     series = list(dict.fromkeys(row.series for row in sorted(rows, key=key)))
     return {s: (PALETTE[i % len(PALETTE)], HATCHES[(i // len(PALETTE)) % len(HATCHES)]) for i, s in enumerate(series)}
 
