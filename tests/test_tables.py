@@ -10,6 +10,7 @@ import pytest
 
 from hps_exp import tables
 from hps_exp.tables import plots
+from hps_exp.tables.collect import grids_of, missing_jobs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,6 +61,12 @@ def sweep(tmp_path):
               ["loss=hps", "loss.beta=-1"])
     write_job(root / str(num + 1), overrides=["loss=pl", "seed=7"])  # crashed before writing metrics.json
     return root
+
+
+def never_started(runs, sweep_dirs, sweep_names=None):
+    """(jobs of the grid that never started, notes), as the CLI finds them."""
+    grids, notes = grids_of(runs, sweep_dirs, sweep_names)
+    return missing_jobs(runs, grids), notes
 
 
 def parse_md_table(md, title):
@@ -474,7 +481,7 @@ def test_never_started_jobs_are_listed(tmp_path):
     write_job(root / "A" / "1", overrides=["seed=5"])                       # started (by its place), crashed
     write_job(root / "elsewhere", completed("DPO-BT", 0, 1.0, 1.0), jobs["B"][0] + ["dataset.path=x"])
     runs = tables.collect_runs([root])
-    missing, notes = tables.never_started(runs, [root], [str(grid)])
+    missing, notes = never_started(runs, [root], [str(grid)])
     assert notes == [] and [(m.arm, m.number) for m in missing] == [("B", 1)]
     assert missing[0].overrides == jobs["B"][1]
     assert tables.main([str(root), "--sweep", str(grid), "--n-boot", "50"]) == 0
@@ -483,7 +490,7 @@ def test_never_started_jobs_are_listed(tmp_path):
     section = md.split("## Jobs of the grid that never started", 1)[1].split("\n## ", 1)[0]
     assert f"| {grid} | B | 1 |" in section and "`trainer.lr=0.2`" in section and "`seed=1`" in section
     # A sweep name with no yaml: said, not fatal.
-    missing, notes = tables.never_started(runs, [root], ["no_such_sweep_xyz"])
+    missing, notes = never_started(runs, [root], ["no_such_sweep_xyz"])
     assert missing == [] and "no_such_sweep_xyz" in notes[0]
 
 
@@ -604,7 +611,7 @@ def test_never_started_compares_against_the_recorded_grid(tmp_path, capsys):
         m["run"]["sweep"] = "main_dpo_small"
         write_job(jobs_dir / arm / "0", m, launched[arm][0])
     runs = tables.collect_runs([jobs_dir])
-    missing, notes = tables.never_started(runs, [jobs_dir])
+    missing, notes = never_started(runs, [jobs_dir])
     assert missing == [] and notes == []
     assert tables.main([str(jobs_dir), "--n-boot", "50"]) == 0
     md = (jobs_dir / "table.md").read_text()
@@ -616,12 +623,12 @@ def test_never_started_compares_against_the_recorded_grid(tmp_path, capsys):
     import shutil
 
     shutil.rmtree(jobs_dir / "DPO-PL" / "0")
-    missing, _ = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    missing, _ = never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
     assert [(m.arm, m.number) for m in missing] == [("DPO-PL", 0)]
     assert "dataset.n_train=64" in missing[0].overrides and "seed=0" in missing[0].overrides
     # Without the record, the yaml's grid is the fallback, and the tables say so.
     (jobs_dir / "sweep_grid.json").unlink()
-    missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    missing, notes = never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
     assert len(missing) == 1 + 4 * 4  # the lost job and seeds 1-4 of every arm, as the yaml has them
     assert len(notes) == 1 and "no grid recorded at launch" in notes[0] and "main_dpo_small.yaml" in notes[0]
 
@@ -630,7 +637,7 @@ def test_a_corrupt_grid_record_is_named_not_used(tmp_path):
     jobs_dir = tmp_path / "jobs"
     write_job(jobs_dir / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0))
     (jobs_dir / "sweep_grid.json").write_text("{\"arms\": 3}")
-    missing, notes = tables.never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
+    missing, notes = never_started(tables.collect_runs([jobs_dir]), [jobs_dir])
     assert missing == [] and any(str(jobs_dir / "sweep_grid.json") in n for n in notes)
 
 

@@ -234,10 +234,3 @@ def missing_jobs(runs: list[Run], grids: list[Grid]) -> list[NeverStarted]:
                 missing.append(NeverStarted(grid.name, arm, k, job))
     return missing
 
-
-def never_started(runs: list[Run], sweep_dirs: list[Path], sweep_names: Iterable[str] | None = None
-                  ) -> tuple[list[NeverStarted], list[str]]:
-    """(jobs of the grid that never started, notes): grids_of + missing_jobs."""
-    grids, notes = grids_of(runs, sweep_dirs, sweep_names)
-    return missing_jobs(runs, grids), notes
-
