@@ -1,24 +1,25 @@
 """The paper's data pipeline: n sampled responses per prompt, scored by an annotation reward model.
 
-`augment(examples, generator_model=..., tok=..., reward_model=..., n=..., ...)` returns, for each input
-prompt, an Example whose responses are (the dataset's own responses, when keep_original) + n samples from the
-generator (usually the SFT policy), every one scored with `reward_model.score_batch` (the originals are
-re-scored too, so all scores of a prompt are on one scale); `harmful` comes from `reward_model.is_harmful`
-when the reward model has one (else None, also for the originals); chosen = best (argmax score, first on
-ties), rejected = worst (LAST index of the lowest score, as sampler=best_worst picks it).
+`augment(examples, generator=..., reward_model=..., n=..., temperature=..., top_p=..., max_new_tokens=..., seed=...,
+placeholder=..., ...)` returns, for each input prompt, an Example whose responses are (the dataset's own responses,
+when keep_original) + n samples from the generator (a hps_exp.generation.Generator over the SFT policy, usually),
+every one scored with `reward_model.score_batch` (the originals are re-scored too, so all scores of a prompt are on
+one scale); `harmful` comes from `reward_model.is_harmful` when the reward model has one (else None, also for the
+originals); chosen = best (argmax score, first on ties), rejected = worst (LAST index of the lowest score, as
+sampler=best_worst picks it).
 
 Decisions (all counted in `stats`):
 - Sampling: a hps_exp.generation.Generator (`augment.backend`: hf = HF `generate` with do_sample, the KV cache,
   left padding, prompts keeping their LAST `max_prompt_length` tokens, `batch_size` generated SEQUENCES per call;
-  vllm, on GPU or on CPU with .venv-vllm), with `temperature`, `top_p`, `top_k` (0 = off) and n samples per prompt;
-  a progress bar over the samples (`progress`).
+  vllm, on GPU or on CPU with .venv-vllm; `augment.top_k`, 0 = off, is the generator's), with `temperature`,
+  `top_p` and n samples per prompt; a progress bar over the samples (`progress`).
 - Where a reply ends: the generator stops it at the model's eos and at the first of `stop` (the run passes the
   dataset's `dataset.stop`, its turn markers; default here: the next "\\n\\nHuman:" / "\\n\\nAssistant:"
   turn, since a causal LM trained on dialogues happily writes the user's next turn) and returns the text before it.
-- Empty samples (nothing, or only whitespace, before eos / a stop string) are KEPT as the placeholder text
-  `tok.eos_token` ("<|endoftext|>"; it tokenises back to the single eos token, i.e. "the model stopped at
-  once"), and scored by the reward model like any response: an immediate stop is a real (usually poor) sample
-  and keeping it keeps n fixed. Counted in stats["empty"].
+- Empty samples (nothing, or only whitespace, before eos / a stop string) are KEPT as the `placeholder` text (the
+  run passes the tokenizer's eos token, e.g. "<|endoftext|>": it tokenises back to the single eos token, i.e. "the
+  model stopped at once"), and scored by the reward model like any response: an immediate stop is a real (usually
+  poor) sample and keeping it keeps n fixed. Counted in stats["empty"].
 - Duplicates: with dedup=True (default) a response whose whitespace-normalised text equals an earlier one of the
   same prompt is dropped (originals come first, so they win). Duplicates would count one response twice in
   the listwise losses (HPS weights, PL) and create spurious ties; so a prompt can end with fewer than
