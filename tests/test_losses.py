@@ -78,14 +78,14 @@ def test_framework_matches_formula(name, eps):
 
 @pytest.mark.parametrize("name", ["ipo", "sppo", "nca"])
 def test_smoothing_that_would_do_nothing_is_refused(name):
-    with pytest.raises(ValueError, match=f"label_smoothing=0.1 does nothing under framework={name}"):
+    with pytest.raises(ValueError, match=rf"label_smoothing=0\.1.*framework={name}"):
         PairwiseLoss(label_smoothing=0.1, framework=name)
 
 
 def test_unknown_framework_lists_allowed():
     with pytest.raises(ValueError, match="dpo, ipo, exo, sppo, nca"):
         PairwiseLoss(framework="kto")
-    with pytest.raises(ValueError, match="allowed"):
+    with pytest.raises(ValueError, match="'hinge'.*dpo, ipo, exo, sppo, nca"):
         HPSLoss(framework="hinge")
     assert set(FRAMEWORKS) == {"dpo", "ipo", "exo", "sppo", "nca"}
 
@@ -245,7 +245,7 @@ def test_hps_ties_with_best_are_not_negatives():
     assert out.losses.item() == pytest.approx(math.log(1 + inner / math.exp(0.1)), rel=1e-12)
     assert p.grad[0, 1].item() == 0.0
     p, r, m, s = _batch([rewards], scores=[[4.0, 4.0, 4.0, 4.0]])
-    with pytest.raises(ValueError, match="no negative"):
+    with pytest.raises(ValueError, match=r"rows \[0\]"):
         HPSLoss()(p, r, m, s, torch.tensor([1]))
 
 
@@ -337,21 +337,21 @@ def test_attributes():
 def test_validation_errors():
     p, r, m, s = _batch([[0.0, 1.0, 2.0]], scores=[[3.0, 2.0, 1.0]])
     n = torch.tensor([2])
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match=r"ref_logps \(1, 2\)"):
         PlackettLuceLoss()(p, r[:, :2], m, s, n)
     with pytest.raises(ValueError, match="slots 0"):
         PlackettLuceLoss()(p, r, torch.tensor([[True, False, True]]), s, n)
-    with pytest.raises(ValueError, match="exactly 2"):
+    with pytest.raises(ValueError, match="input_kind 'pair'"):
         PairwiseLoss()(p, r, m, s, n)
     with pytest.raises(ValueError, match="scores"):
         HPSLoss()(p, r, m, None, n)
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="^scores"):
         HPSLoss()(p, r, m, torch.tensor([[3.0, float("nan"), 1.0]]), n)
     with pytest.raises(ValueError, match="num_negatives"):
         HPSLoss()(p, r, m, s, torch.tensor([0]))
     with pytest.raises(ValueError, match="num_negatives"):
         HPSLoss()(p, r, m, s, None)
-    with pytest.raises(ValueError, match="bool"):
+    with pytest.raises(ValueError, match="mask.*torch.int64"):
         PlackettLuceLoss()(p, r, m.long(), s, n)
     with pytest.raises(ValueError):
         HPSLoss(estimator="double")

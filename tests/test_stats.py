@@ -65,13 +65,13 @@ def test_constant_data_gives_a_point_interval_and_fallback_over_seeds():
 def test_bootstrap_is_reproducible_and_rejects_bad_input():
     v = [[0.1, 0.5, 0.9], [0.3, 0.2]]
     assert stats.bootstrap_ci(v, seed=3) == stats.bootstrap_ci(v, seed=3)
-    with pytest.raises(ValueError, match="no seeds"):
+    with pytest.raises(ValueError, match="^values: no seeds"):
         stats.bootstrap_ci([])
     with pytest.raises(ValueError, match=r"values\[1\]: no values"):
         stats.bootstrap_ci([[1.0], []])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"values\[0\]"):
         stats.bootstrap_ci([[1.0, float("nan")]])
-    with pytest.raises(ValueError, match="level"):
+    with pytest.raises(ValueError, match="level=95"):
         stats.bootstrap_ci([[1.0]], level=95)
 
 
@@ -96,7 +96,7 @@ def test_paired_test_pairs_by_seed_and_prompt():
     assert stats.paired_test(b, a) == pytest.approx(0.25)  # two-sided
     with pytest.raises(ValueError, match="seed row 1"):
         stats.paired_test(a, [[0.0, 0.0], [0.0, 1.0]])
-    with pytest.raises(ValueError, match="2 seeds, b has 1"):
+    with pytest.raises(ValueError, match=r"a has 2\b.*b has 1\b"):
         stats.paired_test(a, [[0.0, 0.0]])
 
 
