@@ -45,7 +45,11 @@ def choose(runs: list[Run], keys: list[str], metric: str, stage: str = "aligned"
         if v is not None:
             values[r.method][grid_point(r, keys)].append(v)
     if not values:
-        raise TuneError(f"no completed job has {VALIDATION}.{stage}.{metric}")
+        blocks = [(r, (r.eval.get(VALIDATION) or {}).get(stage)) for r in runs if r.ok]
+        reported = sorted({k for r, b in blocks if isinstance(b, dict) for k in b
+                           if metric_of(r, VALIDATION, stage, k) is not None})
+        raise TuneError(f"no completed job has {VALIDATION}.{stage}.{metric}; they report "
+                        f"{', '.join(reported) or 'none'}")
     out = {}
     for method, points in sorted(values.items()):
         means = {p: (statistics.fmean(v), len(v)) for p, v in sorted(points.items())}
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dirs", nargs="+", help="tuning sweep dirs (jobs run with eval.split=validation)")
     ap.add_argument("--keys", nargs="+", required=True, help="the tuned overrides, e.g. loss.beta trainer.lr")
-    ap.add_argument("--metric", default="reward", help="the validation metric to maximise (default: %(default)s)")
+    ap.add_argument("--metric", default="reward", help="the validation metric to maximise, as metrics.json names "
+                    "it (e.g. reward, reward_margin, bleu_corpus, bleu_sentence; default: %(default)s)")
     args = ap.parse_args(argv)
     missing = [d for d in args.sweep_dirs if not Path(d).is_dir()]
     if missing:

@@ -35,3 +35,8 @@ def test_best_mean_over_seeds_per_method(tmp_path, capsys):
 def test_jobs_evaluated_on_test_prompts_are_refused(tmp_path):
     with pytest.raises(tune.TuneError, match="eval.split=validation"):
         tune.choose(collect_runs([make_sweep(tmp_path / "s", split="test")]), ["loss.beta"], "reward")
+
+
+def test_a_metric_no_job_reports_names_those_they_do(tmp_path):
+    with pytest.raises(tune.TuneError, match=r"validation\.aligned\.bleu\b.*reward$"):
+        tune.choose(collect_runs([make_sweep(tmp_path / "s")]), ["loss.beta"], "bleu")
