@@ -48,7 +48,7 @@ cfg = SimpleNamespace(mode=sys.argv[2], project="hps-exp-tests", entity=None, ta
 log = RunLogger(Path(sys.argv[1]), cfg, {"seed": 0}, "job", None)
 for step in (1, 2, 3):
     log.log({"sft/loss": 1.0 / step}, step=step)
-log.summary({"eval/bleu": 1.0})
+log.summary({"eval/bleu_corpus": 1.0})
 log.finish()
 Path(sys.argv[3]).write_text(json.dumps({"mode": log.mode}))
 """
@@ -174,7 +174,7 @@ def test_log_summary_finish_never_raise(monkeypatch, tmp_path, capsys):
     run = wb.run
     for step in (1, 2, 3):
         log.log({"train/loss": float(step)}, step=step)
-    log.summary({"eval/bleu": 1.0})
+    log.summary({"eval/bleu_corpus": 1.0})
     log.finish()
     (warning,) = warnings_in(capsys.readouterr().err)  # once, not once per step
     assert "W&B log failed (ConnectionError: socket closed); W&B is off for the rest of this job" in warning
