@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hps_exp.io import FileLock, owner_tag
+from hps_exp.io import FileLock, fresh_dir, owner_tag, publish_new_dir
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -300,23 +300,20 @@ def _fresh_tmp(cache_dir: Path, final: Path) -> Path:
     clean_stale(cache_dir, skip=final.name)
     for stale in [*cache_dir.glob(f".{final.name}.tmp-*"), *cache_dir.glob(f"..{final.name}.checkpoint.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_dir / f".{final.name}.tmp-{owner_tag()}"
-    tmp.mkdir()
-    return tmp
+    return fresh_dir(cache_dir / f".{final.name}.tmp-{owner_tag()}")
 
 
 def _publish(tmp: Path, final: Path, entry: Entry, started: float) -> None:
-    """Record the entry's inputs and its files' hashes, then rename the finished temp dir into place."""
+    """Record the entry's inputs and its files' hashes, then rename the finished temp dir into place (the files
+    in it need no atomic writes: nothing reads the temp dir)."""
     (tmp / "inputs.json").write_text(json.dumps(_canonical(entry.record), indent=2, sort_keys=True))
     hashed = time.perf_counter()
     files = manifest(tmp)
     (tmp / MANIFEST).write_text(json.dumps(files, indent=2, sort_keys=True))
     hash_s = time.perf_counter() - hashed
-    try:
-        os.rename(tmp, final)   # we hold the entry's lock and found no intact entry: nothing to overwrite
-    except OSError:
-        if not final.exists():  # a builder that takes no lock (an older version) finished first: keep theirs
-            raise
+    # We hold the entry's lock and found no intact entry: nothing to overwrite (should a builder that takes no
+    # lock have published first, its entry is kept).
+    publish_new_dir(tmp, final)
     size = sum(f["size"] for f in files.values())
     print(f"[cache] {entry.name}: built in {time.perf_counter() - started:.1f}s -> {final} "
           f"({size / 1e6:.1f} MB, hashed in {hash_s:.2f}s)")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hps_exp.data.schema import atomic_write_text
+from hps_exp.io import atomic_write_text
 
 INIT_TIMEOUT_ENV = "HPS_EXP_WANDB_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT_S = 20.0

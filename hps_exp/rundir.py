@@ -103,7 +103,7 @@ def restore_overrides(run_dir: Path) -> None:
         return
     from omegaconf import OmegaConf
 
-    from hps_exp.data.schema import atomic_write_text
+    from hps_exp.io import atomic_write_text
 
     atomic_write_text(target, OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
