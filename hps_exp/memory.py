@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from hps_exp import models
-from hps_exp.trainer import compute_numerics
+from hps_exp.strategies import compute_numerics
 
 GIB = 2 ** 30
 KNOWN_PREFIX = "known:"
@@ -132,7 +132,7 @@ def saved_tensor_bytes(model, sink: list[int]):
 
 def saved_bytes(model, tokens: torch.Tensor, compute: str) -> int:
     """The activations of one forward and backward of `tokens` (with the fp32 log-softmax the losses take) under
-    `compute` (trainer.compute_numerics)."""
+    `compute` (strategies.compute_numerics)."""
     sink: list[int] = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if compute.endswith("autocast") else contextlib.nullcontext()
     with saved_tensor_bytes(model, sink), autocast:
@@ -233,7 +233,7 @@ class Setting:
 
 def block_bytes(model) -> int:
     """The largest decoder block's parameters (what fsdp2 gathers at a time)."""
-    from hps_exp.trainer import decoder_block_classes
+    from hps_exp.strategies import decoder_block_classes
 
     blocks = decoder_block_classes(model)
     return max(tensor_bytes(m.parameters()) for m in model.modules() if isinstance(m, blocks))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -32,7 +31,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 def build_tiny(cfg, vocab_size: int, seed: int, meta: bool = False):
     """A randomly initialised GPT-2 from model.* sizes; the seed fixes the init. `meta`: parameters on the meta
-    device (no memory, no init), for a rank that receives its weights from rank 0 (trainer.shard_from_rank0)."""
+    device (no memory, no init), for a rank that receives its weights from rank 0 (strategies.shard_from_rank0)."""
     import contextlib
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -290,12 +289,10 @@ def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool
     works on a copy so the live model keeps its adapters; `keep_live=False` merges `model` itself (a
     throw-away twin, see `unsharded_copy`: no second copy in host memory).
     """
-    import shutil
+    from hps_exp.io import fresh_dir, owner_tag, publish_dir
 
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(directory.with_name(f".{directory.name}.tmp-{owner_tag()}"))
     if is_lora(model) and lora_save == "merged":
         import copy
 
@@ -304,11 +301,7 @@ def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool
         # safetensors: transformers 5 always writes them (it has no safe_serialization switch); peft's default
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, directory)
 
 
 def empty_twin(model):
@@ -364,7 +357,7 @@ def unsharded_copy(model, state_dict: dict):
 def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | None = None, **config_kwargs):
     """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta
     device: the structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
-    shards from rank 0 (trainer.shard_from_rank0), so no rank but 0 ever holds the whole model."""
+    shards from rank 0 (strategies.shard_from_rank0), so no rank but 0 ever holds the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
     config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(source, **config_kwargs)

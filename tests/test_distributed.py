@@ -252,7 +252,7 @@ def worker(args: list[str]) -> None:
 def sft_worker(out: Path, opts: dict) -> None:
     """The SFT stage (tiny GPT-2, synthetic data) under fsdp2, recording on each rank whether the model reached
     the sharding call on the meta device. opts["every_rank_loads"]: the behaviour before meta loading."""
-    from hps_exp import stages, trainer
+    from hps_exp import stages, strategies, trainer
     from hps_exp.data.synthetic import load
     from hps_exp.distributed import init_world, shutdown
 
@@ -260,7 +260,7 @@ def sft_worker(out: Path, opts: dict) -> None:
     if opts.get("every_rank_loads"):
         stages._weights_from_rank0 = lambda env: False
     seen = {}
-    real_shard = trainer.shard_from_rank0
+    real_shard = strategies.shard_from_rank0
 
     def recording_shard(model, world, param_dtype=None):   # the first call trains (SFT), the second scores
         params = list(model.parameters())
@@ -272,7 +272,8 @@ def sft_worker(out: Path, opts: dict) -> None:
         seen.setdefault("shard_bytes", sum(p.to_local().numel() * p.element_size() for p in sharded.parameters()))
         return sharded
 
-    trainer.shard_from_rank0 = recording_shard
+    # the trainer's wrap calls it from strategies; stages imports it from trainer
+    strategies.shard_from_rank0 = trainer.shard_from_rank0 = recording_shard
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
                           epochs=1, lr=1e-3, batch_size=4, optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
     env = stages.Env(device=world.device, autocast=None, cache_dir=out / "cache", world=world,
