@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hps_exp import models
+from hps_exp import hub, models
 from hps_exp.strategies import compute_numerics
 
 GIB = 2 ** 30
@@ -70,7 +70,7 @@ def model_config(model_cfg):
                                   f"{', '.join(KNOWN_PREFIX + k for k in KNOWN_SHAPES)}")
         shape = dict(KNOWN_SHAPES[name])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    directory, gguf_file, _ = models.resolve_gguf(source)
+    directory, gguf_file, _ = hub.resolve_gguf(source)
     try:
         return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
