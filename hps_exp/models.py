@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -70,57 +70,53 @@ LORA_DEFAULTS = {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target
                  "save": "merged"}
 
 
-def lora_settings(lora) -> dict:
-    """model.lora with defaults filled in; unknown keys and bad values are named."""
+def lora_settings(lora: Mapping | None, key: str = "model.lora") -> dict:
+    """LoRA settings (model.lora, or reward_model.lora: `key` is the config key the errors name) with defaults
+    filled in; unknown keys and bad values are named."""
     given = dict(lora or {})
     unknown = sorted(set(given) - set(LORA_DEFAULTS))
     if unknown:
-        raise ModelError(f"model.lora.{unknown[0]} is not a LoRA setting; allowed: {', '.join(LORA_DEFAULTS)}")
+        raise ModelError(f"{key}.{unknown[0]} is not a LoRA setting; allowed: {', '.join(LORA_DEFAULTS)}")
     out = {**LORA_DEFAULTS, **given}
     if out["save"] not in ("merged", "adapter"):
-        raise ModelError(f"model.lora.save={out['save']!r} is not allowed; choose merged or adapter")
+        raise ModelError(f"{key}.save={out['save']!r} is not allowed; choose merged or adapter")
     if not (isinstance(out["r"], int) and out["r"] > 0):
-        raise ModelError(f"model.lora.r={out['r']!r} must be a positive integer")
-    def number(key):
-        v = out[key]
+        raise ModelError(f"{key}.r={out['r']!r} must be a positive integer")
+    def number(name: str) -> float:
+        v = out[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise ModelError(f"model.lora.{key}={v!r} must be a number")
+            raise ModelError(f"{key}.{name}={v!r} must be a number")
         return float(v)
 
     if not 0.0 <= number("dropout") < 1.0:
-        raise ModelError(f"model.lora.dropout={out['dropout']!r} must be in [0, 1)")
+        raise ModelError(f"{key}.dropout={out['dropout']!r} must be in [0, 1)")
     if not number("alpha") > 0:
-        raise ModelError(f"model.lora.alpha={out['alpha']!r} must be > 0")
+        raise ModelError(f"{key}.alpha={out['alpha']!r} must be > 0")
     if not isinstance(out["enabled"], bool):
-        raise ModelError(f"model.lora.enabled={out['enabled']!r} must be true or false")
+        raise ModelError(f"{key}.enabled={out['enabled']!r} must be true or false")
     tm = out["target_modules"]
     if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm
                                                  and all(isinstance(x, str) for x in tm)):
-        raise ModelError(f"model.lora.target_modules={tm!r} must be a module name pattern or a list of names")
+        raise ModelError(f"{key}.target_modules={tm!r} must be a module name pattern or a list of names")
     return out
 
 
-def apply_lora(model, lora):
-    """Wrap `model` in peft LoRA adapters (only the adapter weights stay trainable). The reference policy
-    is then the same model with its adapters disabled (`adapters_disabled`): no second model in memory."""
+def apply_lora(model: torch.nn.Module, lora: Mapping | None, task_type: str = "CAUSAL_LM",
+               key: str = "model.lora") -> torch.nn.Module:
+    """Wrap `model` in peft LoRA adapters with `lora`'s settings (`lora_settings(lora, key)`): only the adapter
+    weights stay trainable. `task_type` is peft's: CAUSAL_LM for the policy; SEQ_CLS for a reward model, whose
+    scalar head peft keeps out of "all-linear" and trains in full (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
-    s = lora_settings(lora)
+    s = lora_settings(lora, key)
     targets = s["target_modules"]
-    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type="CAUSAL_LM",
+    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type=task_type,
                         target_modules=targets if isinstance(targets, str) else list(targets))
     return get_peft_model(model, config)
 
 
 def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def adapters_disabled(model):
-    """Context in which a LoRA model computes the base (reference) model's outputs; a no-op otherwise."""
-    import contextlib
-
-    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
 def enable_activation_checkpointing(model) -> None:
