@@ -91,12 +91,11 @@ def read_rows(path: Path) -> tuple[list[dict], bool]:
         except ValueError:
             damaged = True
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        # every row `log` writes has these three; a row without them was not written by it
+        if not (isinstance(row, dict) and isinstance(row.get("stage"), str)
+                and all(isinstance(row.get(k), int) for k in ("step", "global_step"))):
             damaged = True
             continue
-        # rows from before "stage" was recorded: the stage is the prefix of their metric names
-        row.setdefault("stage", stage_of({k: v for k, v in row.items() if k not in ("step", "global_step")}))
-        row.setdefault("global_step", row["step"])
         rows.append(row)
     return rows, damaged
 
