@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hps_exp.io import FileLock, fresh_dir, owner_tag, publish_new_dir
+
+if TYPE_CHECKING:
+    from hps_exp.distributed import World
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -239,7 +242,7 @@ def _disk_full_is_one_line(entry: Entry, tmp: Path, work: Callable[[], Any]) -> 
                          f"and rerun") from e
 
 
-def cached(cache_dir: Path, entry: Entry, build: Callable[[Path], None], world=None,
+def cached(cache_dir: Path, entry: Entry, build: Callable[[Path], None], world: World | None = None,
            all_ranks: bool = False) -> tuple[Path, bool]:
     """Return (directory, hit) of `entry`. On a miss, `build(tmp_dir)` fills a temp dir of this process that is
     renamed into place only when complete: a crash mid-stage never leaves a half-written entry. One job builds

@@ -26,9 +26,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hps_exp.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from hps_exp.config import LoggerConfig
 
 INIT_TIMEOUT_ENV = "HPS_EXP_WANDB_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT_S = 20.0
@@ -105,7 +108,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg, config: dict, name: str, group: str | None):
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str, group: str | None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A rerun in the same run dir continues the file; a line cut by a kill is dropped first, so the

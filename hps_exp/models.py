@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
@@ -14,6 +14,9 @@ from hps_exp.hub import (  # noqa: F401 - plan.py reaches these through models
 )
 from hps_exp.hub import check_gguf_support as _check_gguf_support  # noqa: F401 - plan.py's name for it
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -23,7 +26,7 @@ class ModelError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message says how to fix it."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the given texts: exact round trip, no files needed."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -36,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def build_tiny(cfg, vocab_size: int, seed: int, meta: bool = False):
+def build_tiny(cfg: Any, vocab_size: int, seed: int, meta: bool = False) -> PreTrainedModel:
     """A randomly initialised GPT-2 from model.* sizes; the seed fixes the init. `meta`: parameters on the meta
     device (no memory, no init), for a rank that receives its weights from rank 0 (strategies.shard_from_rank0)."""
     import contextlib
@@ -115,11 +118,11 @@ def apply_lora(model: torch.nn.Module, lora: Mapping | None, task_type: str = "C
     return get_peft_model(model, config)
 
 
-def is_lora(model) -> bool:
+def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant: works under DDP, FSDP2 and
     with frozen LoRA inputs). transformers >= 5 names it activation_checkpointing_enable."""
     if hasattr(model, "activation_checkpointing_enable"):
@@ -128,7 +131,7 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def configure(model, model_cfg):
+def configure(model: PreTrainedModel, model_cfg: Mapping) -> torch.nn.Module:
     """Apply model.gradient_checkpointing and model.lora (in that order) to a loaded model; returns the
     model to train (a peft model when LoRA is enabled)."""
     if model_cfg.get("gradient_checkpointing", False):
@@ -142,7 +145,8 @@ def configure(model, model_cfg):
 
 
 def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementation: str | None = None,
-                    trust_remote_code: bool = False, meta: bool = False):
+                    trust_remote_code: bool = False,
+                    meta: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer + causal LM from the hub, a local directory, or a GGUF file (see hub.resolve_gguf).
 
     GGUF weights are dequantised to fp32 by transformers; the returned model is a plain (trainable)
@@ -176,7 +180,7 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
     return tok, model
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer alone (hub id, local dir or GGUF file), as load_pretrained loads it."""
     from transformers import AutoTokenizer
 
@@ -194,7 +198,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool = True) -> None:
+def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, directory: Path, lora_save: str = "merged",
+         keep_live: bool = True) -> None:
     """A plain HF directory (safetensors), written to a temp dir then renamed: an interrupted save never
     leaves a half-written policy that evaluation or the cache would read.
 
@@ -218,7 +223,7 @@ def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool
     publish_dir(tmp, directory)
 
 
-def empty_twin(model):
+def empty_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A parameter-free (meta-device) copy of `model`'s structure: the same transformers class and config and,
     for a peft model, the same LoRA adapters. What a sharded model is gathered into for saving, and what the
     ranks that do not load weights build before sharding (docs/scaling.md)."""
@@ -240,7 +245,7 @@ def empty_twin(model):
     return twin
 
 
-def check_twin(model) -> None:
+def check_twin(model: torch.nn.Module) -> None:
     """Refuse, before training, a model that `empty_twin` cannot rebuild with the same parameters and buffers
     (an FSDP2 save gathers into such a twin: it would otherwise fail after training)."""
     cls = type(model.get_base_model() if is_lora(model) else model).__name__
@@ -258,7 +263,7 @@ def check_twin(model) -> None:
                          f"trainer.strategy=ddp")
 
 
-def unsharded_copy(model, state_dict: dict):
+def unsharded_copy(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
     """`model` (sharded by FSDP2, or any) as a plain module holding `state_dict`'s full tensors (no copy of
     them): saves and merges like the unwrapped model, tied weights tied again (so save_pretrained writes each
     once). Keys must match exactly."""
@@ -268,7 +273,8 @@ def unsharded_copy(model, state_dict: dict):
     return twin
 
 
-def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | None = None, **config_kwargs):
+def build_on_meta(source: str | Path | PretrainedConfig, *, dtype: str = "fp32", attn_implementation: str | None = None,
+                  **config_kwargs: Any) -> PreTrainedModel:
     """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta
     device: the structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
     shards from rank 0 (strategies.shard_from_rank0), so no rank but 0 ever holds the whole model."""
@@ -284,7 +290,8 @@ def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | Non
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None, meta: bool = False):
+def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None,
+               meta: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer + model of a saved HF directory; `meta`: the model on the meta device (build_on_meta)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -41,6 +41,11 @@ from hps_exp.strategies import (
     shard_from_rank0,  # noqa: F401 - stages.py imports it from here
     wrap,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from hps_exp.logger import RunLogger
 
 # step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float}); metrics["tokens"], if given, is the
 # micro-batch's real token count: summed over the stage (and ranks) into fit()'s "tokens", not averaged
@@ -82,7 +87,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 STALL_LIMIT = 0.1   # refuse when a step of size lr leaves more than this fraction of the trainable weights unchanged
 
 
-def stalled_fraction(params, lr: float) -> float:
+def stalled_fraction(params: Iterable[torch.nn.Parameter], lr: float) -> float:
     """The fraction of the trainable low-precision (bf16/fp16) weights that a step of size `lr` leaves unchanged
     (w + lr rounds back to w in the weight's dtype). AdamW moves a weight by about lr per step, so this is the
     fraction training cannot move. 0 when no trainable weight is low-precision (fp32 masters, LoRA adapters)."""
@@ -141,7 +146,7 @@ def num_prompts(batch: Any) -> int:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, device: torch.device,
-                 autocast: torch.dtype | None, logger=None, stage: str = "train",
+                 autocast: torch.dtype | None, logger: RunLogger | None = None, stage: str = "train",
                  checkpoint: Path | None = None, world: World | None = None, key: str | None = None,
                  record: dict | None = None):
         self.model, self.cfg, self.device, self.autocast = model, cfg, device, autocast
@@ -348,7 +353,8 @@ class Trainer:
             return sd if self.world.is_main else None
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
 
-    def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None, **save_kwargs) -> None:
+    def save_pretrained(self, tok: PreTrainedTokenizerBase, directory: Path, save_fn: Callable | None = None,
+                        **save_kwargs: Any) -> None:
         """Write the trained model as a plain HF directory (safetensors) on rank 0; every rank must call it.
         Under FSDP2 the full weights are gathered to rank 0 (CPU) into an unsharded twin of the model, which
         is saved (and, for a LoRA model with lora_save="merged", merged) like the unwrapped model.
