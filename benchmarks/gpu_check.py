@@ -215,9 +215,9 @@ def one_process_group(device):
 
 
 def check_fsdp2(device, dtype, steps: int, tiny: bool, sizes: dict) -> dict:
-    """trainer.shard_from_rank0 in a one-process group (what every fsdp2 rank runs) against the unsharded model."""
+    """strategies.shard_from_rank0 in a one-process group (what every fsdp2 rank runs) against the unsharded model."""
     from hps_exp.distributed import World
-    from hps_exp.trainer import shard_from_rank0
+    from hps_exp.strategies import shard_from_rank0
 
     loss_fn = loss_named("dpo")
     plain = random_model("smollm2-135m", device, tiny)

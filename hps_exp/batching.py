@@ -259,13 +259,6 @@ def preference_lengths(encoded: list[Encoded], all_responses: bool) -> list[int]
     return [len(e.prompt) + max((len(r) for r in e.responses), default=0) for e in encoded]
 
 
-def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
-    """Share of the padded [rows, max length] tokens of these batches that are padding."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-    real = sum(lengths[i] for b in batches for i in b)
-    return 1.0 - real / max(1, padded)
-
-
 # ---------------------------------------------------------------- preference batches
 #
 # A listwise batch holds n responses of the same prompt. Forwarding (prompt, response) rows would

@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hps_exp.io import FileLock, owner_tag
+from hps_exp.io import FileLock, fresh_dir, owner_tag, publish_new_dir
+
+if TYPE_CHECKING:
+    from hps_exp.distributed import World
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -239,7 +242,7 @@ def _disk_full_is_one_line(entry: Entry, tmp: Path, work: Callable[[], Any]) -> 
                          f"and rerun") from e
 
 
-def cached(cache_dir: Path, entry: Entry, build: Callable[[Path], None], world=None,
+def cached(cache_dir: Path, entry: Entry, build: Callable[[Path], None], world: World | None = None,
            all_ranks: bool = False) -> tuple[Path, bool]:
     """Return (directory, hit) of `entry`. On a miss, `build(tmp_dir)` fills a temp dir of this process that is
     renamed into place only when complete: a crash mid-stage never leaves a half-written entry. One job builds
@@ -300,23 +303,20 @@ def _fresh_tmp(cache_dir: Path, final: Path) -> Path:
     clean_stale(cache_dir, skip=final.name)
     for stale in [*cache_dir.glob(f".{final.name}.tmp-*"), *cache_dir.glob(f"..{final.name}.checkpoint.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_dir / f".{final.name}.tmp-{owner_tag()}"
-    tmp.mkdir()
-    return tmp
+    return fresh_dir(cache_dir / f".{final.name}.tmp-{owner_tag()}")
 
 
 def _publish(tmp: Path, final: Path, entry: Entry, started: float) -> None:
-    """Record the entry's inputs and its files' hashes, then rename the finished temp dir into place."""
+    """Record the entry's inputs and its files' hashes, then rename the finished temp dir into place (the files
+    in it need no atomic writes: nothing reads the temp dir)."""
     (tmp / "inputs.json").write_text(json.dumps(_canonical(entry.record), indent=2, sort_keys=True))
     hashed = time.perf_counter()
     files = manifest(tmp)
     (tmp / MANIFEST).write_text(json.dumps(files, indent=2, sort_keys=True))
     hash_s = time.perf_counter() - hashed
-    try:
-        os.rename(tmp, final)   # we hold the entry's lock and found no intact entry: nothing to overwrite
-    except OSError:
-        if not final.exists():  # a builder that takes no lock (an older version) finished first: keep theirs
-            raise
+    # We hold the entry's lock and found no intact entry: nothing to overwrite (should a builder that takes no
+    # lock have published first, its entry is kept).
+    publish_new_dir(tmp, final)
     size = sum(f["size"] for f in files.values())
     print(f"[cache] {entry.name}: built in {time.perf_counter() - started:.1f}s -> {final} "
           f"({size / 1e6:.1f} MB, hashed in {hash_s:.2f}s)")

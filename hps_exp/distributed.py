@@ -124,18 +124,6 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
-    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Mean of each metric over ranks. Every rank must pass the same keys (checked: a mismatch
-        would otherwise silently average different quantities)."""
-        if not self.distributed:
-            return dict(metrics)
-        keys = sorted(metrics)
-        names = self.gather_all(keys)
-        if any(n != keys for n in names):
-            raise DistributedError(f"all_reduce_mean: ranks passed different metric names: {names}")
-        total = self.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
-        return {k: float(v) / self.world_size for k, v in zip(keys, total)}
-
     def all_gather_tensor(self, values: torch.Tensor) -> torch.Tensor:
         """[world_size, *values.shape]: every rank's tensor (float64)."""
         if not self.distributed:

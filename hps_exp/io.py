@@ -1,4 +1,9 @@
-"""Locks and names for files that several jobs share (the stage cache, a run dir).
+"""Files that several jobs share (the stage cache, a run dir): locks, temp names, and the one way this package
+writes a file or publishes a directory so that a reader never sees it half-written.
+
+Atomic writes: a file is written whole into a temp file beside it, then renamed over the target; a directory is
+filled under a temp name, then renamed into place. Both end up with the permissions a plain open() / mkdir() gives
+(what the umask allows), never mkstemp's private 0600, so results and a shared cache stay readable by the group.
 
 Liveness never rests on a pid: a lock is an exclusive `flock` on an open file, which the kernel (or, on NFS,
 the server's lease) drops the moment its holder dies, whatever its pid namespace or host. A temp name carries
@@ -11,11 +16,15 @@ import errno
 import fcntl
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
+
+PathLike = str | os.PathLike
 
 
 @lru_cache(maxsize=1)
@@ -94,3 +103,77 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------- atomic files and directories
+
+def _umask() -> int:
+    # the umask can only be read by setting it: put it back at once
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temp file + rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """`text` (UTF-8) to `path` via a temp file + rename, as atomic_write_bytes."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: Path) -> None:
+    """Delete a directory tree or a file; nothing when it is absent."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path` as a new empty directory (whatever was there removed) to fill before `publish_dir`. Made by mkdir,
+    so with the umask's permissions (mkdtemp would make it 0700, and the published directory with it)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_dir(tmp: Path, final: Path, aside: Path | None = None) -> None:
+    """Rename the finished directory `tmp` to `final`. A `final` already there is first renamed to `aside`
+    (default `.<final>.old-<owner>`) and removed once the new one is in place: at every moment one complete
+    directory is at `final` or at `aside` (a resume may look for it there), never a half-written one."""
+    aside = aside if aside is not None else final.with_name(f".{final.name}.old-{owner_tag()}")
+    remove(aside)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    try:
+        remove(aside)
+    except OSError:   # the new directory is in place; a leftover aside (say, a file NFS still holds open) is harmless
+        pass
+
+
+def publish_new_dir(tmp: Path, final: Path) -> bool:
+    """Rename the finished directory `tmp` to `final`, which must not exist: False (and `tmp` left to the caller)
+    when another writer published `final` first, whose directory is kept."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        return False
+    return True

@@ -26,9 +26,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hps_exp.data.schema import atomic_write_text
+from hps_exp.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from hps_exp.config import LoggerConfig
 
 INIT_TIMEOUT_ENV = "HPS_EXP_WANDB_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT_S = 20.0
@@ -91,12 +94,11 @@ def read_rows(path: Path) -> tuple[list[dict], bool]:
         except ValueError:
             damaged = True
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        # every row `log` writes has these three; a row without them was not written by it
+        if not (isinstance(row, dict) and isinstance(row.get("stage"), str)
+                and all(isinstance(row.get(k), int) for k in ("step", "global_step"))):
             damaged = True
             continue
-        # rows from before "stage" was recorded: the stage is the prefix of their metric names
-        row.setdefault("stage", stage_of({k: v for k, v in row.items() if k not in ("step", "global_step")}))
-        row.setdefault("global_step", row["step"])
         rows.append(row)
     return rows, damaged
 
@@ -106,7 +108,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg, config: dict, name: str, group: str | None):
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str, group: str | None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A rerun in the same run dir continues the file; a line cut by a kill is dropped first, so the

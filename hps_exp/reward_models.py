@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from hps_exp.batching import SequenceBatch, collate
 from hps_exp.config import TrainerConfig
 from hps_exp.data.schema import Example, atomic_write_text
-from hps_exp.models import ModelError, is_lora, load_pretrained, lora_settings
+from hps_exp.models import ModelError, apply_lora, is_lora, load_pretrained, lora_settings
 from hps_exp.trainer import Trainer
 
 RM_CONFIG = "hps_reward_model.json"
@@ -292,19 +292,6 @@ def backbone_reward_net(backbone: str, seed: int):
     return tok, net
 
 
-def with_lora(net, lora: dict):
-    """LoRA adapters with model.lora's settings (`models.lora_settings`) on a sequence classifier. peft's
-    sequence-classification task keeps the scalar head out of "all-linear" and trains it in full
-    (modules_to_save); `models.apply_lora` builds causal-LM adapters, which a classifier cannot take."""
-    from peft import LoraConfig, get_peft_model
-
-    s = lora_settings(lora)
-    targets = s["target_modules"]
-    config = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=float(s["dropout"]), task_type="SEQ_CLS",
-                        target_modules=targets if isinstance(targets, str) else list(targets))
-    return get_peft_model(net, config)
-
-
 def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
                        n_positions: int = 256, max_prompt_length: int, max_length: int, epochs: int, lr: float,
                        batch_size: int, seed: int, device="cpu", autocast: torch.dtype | None = None,
@@ -333,8 +320,8 @@ def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_he
     else:
         model = build_reward_net(len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                                  eos_token_id=tok.eos_token_id, seed=seed, dropout=dropout)
-    if lora_settings(lora)["enabled"]:
-        model = with_lora(model, lora)
+    if lora_settings(lora, key="reward_model.lora")["enabled"]:
+        model = apply_lora(model, lora, task_type="SEQ_CLS", key="reward_model.lora")
     rm = TrainedRewardModel(model, tok, max_prompt_length=max_prompt_length, max_length=max_length, device=device,
                             autocast=autocast, batch_size=max(64, 2 * batch_size),
                             encoding="concat" if backbone else "split")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hps_exp.cache import code_fingerprint
+
+if TYPE_CHECKING:
+    from hps_exp.io import FileLock
 
 CONFIG_OMIT = ("dry_run",)
 
@@ -103,7 +106,7 @@ def restore_overrides(run_dir: Path) -> None:
         return
     from omegaconf import OmegaConf
 
-    from hps_exp.data.schema import atomic_write_text
+    from hps_exp.io import atomic_write_text
 
     atomic_write_text(target, OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
@@ -111,7 +114,7 @@ def restore_overrides(run_dir: Path) -> None:
 LOCK = ".hps_exp.lock"
 
 
-def lock(run_dir: Path):
+def lock(run_dir: Path) -> FileLock:
     """The run dir's lock, held for the whole job: the same hydra.run.dir started twice is refused at once
     instead of two jobs writing one checkpoint and one metrics.jsonl. The lock dies with its holder."""
     from hps_exp.io import Busy, FileLock

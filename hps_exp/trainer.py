@@ -15,28 +15,43 @@ uneven last batch included. Every rank must yield the same number of micro-batch
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
+from hps_exp.checkpoint import (
+    CheckpointDamaged,
+    CheckpointMismatch,  # noqa: F401 - app.py imports it from here
+    check_meta,
+    find_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from hps_exp.config import TrainerConfig
 from hps_exp.distributed import DistributedError, World
 from hps_exp.progress import progress_bar
+from hps_exp.strategies import (
+    compute_numerics,  # noqa: F401 - stages.py imports it from here
+    shard_from_rank0,  # noqa: F401 - stages.py imports it from here
+    wrap,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from hps_exp.logger import RunLogger
 
 # step_fn(model, micro_batch) -> (loss to backprop, metrics {name: float}); metrics["tokens"], if given, is the
 # micro-batch's real token count: summed over the stage (and ranks) into fit()'s "tokens", not averaged
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # make_epoch(epoch, progress) -> iterator over micro-batches; progress() is the fraction of training done
 EpochFn = Callable[[int, Callable[[], float]], Iterator[Any]]
-
-STRATEGIES = ("none", "ddp", "fsdp2")
 
 
 class TrainingInterrupted(Exception):
@@ -66,160 +81,13 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-# ---------------------------------------------------------------- checkpoints (DCP directories)
-
-def _state(module: torch.nn.Module, opt) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    # FQNs without DDP/FSDP wrapper prefixes and (for FSDP2) sharded DTensors: reshardable on load.
-    return get_state_dict(module, opt)
-
-
-class CheckpointMismatch(Exception):
-    """The checkpoint found was made by another run (other stage key): resuming would mix two runs."""
-
-
-class CheckpointDamaged(Exception):
-    """The checkpoint of this run cannot be loaded (truncated, a file missing)."""
-
-
-META = "meta.json"   # beside the DCP files: the stage's key and record, the step and the seconds trained so far
-
-
-def save_checkpoint(path: Path, module: torch.nn.Module, opt, step: int, world: World,
-                    meta: dict | None = None) -> None:
-    """DCP save into a temp directory of this process (host + pid: two savers never share one), then rank 0
-    writes `meta.json` (the stage's key, the step, the training seconds so far) and renames it over `path`:
-    an interrupted save never corrupts the last checkpoint. Multi-node runs need `path` on storage every node
-    sees."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    from hps_exp.io import owner_tag
-
-    path = Path(path)
-    tag = world.broadcast_object(owner_tag() if world.is_main else None)
-    tmp = path.with_name(f".{path.name}.tmp-{tag}-step{step}")
-    if world.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    world.barrier()
-    model_sd, optim_sd = _state(module, opt)
-    with warnings.catch_warnings():   # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process")
-        # The RNG states too: stages that train with dropout (SFT) resume to the same numbers.
-        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step), **rng_state(world.device)},
-                 checkpoint_id=str(tmp))
-    world.barrier()
-    if world.is_main:
-        (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True))
-        old = path.with_name(path.name + ".old")
-        _remove(old)
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _remove(old)
-    world.barrier()
-
-
-def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json ({} for one written before it existed, or a plain-file checkpoint)."""
-    import json
-
-    f = Path(path) / META
-    if not f.is_file():
-        return {}
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointMismatch(f"{f} is unreadable ({e}); delete {path} to start afresh") from None
-    return meta if isinstance(meta, dict) else {}
-
-
-def check_meta(found: Path, meta: dict, key: str, record: dict | None) -> None:
-    """Refuse a checkpoint made under another stage key, naming what differs (its record against ours)."""
-    if meta.get("key") == key:
-        return
-    if "key" not in meta:
-        what = "records no stage key (an older version's): cannot tell whether it is this run's"
-    else:
-        from hps_exp.rundir import flat
-
-        a, b = flat(meta.get("record") or {}), flat(record or {})
-        diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-                if a.get(k, "<unset>") != b.get(k, "<unset>") and not k.endswith("__type__")]
-        shown = "; ".join(diff[:8]) or f"stage key {meta['key']} -> {key}"
-        what = f"was made by another run ({shown})"
-    raise CheckpointMismatch(f"checkpoint {found} {what}: use another hydra.run.dir, or trainer.resume=false to "
-                             f"start this stage afresh (the checkpoint is then replaced)")
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p)
-    elif p.exists():
-        p.unlink()
-
-
-def find_checkpoint(path: Path) -> Path | None:
-    """The checkpoint to resume from: `path`, or its `.old` twin when a save died between the renames."""
-    path = Path(path)
-    for p in (path, path.with_name(path.name + ".old")):
-        if p.exists():
-            return p
-    return None
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The RNG states a checkpoint keeps: the CPU generator's, and the current CUDA device's when training on CUDA
-    (dropout masks on the GPU come from it)."""
-    state = {"rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-
-def load_checkpoint(path: Path, module: torch.nn.Module, opt, device: torch.device | None = None) -> int:
-    """Load a checkpoint into `module`/`opt` (any world size or strategy); returns its step. The RNG states are
-    restored too (the CUDA one only when both the checkpoint and `device` are CUDA).
-    A plain file is a checkpoint of an older version (torch.save of state dicts, loaded weights_only)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        getattr(module, "module", module).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        return int(state["step"])
-    import torch.distributed.checkpoint as dcp
-
-    device = device or torch.device("cpu")
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model_sd, optim_sd = _state(module, opt)
-    # a CPU checkpoint resumed on CUDA has no CUDA RNG state: keep the current one
-    rngs = {k: v for k, v in rng_state(device).items() if k in saved or k == "rng"}
-    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0), **rngs}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process")
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    set_rng_state(state, device)
-    return int(state["step"])
-
-
 # ---------------------------------------------------------------- the weights' dtype against the learning rate
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 STALL_LIMIT = 0.1   # refuse when a step of size lr leaves more than this fraction of the trainable weights unchanged
 
 
-def stalled_fraction(params, lr: float) -> float:
+def stalled_fraction(params: Iterable[torch.nn.Parameter], lr: float) -> float:
     """The fraction of the trainable low-precision (bf16/fp16) weights that a step of size `lr` leaves unchanged
     (w + lr rounds back to w in the weight's dtype). AdamW moves a weight by about lr per step, so this is the
     fraction training cannot move. 0 when no trainable weight is low-precision (fp32 masters, LoRA adapters)."""
@@ -243,95 +111,6 @@ def check_lr_moves_weights(model: torch.nn.Module, lr: float, stage: str) -> Non
                          f"bf16 (model.dtype=bf16) and w + lr rounds back to w, so training would stall silently. "
                          f"Keep fp32 master weights with bf16 compute (model.dtype=fp32 trainer.precision=bf16), use "
                          f"LoRA (its adapters train in fp32), or raise the learning rate")
-
-
-# ---------------------------------------------------------------- strategies
-
-def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
-    """The model's transformer block classes, from HF's `_no_split_modules` (e.g. GPT2Block, LlamaDecoderLayer)."""
-    names = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
-    if not classes:
-        raise ValueError(f"trainer.strategy=fsdp2: {type(model).__name__} declares no _no_split_modules "
-                         f"(its decoder block class); cannot shard it block by block")
-    return classes
-
-
-def compute_numerics(strategy: str, distributed: bool, autocast: torch.dtype | None) -> str:
-    """What the forward and backward really compute in, for the cache key: under fsdp2 with several processes the
-    parameters themselves are cast to the autocast dtype (MixedPrecisionPolicy: every op in bf16), elsewhere
-    autocast picks bf16 per op (norms, softmax, losses stay fp32). fp32 (trainer.precision=fp32, or auto on CPU)
-    is fp32 under every strategy: fsdp2 then keeps fp32 parameters."""
-    if autocast is None:
-        return "fp32"
-    name = str(autocast).removeprefix("torch.")
-    if strategy == "fsdp2" and distributed:
-        return f"{name} parameters (fsdp2)"
-    return f"{name} autocast"
-
-
-def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World,
-         param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The module the step function calls: the model itself (none / one process), a DDP wrapper, or the
-    model sharded in place by FSDP2 (`shard_from_rank0`). The model is on `world.device` except under FSDP2,
-    which moves only each rank's shards there."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"trainer.strategy={cfg.strategy!r} is not allowed; choose one of {', '.join(STRATEGIES)}")
-    if cfg.activation_checkpointing:
-        from hps_exp import models
-
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support it")
-        # Non-reentrant checkpointing: works under DDP and FSDP2 and with frozen (LoRA) inputs.
-        models.enable_activation_checkpointing(model)
-    if not world.distributed or cfg.strategy == "none":
-        if world.distributed:
-            raise DistributedError(f"{world.world_size} processes were launched but trainer.strategy=none; set "
-                                   f"trainer.strategy=ddp or fsdp2")
-        return model.to(world.device)
-    if cfg.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [world.device.index] if world.device.type == "cuda" else None
-        # gradients as views into the all-reduce buckets: no second gradient copy
-        return DDP(model.to(world.device), device_ids=ids, gradient_as_bucket_view=True)
-    return shard_from_rank0(model, world, param_dtype)
-
-
-def shard_from_rank0(model: torch.nn.Module, world: World, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2: shard `model` in place block by block (each decoder block, then the root), each rank keeping only
-    its shards on its device, with rank 0's weights broadcast to every rank (as DDP does at construction).
-    Only rank 0 needs real weights: the other ranks may pass the model built on the meta device
-    (models.empty_twin), so no rank but 0 ever holds the whole model, and rank 0 holds it in host memory only.
-    `param_dtype` (the autocast dtype, None for fp32): the dtype parameters are gathered and computed in;
-    gradients are reduced in fp32."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    full = {k: v.detach() for k, v in model.state_dict().items()} if world.is_main else {}
-    # buffers outside the state dict (e.g. rotary inv_freq): small, broadcast as objects below
-    extra = ({name: b.detach().cpu() for name, b in model.named_buffers() if name not in full}
-             if world.is_main else None)
-    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None
-          else MixedPrecisionPolicy())
-    blocks = decoder_block_classes(model)
-    for m in list(model.modules()):
-        if isinstance(m, blocks):
-            fully_shard(m, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    tensors = list(model.parameters()) + list(model.buffers())
-    if any(t.is_meta for t in tensors):
-        model.to_empty(device=world.device)   # allocates this rank's shards only
-    else:
-        model.to(world.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    for name, value in world.broadcast_object(extra).items():
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = value.to(world.device)
-    return model
 
 
 # ---------------------------------------------------------------- signals
@@ -367,7 +146,7 @@ def num_prompts(batch: Any) -> int:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, device: torch.device,
-                 autocast: torch.dtype | None, logger=None, stage: str = "train",
+                 autocast: torch.dtype | None, logger: RunLogger | None = None, stage: str = "train",
                  checkpoint: Path | None = None, world: World | None = None, key: str | None = None,
                  record: dict | None = None):
         self.model, self.cfg, self.device, self.autocast = model, cfg, device, autocast
@@ -457,7 +236,7 @@ class Trainer:
         found = find_checkpoint(self.checkpoint)
         if found is None:
             return
-        meta = read_meta(found) if found.is_dir() else {}
+        meta = read_meta(found)
         if self.key is not None:
             check_meta(found, meta, self.key, self.record)
         try:
@@ -574,7 +353,8 @@ class Trainer:
             return sd if self.world.is_main else None
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
 
-    def save_pretrained(self, tok, directory: Path, save_fn: Callable | None = None, **save_kwargs) -> None:
+    def save_pretrained(self, tok: PreTrainedTokenizerBase, directory: Path, save_fn: Callable | None = None,
+                        **save_kwargs: Any) -> None:
         """Write the trained model as a plain HF directory (safetensors) on rank 0; every rank must call it.
         Under FSDP2 the full weights are gathered to rank 0 (CPU) into an unsharded twin of the model, which
         is saved (and, for a LoRA model with lora_save="merged", merged) like the unwrapped model.

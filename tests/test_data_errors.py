@@ -244,7 +244,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """Results and shared cache entries must be readable like any file open() writes (mkstemp alone gives 0600)."""
     import os
 
-    from hps_exp.data.schema import atomic_write_text
+    from hps_exp.io import atomic_write_text
 
     old = os.umask(0o022)
     try:

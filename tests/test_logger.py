@@ -261,11 +261,3 @@ def test_fresh_start_rewind_to_zero_drops_the_stage(tmp_path):
     again.log({"train/loss": 2.0}, step=10)
     assert [(r["stage"], r["step"], r["global_step"], r.get("train/loss")) for r in rows(tmp_path)] == [
         ("sft", 10, 10, None), ("train", 10, 20, 2.0)]
-
-
-def test_rows_without_stage_from_older_runs_are_understood(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in [{"step": 10, "sft/loss": 1.0}, {"step": 20, "train/loss": 1.0}]))
-    log = logger(tmp_path)
-    log.rewind("train", 0)
-    assert rows(tmp_path) == [{"step": 10, "sft/loss": 1.0, "stage": "sft", "global_step": 10}]

@@ -18,7 +18,7 @@ from tests.test_wrapped_fast_paths import one_rank_group  # noqa: F401 - fixture
 def sharded_trainer(model):
     """A Trainer whose model is sharded by fully_shard as trainer.strategy=fsdp2 does (a fake 2-rank World:
     Trainer.save_pretrained takes the sharded branch; the collectives run on the one-rank group)."""
-    from hps_exp.trainer import wrap
+    from hps_exp.strategies import wrap
 
     cfg = TrainerConfig(strategy="fsdp2")
     world = World(rank=0, world_size=2)

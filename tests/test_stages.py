@@ -170,7 +170,7 @@ def test_bf16_parameters_under_fsdp2_and_bf16_autocast_do_not_share_cache_entrie
 
 def test_fsdp2_keeps_fp32_parameters_under_trainer_precision_fp32():
     from hps_exp.models import autocast_dtype
-    from hps_exp.trainer import compute_numerics
+    from hps_exp.strategies import compute_numerics
 
     fp32 = autocast_dtype("fp32", torch.device("cuda"))
     assert fp32 is None and compute_numerics("fsdp2", True, fp32) == "fp32"

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from hps_exp.checkpoint import load_checkpoint
 from hps_exp.config import TrainerConfig
-from hps_exp.trainer import Trainer, load_checkpoint, lr_lambda
+from hps_exp.trainer import Trainer, lr_lambda
 
 X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
@@ -170,18 +171,6 @@ def test_resume_rewinds_the_logger(tmp_path):
     assert log.rewound == ("sft", 5)
 
 
-def test_old_single_file_checkpoint_loads_weights_only(tmp_path):
-    model = fresh()
-    opt = torch.optim.AdamW(model.parameters())
-    with torch.no_grad():
-        model.weight.fill_(0.5)
-    path = tmp_path / "old.pt"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, path)
-    target = fresh()
-    assert load_checkpoint(path, target, torch.optim.AdamW(target.parameters())) == 7
-    assert torch.equal(target.weight, model.weight)
-
-
 SIGNAL_WORKER = r"""
 import sys, time, torch
 sys.path.insert(0, {root!r})
@@ -246,7 +235,7 @@ def test_signal_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, sig):
 
 def test_strategy_choice_is_checked():
     from hps_exp.distributed import DistributedError, World
-    from hps_exp.trainer import decoder_block_classes, wrap
+    from hps_exp.strategies import decoder_block_classes, wrap
 
     with pytest.raises(DistributedError, match="2 processes were launched but trainer.strategy=none"):
         wrap(fresh(), cfg(strategy="none"), World(rank=0, world_size=2))
@@ -265,7 +254,7 @@ def test_strategy_choice_is_checked():
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
-    from hps_exp.trainer import CheckpointMismatch
+    from hps_exp.checkpoint import CheckpointMismatch
 
     ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2, "loss": "dpo"}})
     other = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
@@ -298,7 +287,7 @@ def test_a_resumed_stage_keeps_the_time_of_the_steps_before(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
-    from hps_exp.trainer import CheckpointDamaged
+    from hps_exp.checkpoint import CheckpointDamaged
 
     ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2}})
     data = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
@@ -332,8 +321,8 @@ def test_pure_bf16_at_a_small_lr_is_refused_before_the_first_step():
 def test_a_checkpoint_keeps_and_restores_the_cuda_rng_state_on_cuda(tmp_path, monkeypatch):
     """On CUDA the dropout masks come from the CUDA generator: a resumed stage must get it back. (No GPU here: the
     CUDA generator is a fake; what is checked is that the trainer saves and restores it.)"""
+    from hps_exp.checkpoint import save_checkpoint
     from hps_exp.distributed import World
-    from hps_exp.trainer import save_checkpoint
 
     cuda = torch.device("cuda", 0)
     state = {"now": torch.arange(16, dtype=torch.uint8)}

