@@ -38,8 +38,9 @@ def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     sft_spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=False, targets="all",
                               epochs=1, batch_size=8, optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="cosine"),
                               seed=0)
-    spec = stages.RewardModelSpec(knobs={"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 48, "epochs": 2,
-                                         "lr": 1e-3, "batch_size": 4}, max_prompt_length=24, max_length=48, seed=0)
+    spec = stages.RewardModelSpec(target="hps_exp.reward_models.train_reward_model", optim=OptimConfig(lr=1e-3),
+                                  knobs={"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 48, "epochs": 2,
+                                         "batch_size": 4}, max_prompt_length=24, max_length=48, seed=0)
     runtime = stages.Runtime(RuntimeConfig(save_every=1, log_every=1))
 
     def env(cache, logger=None):
@@ -52,7 +53,7 @@ def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     whole = stages.trained_reward_model(spec, train, heldout, stages.sft(sft_spec, train, env("a")), env("a"))
     sft_b = stages.sft(sft_spec, train, env("b"))
     with pytest.raises(_Crash):
-        # its last step: it logs every 10th and the last, and has saved the one before
+        # its last step (it logs every step here, trainer.log_every=1), and has saved the one before
         stages.trained_reward_model(spec, train, heldout, sft_b, env("b", _CrashingLogger(at=8)))
     assert list((tmp_path / "b").glob(".reward_model-*.checkpoint"))
     capsys.readouterr()
