@@ -25,7 +25,7 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, distributed, evaluate, models, plan, rundir, stages
+from hps_exp import config, distributed, evaluate, models, plan, rundir, scorers, stages
 from hps_exp.cache import CacheError
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
@@ -73,7 +73,7 @@ class Prepared:
     heldout: stages.Examples           # the training dataset's own test split (reward-model accuracy)
     eval_sets: list
     device: torch.device
-    scorers: plan.Scorers              # which reward model annotates, which evaluates
+    scorers: scorers.Scorers           # which reward model annotates, which evaluates
 
 
 def prepare(cfg: DictConfig, device: torch.device | None = None, load_reward_models: bool = True) -> Prepared:
@@ -92,7 +92,7 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, load_reward_mod
     for line in plan.check_engines(cfg, device):   # peft, gguf, vllm: missing or unfit fails here, not later
         print(f"[hps_exp] {line}")
     return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device,
-                    plan.choose_scorers(cfg, device, load_reward_models))
+                    scorers.choose_scorers(cfg, device, load_reward_models))
 
 
 def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dict:
