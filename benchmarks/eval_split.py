@@ -61,7 +61,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     r = app.prepare(cfg, cpu)
     train, test = r.train.items, r.eval_sets[0].examples.items
-    reward_model = r.evaluator.model if r.evaluator is not None else None
+    reward_model = r.scorers.evaluation.model if r.scorers.evaluation is not None else None
     if args.model_dir:
         tok, model = models.load_saved(args.model_dir)
     else:

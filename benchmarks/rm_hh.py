@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import interleaved, machine, summary  # noqa: E402
 from hps_exp.batching import collate  # noqa: E402
+from hps_exp.config import OptimConfig  # noqa: E402
 from hps_exp.data import hh_rlhf  # noqa: E402
 from hps_exp.models import apply_lora, autocast_dtype, pick_device, train_tokenizer  # noqa: E402
 from hps_exp.reward_models import (  # noqa: E402
@@ -91,8 +92,8 @@ def main() -> None:
            {"tok": tok, "n_layer": args.n_layer, "n_head": 4, "n_embd": args.n_embd, "n_positions": args.max_length,
             "dropout": args.dropout})
     rm = train_reward_model(splits.train, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
-                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=device,
-                            autocast=autocast, **net)
+                            epochs=args.epochs, optim=OptimConfig(lr=args.lr), batch_size=args.batch_size,
+                            seed=args.seed, device=device, autocast=autocast, **net)
     train_s = time.perf_counter() - t
     params = sum(p.numel() for p in rm.model.parameters())
     t = time.perf_counter()

@@ -88,8 +88,8 @@ def run_arm(overrides: list[str], n: int, steps: int, batch_size: int, pack: boo
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="hps_bench_"):  # fresh every arm; nothing to resume from
         tcfg = TrainerConfig(lr=cfg.trainer.lr, epochs=1, log_every=1, save_every=0, resume=False, max_steps=steps)
-        trainer = Trainer(model, tcfg, device=torch.device("cpu"), autocast=None, logger=clock, stage="bench",
-                          checkpoint=None)
+        trainer = Trainer(model, tcfg, tcfg, tcfg.epochs, tcfg.max_steps, device=torch.device("cpu"), autocast=None,
+                          logger=clock, stage="bench", checkpoint=None)
         with contextlib.redirect_stdout(io.StringIO()):
             result = trainer.fit(make_epoch, -(-len(train) // batch_size), step)
     if result["steps"] != steps:

@@ -89,8 +89,8 @@ def run_ours(model_dir, train, enc, sels, steps, batch_size) -> tuple[float, obj
     clock = StepClock()
     tcfg = TrainerConfig(lr=LR, epochs=1, warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0, log_every=1,
                          resume=False, max_steps=steps)
-    Trainer(model, tcfg, device=torch.device("cpu"), autocast=None, logger=clock, stage="ours",
-            checkpoint=None).fit(make_epoch, -(-len(train) // batch_size), step)
+    Trainer(model, tcfg, tcfg, tcfg.epochs, tcfg.max_steps, device=torch.device("cpu"), autocast=None, logger=clock,
+            stage="ours", checkpoint=None).fit(make_epoch, -(-len(train) // batch_size), step)
     return clock.median_step(), model
 
 

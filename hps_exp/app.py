@@ -1,7 +1,7 @@
 """`python -m hps_exp [key=value ...]`: one Hydra job = one run (or one job of a --multirun sweep).
 
 `run` reads as the recipe: plan (everything that can fail on bad config or data, before any work), then the
-stages in order, each a call with typed inputs and a typed result (hps_exp/stages.py).
+stages in order, each a call with typed inputs and a typed result (hps_exp/stages/).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from hydra.errors import CompactHydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hps_exp import config, distributed, evaluate, models, plan, rundir, stages
+from hps_exp import config, distributed, evaluate, models, plan, rundir, scorers, stages
 from hps_exp.cache import CacheError
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError, atomic_write_text
@@ -73,10 +73,7 @@ class Prepared:
     heldout: stages.Examples           # the training dataset's own test split (reward-model accuracy)
     eval_sets: list
     device: torch.device
-    dataset_scorer: stages.Scorer | None
-    hf_annotator: stages.Scorer | None
-    evaluator: stages.Scorer | None    # None: none, or the annotation reward model (eval_by_annotator)
-    eval_by_annotator: bool
+    scorers: scorers.Scorers           # which reward model annotates, which evaluates
 
 
 def prepare(cfg: DictConfig, device: torch.device | None = None, load_reward_models: bool = True) -> Prepared:
@@ -87,35 +84,23 @@ def prepare(cfg: DictConfig, device: torch.device | None = None, load_reward_mod
     plan.check_data(cfg, loss_fn, sampler, train)
     p = plan.make_plan(cfg, loss_fn)
     plan.check_model_source(cfg.model.name_or_path, "model.name_or_path")
-    if cfg.reward_model.get("_target_") and "name_or_path" in cfg.reward_model:
+    if "_target_" in cfg.reward_model and "name_or_path" in cfg.reward_model:
         plan.check_model_source(cfg.reward_model.name_or_path, "reward_model.name_or_path")
     if p.reward_model is not None:
         plan.check_model_source(p.reward_model.knobs.get("backbone"), "reward_model.backbone")
     device = device or models.pick_device(cfg.trainer.device)
     for line in plan.check_engines(cfg, device):   # peft, gguf, vllm: missing or unfit fails here, not later
         print(f"[hps_exp] {line}")
-    eval_node = cfg.eval.reward_model
-    if eval_node == "annotation" and "_target_" not in cfg.reward_model:
-        raise ConfigError("eval.reward_model=annotation needs reward_model=train or reward_model=hf")
-    dataset_scorer = plan.scorer_from_node(cfg.dataset.get("reward_model"), "dataset.reward_model", device)
-    # Pretrained reward models are read by the process that scores (rank 0: augmentation, evaluation) alone.
-    hf_annotator = (plan.scorer_from_node(cfg.reward_model, "reward_model", device, load_reward_models)
-                    if "_target_" in cfg.reward_model and p.reward_model is None else None)
-    evaluator = None if eval_node in (None, "annotation", "trained") else plan.scorer_from_node(
-        eval_node, "eval.reward_model", device, load_reward_models)
-    if cfg.eval.protocol == "paper" and evaluator is None and eval_node not in ("annotation", "trained"):
-        raise ConfigError("eval.protocol=paper ranks generations and references by reward: set eval.reward_model "
-                          "(or eval.reward_model=annotation with reward_model=train|hf)")
-    return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device, dataset_scorer, hf_annotator, evaluator,
-                    eval_node == "annotation")
+    return Prepared(p, loss_fn, sampler, train, heldout, eval_sets, device,
+                    scorers.choose_scorers(cfg, device, load_reward_models))
 
 
 def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dict:
     """The stages, in order. Returns metrics.json's content (without status)."""
     p, train = r.plan, r.train
     sft = stages.sft(p.sft, train, env)
-    annotator = (stages.trained_reward_model(p.reward_model, train, r.heldout, sft, env)
-                 if p.reward_model else r.hf_annotator or r.dataset_scorer)
+    annotator = r.scorers.annotator(stages.trained_reward_model(p.reward_model, train, r.heldout, sft, env)
+                                    if p.reward_model else None)
     judge = (stages.trained_reward_model(p.eval_reward_model, train, r.heldout, sft, env, name="eval_reward_model")
              if p.eval_reward_model else None)   # eval.reward_model=trained: not the annotator
     augmented = stages.augmented(p.augment, train, sft, annotator, env) if p.augment else None
@@ -129,7 +114,7 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     margin = stages.MarginReward(r.loss_fn.reward, r.loss_fn.margin_beta)
     ref_train = reference(train, env)
     policy = stages.preference(p.preference, r.loss_fn, r.sampler, sft, train, ref_train, env, run_dir)
-    evaluator = judge or (annotator if r.eval_by_annotator else r.evaluator)
+    evaluator = r.scorers.evaluator(annotator, judge)
     results, samples = {}, []
     if env.world is not None and not env.world.is_main:   # one process evaluates (never inside FSDP)
         return {}
@@ -148,18 +133,18 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
               "pref_steps": policy.steps, "pref_tokens": policy.tokens,
               "pref_tokens_per_s": policy.tokens / policy.seconds if policy.seconds > 0 else 0.0}
     out = {"run": label, "eval": results, "timing": timing, "samples": samples}
-    if r.eval_by_annotator:   # the tables mark such rows (‡)
+    if r.scorers.circular:   # the tables mark such rows (‡)
         out["circular_eval"] = True
     if warnings := divergence_warnings(policy.final, results):
         out["warnings"] = warnings
         for w in warnings:
             print(f"[hps_exp] warning: {w}", file=sys.stderr)
     if annotator is not None and annotator.report:   # which reward model scored what
-        scored = [what for what, used in (("augment", augmented is not None), ("eval", r.eval_by_annotator)) if used]
+        scored = [what for what, used in (("augment", augmented is not None), ("eval", r.scorers.circular)) if used]
         out["reward_model"] = {**annotator.report, "scored": scored}
     if judge is not None:
         out["eval_reward_model"] = {**judge.report, "scored": ["eval"]}
-    out["circular_eval"] = r.eval_by_annotator   # the tables mark rows scored by the annotation reward model
+    out["circular_eval"] = r.scorers.circular   # the tables mark rows scored by the annotation reward model
     if augmented is not None:
         out["augment"] = augmented.stats
     return out
@@ -318,7 +303,7 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
                   f"on {cfg.dataset.name}: {len(r.train)} train prompts, eval on "
                   f"{', '.join(eval_set_sizes(s, cfg.eval.max_prompts) for s in r.eval_sets)}, device={world.device}"
                   f"{f' x {world.world_size} processes' if world.distributed else ''}, run dir {run_dir}")
-            if r.eval_by_annotator:
+            if r.scorers.circular:
                 print(f"[hps_exp] warning: {CIRCULAR}", file=sys.stderr)
         out = execute(cfg, r, env, run_dir)
         if not world.is_main:

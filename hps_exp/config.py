@@ -5,6 +5,7 @@ keys are checked against the constructor named by `_target_` when they are built
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -41,45 +42,69 @@ class ModelConfig:
 @dataclass
 class SFTConfig:
     enabled: bool = True
-    targets: str = "all"
+    targets: str = "all"                  # all responses | best (argmax score / chosen): what the SFT policy imitates
     epochs: int = 8
-    lr: float = 2e-3
+    lr: float = 2e-3                      # the SFT stage's optimiser: trainer.* with this lr
     batch_size: int = 32
 
 
 @dataclass
-class TrainerConfig:
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 16
-    grad_accum: int = 1
+class OptimConfig:
+    """How a stage's optimiser steps: part of every trained stage's cache key. The policy stages (SFT, preference)
+    and reward_model=train take it whole; each stage sets `lr` from its own group (sft.lr, trainer.lr,
+    reward_model.lr), the rest is trainer.*'s for all of them."""
     lr: float = 2e-4
-    epochs: int = 2
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    resample: str = "epoch"
+    grad_accum: int = 1                   # micro-batches per optimiser step
+    warmup_ratio: float = 0.1             # of the stage's steps, linear warmup
+    schedule: str = "cosine"              # cosine | linear | constant (after warmup)
+    weight_decay: float = 0.0             # AdamW's
+    max_grad_norm: float = 1.0            # gradient clipping; 0 = off
+
+
+@dataclass
+class RuntimeConfig:
+    """Trainer settings that never change a result, so no cache key holds them: logging, checkpoint cadence and
+    resume, the distributed strategy and its timeout (docs/scaling.md), what a non-finite step does."""
     log_every: int = 10
-    save_every: int = 0
-    resume: bool = True
-    max_steps: Optional[int] = None
+    save_every: int = 0                   # checkpoint every k steps (0: at the end of each epoch)
+    resume: bool = True                   # continue from the run dir's checkpoint when one exists
     strategy: str = "none"                # none | ddp | fsdp2 (launch with torchrun)
     activation_checkpointing: bool = False
-    dist_timeout_s: int = 1800            # collective timeout (s)
+    dist_timeout_s: int = 1800            # a collective that waits longer fails instead of hanging
     on_nonfinite: str = "error"           # error | skip: a NaN/inf loss or gradient
-    num_threads: int = 0                  # torch CPU threads; 0 = auto
+
+
+@dataclass
+class TrainerConfig(RuntimeConfig, OptimConfig):
+    """trainer.*: one flat group (trainer.lr, trainer.grad_accum, trainer.log_every, ...) whose optimiser and
+    runtime parts are `OptimConfig` and `RuntimeConfig` (`part` takes them out whole); the rest is the preference
+    stage's own and the process's."""
+    device: str = "auto"                  # auto (cuda if available) | cpu | cuda
+    precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    batch_size: int = 16                  # prompts per micro-batch
+    epochs: int = 2
+    resample: str = "epoch"               # epoch: negatives drawn once per prompt per epoch | step: per step
+    max_steps: Optional[int] = None       # stop early (smoke tests)
+    num_threads: int = 0                  # torch CPU threads per process; 0 = auto (the cores, 1 on a busy machine)
     bucketing: bool = False               # length-bucketed preference batches (less padding, less mixing)
     seed: Optional[int] = None            # preference training + evaluation seed; null = the top-level seed
+
+
+def part(cls: type, node: Any) -> Any:
+    """The `cls` part of a config node (e.g. OptimConfig of trainer.*): every field of cls, read by name, so a
+    field added to cls reaches every stage that takes it with no other edit."""
+    return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass
 class EvalConfig:
     protocol: str = "default"             # default | paper (K samples, top-1 reward, best-vs-best BLEU)
-    num_samples: int = 0                  # samples per prompt; 0 = the protocol's (default 1, paper 5)
+    # Each protocol's own values (evaluate.PROTOCOLS: default 1 sample at 0.7, paper 5 at 0.9), read when the
+    # config is resolved: config_resolved.yaml holds the numbers used; an override replaces them.
+    num_samples: int = II("eval_protocol:${eval.protocol},num_samples")   # samples per prompt
     max_prompts: int = 100
     max_new_tokens: int = 48
-    temperature: Optional[float] = None   # null = the protocol's (default 0.7, paper 0.9)
+    temperature: float = II("eval_protocol:${eval.protocol},temperature")
     top_p: float = 1.0
     batch_size: int = 32
     reward_model: Any = None
@@ -144,7 +169,7 @@ RANGES = {
     "trainer.dist_timeout_s": (1, INF, True), "trainer.num_threads": (0, 4096, True),
     "sft.epochs": (0, INF, True), "sft.lr": (0, INF, False), "sft.batch_size": (1, INF, True),
     "eval.max_prompts": (1, INF, True), "eval.max_new_tokens": (1, INF, True), "eval.batch_size": (1, INF, True),
-    "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False), "eval.num_samples": (0, 1000, True),
+    "eval.temperature": (0, INF, True), "eval.top_p": (0, 1, False), "eval.num_samples": (1, 1000, True),
     "model.max_length": (2, INF, True), "model.max_prompt_length": (1, INF, True),
     "eval.validation_prompts": (0, INF, True), "trainer.seed": (0, 2**32 - 1, True),
 }
@@ -159,12 +184,22 @@ LABEL_KEYS = ("name",)
 
 def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
+    OmegaConf.register_new_resolver("eval_protocol", protocol_value, replace=True)
 
 
-OPTIONAL = ("trainer.max_steps", "eval.temperature", "trainer.seed")   # null means "the default"
+def protocol_value(protocol: str, key: str) -> Any:
+    """eval.<key> as the evaluation protocol eval.protocol sets it (num_samples, temperature)."""
+    from hps_exp.evaluate import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol={protocol!r} is not allowed; choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[protocol][key]
 
 
-def _check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool) -> None:
+OPTIONAL = ("trainer.max_steps", "trainer.seed")   # null means "the default"
+
+
+def check_range(key: str, value: Any, lo: float, hi: float, lo_inclusive: bool) -> None:
     if value is None and key in OPTIONAL:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -186,7 +221,7 @@ def check_values(cfg: DictConfig) -> None:
     if not cfg.model.name_or_path:
         ranges.update(BUILT_MODEL_RANGES)
     for key, (lo, hi, inclusive) in ranges.items():
-        _check_range(key, OmegaConf.select(cfg, key), lo, hi, inclusive)
+        check_range(key, OmegaConf.select(cfg, key), lo, hi, inclusive)
     if cfg.model.max_prompt_length >= cfg.model.max_length:
         raise ConfigError("model.max_prompt_length must be smaller than model.max_length")
     if not cfg.model.name_or_path and cfg.model.max_length > cfg.model.n_positions:

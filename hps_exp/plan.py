@@ -1,6 +1,6 @@
 """From the Hydra config to what a run needs: the stage specs, the loss and sampler, the data and the reward
 models, all checked before any training. This is the one place that reads the Hydra config; a stage only ever
-sees its own frozen spec (hps_exp/stages.py)."""
+sees its own frozen spec (hps_exp/stages/)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hps_exp import evaluate, models
+from hps_exp import models
 from hps_exp.cache import content_key
-from hps_exp.config import ConfigError, build, check_node
+from hps_exp.config import INF, ConfigError, OptimConfig, RuntimeConfig, build, check_node, check_range, part
 from hps_exp.data import chat
 from hps_exp.data.schema import Splits
 from hps_exp.samplers import check_compatible
@@ -24,12 +24,10 @@ from hps_exp.stages import (
     EvalSpec,
     Examples,
     ModelSpec,
-    OptimSpec,
     PreferenceSpec,
     ReferenceSpec,
     RewardModelSpec,
     Runtime,
-    Scorer,
     SFTSpec,
 )
 
@@ -164,37 +162,6 @@ def check_data(cfg: DictConfig, loss_fn, sampler, train: Examples) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _local_fingerprint(name_or_path: str) -> str | None:
-    """Names, sizes and times of a local model directory's files: a model replaced in place gets a new key."""
-    p = Path(name_or_path).expanduser()
-    if not p.is_dir():
-        return None
-    return content_key([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in sorted(p.rglob("*")) if f.is_file()])
-
-
-def scorer_from_node(node, key: str, device, load: bool = True) -> Scorer | None:
-    """A reward model built from a `_target_` node (the dataset's own scorer, an HF reward model, ...).
-
-    load=False (the ranks of a multi-process run but 0, which never score): the node is checked and its model
-    source found as when loading, the key is the same, but no weights are read: `Scorer.model` is None."""
-    if node is None:
-        return None
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"{key} must be a config with _target_ (or null / annotation), got {node!r}")
-    values = plain(node)
-    extra = {"device": device} if "device" in _params(node._target_) else {}
-    if load:
-        model = build(node, key, **extra)
-    else:
-        check_node(node, key, provided=tuple(extra))
-        if isinstance(values.get("name_or_path"), str):
-            check_model_source(values["name_or_path"], f"{key}.name_or_path")
-        model = None
-    fp = _local_fingerprint(values["name_or_path"]) if isinstance(values.get("name_or_path"), str) else None
-    return Scorer(model, content_key({"node": values, "files": fp}))
-
-
 def check_model_source(name_or_path: str | None, key: str) -> None:
     """Fail fast (before W&B or any training) when a model cannot be had: a missing local dir or package, or a hub
     id that is neither cached nor reachable. Without this an offline hub id fails after ~50 s of retries."""
@@ -226,14 +193,6 @@ def check_model_source(name_or_path: str | None, key: str) -> None:
     reason = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if _hub_offline() else _hub_unreachable_reason()
     if reason:
         raise models.ModelError(f"{key}={name_or_path!r} cannot be loaded: {reason}. Offline? {hint}")
-
-
-def _params(target: str) -> tuple[str, ...]:
-    import inspect
-
-    from hydra.utils import get_object
-
-    return tuple(inspect.signature(get_object(target)).parameters)
 
 
 def reply_stop(node, key: str) -> tuple[str, ...]:
@@ -361,48 +320,64 @@ def make_plan(cfg: DictConfig, loss_fn) -> Plan:
     model = ModelSpec(name_or_path=m.name_or_path, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                       n_positions=m.n_positions, vocab_size=m.vocab_size, dtype=m.dtype,
                       attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **lengths)
-    optim = OptimSpec(grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, schedule=t.schedule,
-                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    optim = part(OptimConfig, t)   # every trained stage's optimiser: trainer.*, each with its own lr
     sft = SFTSpec(model=model, enabled=cfg.sft.enabled, targets=cfg.sft.targets, epochs=cfg.sft.epochs,
-                  lr=cfg.sft.lr, batch_size=cfg.sft.batch_size, optim=optim, seed=cfg.seed)
-    rm = None
-    if cfg.reward_model.get("_target_") and cfg.reward_model.name == "train":
-        _, knobs = check_node(cfg.reward_model, "reward_model", provided=(
-            "tok", "max_prompt_length", "max_length", "seed", "device", "autocast", "logger"))
-        rm = RewardModelSpec(knobs=_reward_model_knobs(knobs, m.name_or_path), seed=cfg.seed, **lengths)
-    aug = None
-    if "_target_" in cfg.augment:
-        gen_keys = ("backend", "batch_size", "top_k", "vllm")
-        _, knobs = check_node(cfg.augment, "augment", drop=gen_keys, provided=(
-            "generator", "reward_model", "seed", "placeholder", "progress", "stats"))
-        gen = {"backend": "hf", "batch_size": 64, "top_k": 0, "vllm": {},
-               **{k: v for k, v in plain(cfg.augment).items() if k in gen_keys}}
-        if gen["backend"] not in ("hf", "vllm"):
-            raise ConfigError(f"augment.backend={gen['backend']!r} is not allowed; choose one of hf, vllm")
-        if gen["backend"] == "hf" and gen["vllm"]:
-            raise ConfigError("augment.vllm does nothing with augment.backend=hf")
-        if "stop" in knobs:
-            raise ConfigError("augment.stop: the strings that end a reply are the dataset's; set dataset.stop")
-        knobs["stop"] = list(reply_stop(cfg.dataset, "dataset"))
-        aug = AugmentSpec(knobs=knobs, generator=gen, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
-    pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), lr=t.lr, epochs=t.epochs,
+                  batch_size=cfg.sft.batch_size, optim=dataclasses.replace(optim, lr=cfg.sft.lr), seed=cfg.seed)
+    rm = _reward_model_spec(cfg, optim) if trains_reward_model(cfg) else None
+    aug = _augment_spec(cfg) if "_target_" in cfg.augment else None
+    pref = PreferenceSpec(loss=plain(cfg.loss), sampler=plain(cfg.sampler), epochs=t.epochs,
                           batch_size=t.batch_size, max_steps=t.max_steps, resample=t.resample, optim=optim,
                           seed=train_seed, lora=_lora_spec(plain(m.lora)), bucketing=t.bucketing, **lengths)
-    protocol = evaluate.PROTOCOLS[e.protocol]
-    ev = EvalSpec(protocol=e.protocol, num_samples=e.num_samples or protocol["num_samples"],
-                  max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens,
-                  temperature=protocol["temperature"] if e.temperature is None else e.temperature,
-                  top_p=e.top_p, batch_size=e.batch_size, seed=train_seed, backend=e.backend, vllm=plain(e.vllm),
-                  stop=eval_stop(cfg), **lengths)
+    ev = EvalSpec(protocol=e.protocol, num_samples=e.num_samples, max_prompts=e.max_prompts,
+                  max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size,
+                  seed=train_seed, backend=e.backend, vllm=plain(e.vllm), stop=eval_stop(cfg), **lengths)
     if ev.backend == "hf" and ev.vllm:
         raise ConfigError("eval.vllm does nothing with eval.backend=hf")
     if ev.num_samples > 1 and ev.temperature == 0:
         raise ConfigError(f"eval.num_samples={ev.num_samples} samples per prompt need eval.temperature > 0")
-    runtime = Runtime(score_batch_size=e.batch_size, gradient_checkpointing=m.gradient_checkpointing,
-                      lora_save=m.lora.get("save", "merged"),
-                      **{f.name: t[f.name] for f in dataclasses.fields(Runtime) if f.name in t})
+    runtime = Runtime(trainer=part(RuntimeConfig, t), score_batch_size=e.batch_size,
+                      gradient_checkpointing=m.gradient_checkpointing, lora_save=m.lora.get("save", "merged"))
     return Plan(sft=sft, reward_model=rm, eval_reward_model=_eval_reward_model(cfg, rm), augment=aug,
                 reference=ReferenceSpec(**lengths), preference=pref, eval=ev, runtime=runtime)
+
+
+def trains_reward_model(cfg: DictConfig) -> bool:
+    """reward_model=train: a reward model trained in the run (its `_target_` trains one; reward_model=hf's loads
+    one). The option's name says which; every caller asks here."""
+    return cfg.reward_model.get("name") == "train" and "_target_" in cfg.reward_model
+
+
+# The arguments the stage passes to reward_model._target_ and augment._target_ at call time (not config keys).
+RM_RUNTIME_ARGS = ("optim", "runtime", "tok", "max_prompt_length", "max_length", "seed", "device", "autocast",
+                   "logger", "checkpoint", "stage")
+AUGMENT_RUNTIME_ARGS = ("generator", "reward_model", "seed", "placeholder", "progress", "stats")
+GENERATOR_KEYS = ("backend", "batch_size", "top_k", "vllm")   # augment's keys that configure the generator
+
+
+def _reward_model_spec(cfg: DictConfig, optim: OptimConfig) -> RewardModelSpec:
+    """reward_model=train: its knobs checked against its `_target_`; reward_model.lr is its optimiser's lr (the
+    other optimiser settings are trainer.*'s)."""
+    lr = cfg.reward_model.get("lr")
+    check_range("reward_model.lr", lr, 0, INF, False)
+    _, knobs = check_node(cfg.reward_model, "reward_model", drop=("lr",), provided=RM_RUNTIME_ARGS)
+    return RewardModelSpec(target=cfg.reward_model._target_, knobs=_reward_model_knobs(knobs, cfg.model.name_or_path),
+                           optim=dataclasses.replace(optim, lr=lr), seed=cfg.seed,
+                           max_prompt_length=cfg.model.max_prompt_length, max_length=cfg.model.max_length)
+
+
+def _augment_spec(cfg: DictConfig) -> AugmentSpec:
+    _, knobs = check_node(cfg.augment, "augment", drop=GENERATOR_KEYS, provided=AUGMENT_RUNTIME_ARGS)
+    gen = {"backend": "hf", "batch_size": 64, "top_k": 0, "vllm": {},
+           **{k: v for k, v in plain(cfg.augment).items() if k in GENERATOR_KEYS}}
+    if gen["backend"] not in ("hf", "vllm"):
+        raise ConfigError(f"augment.backend={gen['backend']!r} is not allowed; choose one of hf, vllm")
+    if gen["backend"] == "hf" and gen["vllm"]:
+        raise ConfigError("augment.vllm does nothing with augment.backend=hf")
+    if "stop" in knobs:
+        raise ConfigError("augment.stop: the strings that end a reply are the dataset's; set dataset.stop")
+    knobs["stop"] = list(reply_stop(cfg.dataset, "dataset"))
+    return AugmentSpec(target=cfg.augment._target_, knobs=knobs, generator=gen,
+                       max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed)
 
 
 def training_seed(cfg: DictConfig) -> int:

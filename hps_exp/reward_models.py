@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hps_exp.batching import SequenceBatch, collate
-from hps_exp.config import TrainerConfig
+from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.data.schema import Example, atomic_write_text
 from hps_exp.models import ModelError, apply_lora, is_lora, load_pretrained, lora_settings
 from hps_exp.trainer import Trainer
@@ -292,13 +292,13 @@ def backbone_reward_net(backbone: str, seed: int):
     return tok, net
 
 
-def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
-                       n_positions: int = 256, max_prompt_length: int, max_length: int, epochs: int, lr: float,
-                       batch_size: int, seed: int, device="cpu", autocast: torch.dtype | None = None,
-                       logger=None, pairs: str = "auto", dropout: float = 0.1, weight_decay: float = 0.0,
-                       warmup_ratio: float = 0.1, grad_accum: int = 1, checkpoint: Path | None = None,
-                       save_every: int = 0, stage: str = "reward_model", backbone: str | None = None,
-                       lora: dict | None = None, subset: str = "all") -> TrainedRewardModel:
+def train_reward_model(train: list[Example], *, optim: OptimConfig, runtime: RuntimeConfig | None = None,
+                       tok=None, n_layer: int = 2, n_head: int = 4, n_embd: int = 128, n_positions: int = 256,
+                       max_prompt_length: int, max_length: int, epochs: int, batch_size: int, seed: int,
+                       device="cpu", autocast: torch.dtype | None = None, logger=None, pairs: str = "auto",
+                       dropout: float = 0.1, checkpoint: Path | None = None, stage: str = "reward_model",
+                       backbone: str | None = None, lora: dict | None = None,
+                       subset: str = "all") -> TrainedRewardModel:
     """Train a Bradley-Terry reward model on the preference pairs of `train` (of its `subset` of prompts).
 
     The net is a tiny GPT-2 built here with `tok` (`n_layer`, `n_head`, `n_embd`, `n_positions`, `dropout`) or,
@@ -308,6 +308,10 @@ def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_he
     each example are used (see `preference_pairs`; default: all strictly ordered pairs when scores exist,
     else the dataset's (chosen, rejected)). Pairs are reshuffled each epoch from `seed`; init is seeded too,
     so the same inputs give the same model. Logs `<stage>/loss`, `<stage>/accuracy`, `<stage>/margin`.
+
+    `optim`: every key is honoured (lr: reward_model.lr; grad_accum, warmup_ratio, schedule, weight_decay,
+    max_grad_norm: trainer.*'s in a run). `runtime` (default: RuntimeConfig()): log_every, save_every, resume (from
+    `checkpoint`) and on_nonfinite are honoured; the net is trained by one process, so strategy must be none.
     """
     train = prompt_half(train, subset, seed)
     device = torch.device(device)
@@ -356,11 +360,8 @@ def train_reward_model(train: list[Example], *, tok=None, n_layer: int = 2, n_he
         m = margin.detach()
         return loss, {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
 
-    cfg = TrainerConfig(lr=lr, epochs=epochs, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                      weight_decay=weight_decay, log_every=10, resume=checkpoint is not None,
-                      save_every=save_every)
-    trainer = Trainer(model, cfg, device=device, autocast=autocast, logger=logger, stage=stage,
-                      checkpoint=checkpoint)
+    trainer = Trainer(model, optim, runtime or RuntimeConfig(), epochs, device=device, autocast=autocast,
+                      logger=logger, stage=stage, checkpoint=checkpoint)
     result = trainer.fit(make_epoch, math.ceil(len(index) / batch_size), step)
     if logger is not None and hasattr(logger, "next_stage"):
         logger.next_stage()

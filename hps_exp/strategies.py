@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hps_exp.config import TrainerConfig
+from hps_exp.config import RuntimeConfig
 from hps_exp.distributed import DistributedError, World
 
 STRATEGIES = ("none", "ddp", "fsdp2")
@@ -35,7 +35,7 @@ def compute_numerics(strategy: str, distributed: bool, autocast: torch.dtype | N
     return f"{name} autocast"
 
 
-def wrap(model: torch.nn.Module, cfg: TrainerConfig, world: World,
+def wrap(model: torch.nn.Module, cfg: RuntimeConfig, world: World,
          param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the step function calls: the model itself (none / one process), a DDP wrapper, or the
     model sharded in place by FSDP2 (`shard_from_rank0`). The model is on `world.device` except under FSDP2,

@@ -33,7 +33,7 @@ from hps_exp.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from hps_exp.config import TrainerConfig
+from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.distributed import DistributedError, World
 from hps_exp.progress import progress_bar
 from hps_exp.strategies import (
@@ -145,11 +145,13 @@ def num_prompts(batch: Any) -> int:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, device: torch.device,
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, runtime: RuntimeConfig, epochs: int,
+                 max_steps: int | None = None, *, device: torch.device,
                  autocast: torch.dtype | None, logger: RunLogger | None = None, stage: str = "train",
                  checkpoint: Path | None = None, world: World | None = None, key: str | None = None,
                  record: dict | None = None):
-        self.model, self.cfg, self.device, self.autocast = model, cfg, device, autocast
+        self.model, self.device, self.autocast = model, device, autocast
+        self.optim, self.runtime, self.epochs, self.max_steps = optim, runtime, epochs, max_steps
         # The stage's cache key (and the readable record it hashes): written into each checkpoint and required
         # of the one resumed from, so a checkpoint never resumes another run. None: not checked.
         self.key, self.record = key, record
@@ -169,24 +171,24 @@ class Trainer:
         return min(1.0, self.step / max(1, self.total_steps))
 
     def fit(self, make_epoch: EpochFn, micro_batches_per_epoch: int, step_fn: StepFn) -> dict[str, float]:
-        cfg, world = self.cfg, self.world
-        if cfg.on_nonfinite not in ("error", "skip"):
-            raise ValueError(f"trainer.on_nonfinite={cfg.on_nonfinite!r} is not allowed; choose error or skip")
-        steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.grad_accum))
-        self.total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        check_lr_moves_weights(self.model, cfg.lr, self.stage)
-        if cfg.strategy == "fsdp2" and world.distributed:
+        optim, run, world = self.optim, self.runtime, self.world
+        if run.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"trainer.on_nonfinite={run.on_nonfinite!r} is not allowed; choose error or skip")
+        steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / optim.grad_accum))
+        self.total_steps = steps_per_epoch * self.epochs
+        if self.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.max_steps)
+        check_lr_moves_weights(self.model, optim.lr, self.stage)
+        if run.strategy == "fsdp2" and world.distributed:
             from hps_exp import models
 
             models.check_twin(self.model)   # the final save gathers into a rebuilt twin: fail now, not after training
-        self.module = wrap(self.model, cfg, world, param_dtype=self.autocast)
+        self.module = wrap(self.model, run, world, param_dtype=self.autocast)
         # Created after wrapping: FSDP2 replaces parameters by sharded DTensors.
-        opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr,
-                                weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=optim.lr,
+                                weight_decay=optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * self.total_steps), self.total_steps))
+            opt, lr_lambda(optim.schedule, int(optim.warmup_ratio * self.total_steps), self.total_steps))
         self._resume(opt, sched)
 
         self._started, last = time.perf_counter(), {}
@@ -194,17 +196,17 @@ class Trainer:
         bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.stage, disable=not world.is_main)
         start_epoch = self.step // steps_per_epoch
         with _StopRequests() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, self.epochs):
                 if self.step >= self.total_steps:
                     break
                 self.module.train()
                 # Re-create the epoch's batches (and sampler draws) from the seed; on resume skip those done.
-                skip = (self.step - epoch * steps_per_epoch) * cfg.grad_accum
+                skip = (self.step - epoch * steps_per_epoch) * optim.grad_accum
                 micro = iter(make_epoch(epoch, self.progress))
                 for _ in range(skip):
                     next(micro, None)
                 while self.step < min(self.total_steps, (epoch + 1) * steps_per_epoch):
-                    group = [b for _, b in zip(range(cfg.grad_accum), micro)]
+                    group = [b for _, b in zip(range(optim.grad_accum), micro)]
                     out = self._optimizer_step(group, step_fn, opt, sched, stop)
                     if out is None:   # every rank's epoch ended
                         break
@@ -214,13 +216,13 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     if self.logger is not None and world.is_main and (
-                            self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                            self.step % run.log_every == 0 or self.step == self.total_steps):
                         self.logger.log({f"{self.stage}/{k}": v for k, v in last.items()}, step=self.step)
                     if stop_now:
                         self._save(opt)
                         bar.close()
                         raise TrainingInterrupted(self.stage, self.step, self.checkpoint, stop.signum or signal.SIGTERM)
-                    if cfg.save_every and self.step % cfg.save_every == 0:
+                    if run.save_every and self.step % run.save_every == 0:
                         self._save(opt)
                 self._save(opt)
         bar.close()
@@ -231,7 +233,7 @@ class Trainer:
         return self.seconds_before + time.perf_counter() - self._started
 
     def _resume(self, opt, sched) -> None:
-        if not (self.cfg.resume and self.checkpoint is not None):
+        if not (self.runtime.resume and self.checkpoint is not None):
             return
         found = find_checkpoint(self.checkpoint)
         if found is None:
@@ -260,7 +262,7 @@ class Trainer:
                 self.logger.rewind(self.stage, self.step)
 
     def _optimizer_step(self, group, step_fn, opt, sched, stop) -> dict[str, float] | None:
-        world, cfg = self.world, self.cfg
+        world = self.world
         counts = [num_prompts(b) for b in group]
         # One collective per step: every rank's (micro-batches, prompts). Equal micro-batch counts are
         # required (DDP/FSDP2 collectives would otherwise hang until the timeout).
@@ -301,7 +303,7 @@ class Trainer:
         out = {k: float(v) for k, v in zip(keys, reduced)}
         self.tokens += reduced[-3].item()
         any_bad_loss, want_stop = reduced[-2].item() > 0, reduced[-1].item() > 0
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.module.parameters() if p.requires_grad], max_norm)
         if hasattr(grad_norm, "full_tensor"):   # FSDP2: a DTensor norm over the shards
@@ -310,7 +312,7 @@ class Trainer:
         out["lr"] = sched.get_last_lr()[0]
         if any_bad_loss or not math.isfinite(out["grad_norm"]):
             what = "loss" if any_bad_loss else "gradient"
-            if cfg.on_nonfinite == "error":
+            if self.runtime.on_nonfinite == "error":
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"[{self.stage}] step {self.step + 1}: non-finite {what} (loss={out['loss']}, "
                                      f"grad_norm={out['grad_norm']}); batch rows: {_sources(group)} "
@@ -348,7 +350,7 @@ class Trainer:
         """The unsharded model state dict (CPU tensors) on rank 0, None elsewhere; a collective under FSDP2."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.cfg.strategy == "fsdp2" and self.world.distributed:
+        if self.runtime.strategy == "fsdp2" and self.world.distributed:
             sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return sd if self.world.is_main else None
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.world.is_main else None
@@ -362,7 +364,7 @@ class Trainer:
         from hps_exp import models
 
         save_fn = save_fn or models.save
-        if self.cfg.strategy == "fsdp2" and self.world.distributed:
+        if self.runtime.strategy == "fsdp2" and self.world.distributed:
             sd = self.full_state_dict()
             if self.world.is_main:
                 save_fn(models.unsharded_copy(self.model, sd), tok, Path(directory), keep_live=False, **save_kwargs)

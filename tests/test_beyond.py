@@ -195,6 +195,7 @@ import numpy as np  # noqa: E402
 from hps_exp import batching, stages  # noqa: E402
 from hps_exp.data.schema import Example  # noqa: E402
 from hps_exp.samplers import HardSampler  # noqa: E402
+from hps_exp.stages import training  # noqa: E402
 from tests.test_batching import manual_logp, tiny_model_and_tok  # noqa: E402
 
 SCORED = [
@@ -230,7 +231,7 @@ def _draw(model, tok, indices, sampler, loss, gamma, rng):
     examples, encoded, refs = ([seq[i] for i in indices] for seq in (SCORED, enc, REFS))
     draws = stages.PolicyDraws(list(indices), [sampler.noise(e, rng) for e in examples], gamma, len(indices))
     with torch.no_grad():
-        return stages._policy_selections(model, draws, examples, encoded, refs, sampler, loss, tok.pad_token_id,
+        return training._policy_selections(model, draws, examples, encoded, refs, sampler, loss, tok.pad_token_id,
                                          torch.device("cpu"))
 
 

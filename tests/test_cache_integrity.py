@@ -7,12 +7,14 @@ import struct
 import torch
 
 from hps_exp import cache, models, stages
+from hps_exp.config import OptimConfig
 from hps_exp.data.synthetic import load
 
 
 def _sft(tmp_path):
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
-                          epochs=1, lr=1e-3, batch_size=8, optim=stages.OptimSpec(1, 0.0, "cosine", 0.0, 1.0), seed=0)
+                          epochs=1, batch_size=8, seed=0,
+                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="cosine"))
     train = stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train)
     env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "cache")
     return lambda: stages.sft(spec, train, env)

@@ -105,6 +105,7 @@ def test_vllm_evaluation_leaves_the_process_group_first(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from hps_exp import stages
+    from hps_exp.stages import evaluation
 
     seen = {}
 
@@ -115,13 +116,13 @@ def test_vllm_evaluation_leaves_the_process_group_first(tmp_path, monkeypatch):
         seen["group_live"] = dist.is_initialized()
         raise Built
 
-    monkeypatch.setattr(stages, "build_generator", fake_build_generator)
+    monkeypatch.setattr(evaluation, "build_generator", fake_build_generator)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         spec = stages.EvalSpec("default", 1, 1, 4, 0.7, 1.0, 1, 8, 16, 0, backend="vllm")
         env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path)
         with pytest.raises(Built):
-            stages._evaluate(spec, None, None, stages.EvalSet("x", stages.Examples.of([])),
+            evaluation._evaluate(spec, None, None, stages.EvalSet("x", stages.Examples.of([])),
                              stages.RefLogps((), "k", 0.0), (), None, env, stages.MarginReward())
     finally:
         if dist.is_initialized():
@@ -225,8 +226,9 @@ def worker(args: list[str]) -> None:
     cfg = TrainerConfig(lr=0.01, epochs=3, grad_accum=2, warmup_ratio=0.0, schedule="constant", log_every=1,
                         max_grad_norm=MAX_NORM,
                         strategy=strategy, max_steps=opts.get("max_steps"), save_every=opts.get("save_every", 0))
-    trainer = Trainer(model, cfg, device=world.device, autocast=None, logger=RankLog(), stage="train",
-                      checkpoint=Path(opts["ckpt"]) if "ckpt" in opts else None, world=world)
+    trainer = Trainer(model, cfg, cfg, cfg.epochs, cfg.max_steps, device=world.device, autocast=None,
+                      logger=RankLog(), stage="train", checkpoint=Path(opts["ckpt"]) if "ckpt" in opts else None,
+                      world=world)
     result = trainer.fit(make_epoch, -(-N_PROMPTS // GLOBAL_BATCH), step)
     # Which fast paths ran on the module the steps saw (the DDP wrapper / the FSDP2-sharded model).
     fast = {"head_only": batching.scoring_head(trainer.module) is not None,
@@ -251,12 +253,14 @@ def sft_worker(out: Path, opts: dict) -> None:
     """The SFT stage (tiny GPT-2, synthetic data) under fsdp2, recording on each rank whether the model reached
     the sharding call on the meta device. opts["every_rank_loads"]: the behaviour before meta loading."""
     from hps_exp import stages, strategies, trainer
+    from hps_exp.config import OptimConfig, RuntimeConfig
     from hps_exp.data.synthetic import load
     from hps_exp.distributed import init_world, shutdown
+    from hps_exp.stages import sft_reference
 
     world = init_world("cpu", timeout_s=60)
     if opts.get("every_rank_loads"):
-        stages._weights_from_rank0 = lambda env: False
+        sft_reference.weights_from_rank0 = lambda env: False
     seen = {}
     real_shard = strategies.shard_from_rank0
 
@@ -273,9 +277,10 @@ def sft_worker(out: Path, opts: dict) -> None:
     # the trainer's wrap calls it from strategies; stages imports it from trainer
     strategies.shard_from_rank0 = trainer.shard_from_rank0 = recording_shard
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
-                          epochs=1, lr=1e-3, batch_size=4, optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
+                          epochs=1, batch_size=4, seed=0,
+                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"))
     env = stages.Env(device=world.device, autocast=None, cache_dir=out / "cache", world=world,
-                     runtime=stages.Runtime(strategy="fsdp2"))
+                     runtime=stages.Runtime(RuntimeConfig(strategy="fsdp2")))
     train = stages.Examples.of(load(n_train=12, n_test=2, n_responses=3).train)
     result = stages.sft(spec, train, env)
     ref = stages.reference(stages.ReferenceSpec(24, 48), result, train, env)   # sharded, then gathered once

@@ -5,7 +5,7 @@ import torch
 
 from hps_exp import progress
 from hps_exp.trainer import Trainer
-from tests.test_trainer import cfg, fresh, make_epoch, step
+from tests.test_trainer import cfg, fresh, loop, make_epoch, step
 
 
 def test_a_bar_into_a_file_writes_a_line_every_ten_percent(monkeypatch):
@@ -23,6 +23,6 @@ def test_a_bar_into_a_file_writes_a_line_every_ten_percent(monkeypatch):
 
 def test_training_logs_plain_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     monkeypatch.delenv("HPS_EXP_NO_PROGRESS", raising=False)
-    Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, stage="sft").fit(make_epoch, 8, step)
+    Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, stage="sft").fit(make_epoch, 8, step)
     err = capsys.readouterr().err
     assert "\r" not in err and 1 <= err.count("sft") <= 11 and "12/12" in err

@@ -16,6 +16,7 @@ from test_rundir import TINY
 from test_stages import _Crash, _CrashingLogger
 
 from hps_exp import app, rundir, stages
+from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.data.schema import DataError, Example
 
 
@@ -35,11 +36,12 @@ def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     data = load(n_train=16, n_test=4, n_responses=2)
     train, heldout = stages.Examples.of(data.train), stages.Examples.of(data.test)
     sft_spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=False, targets="all",
-                              epochs=1, lr=1e-3, batch_size=8, optim=stages.OptimSpec(1, 0.0, "cosine", 0.0, 1.0),
+                              epochs=1, batch_size=8, optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="cosine"),
                               seed=0)
-    spec = stages.RewardModelSpec(knobs={"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 48, "epochs": 2,
-                                         "lr": 1e-3, "batch_size": 4}, max_prompt_length=24, max_length=48, seed=0)
-    runtime = stages.Runtime(save_every=1, log_every=1)
+    spec = stages.RewardModelSpec(target="hps_exp.reward_models.train_reward_model", optim=OptimConfig(lr=1e-3),
+                                  knobs={"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 48, "epochs": 2,
+                                         "batch_size": 4}, max_prompt_length=24, max_length=48, seed=0)
+    runtime = stages.Runtime(RuntimeConfig(save_every=1, log_every=1))
 
     def env(cache, logger=None):
         return stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / cache, runtime=runtime,
@@ -51,7 +53,7 @@ def test_the_reward_model_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     whole = stages.trained_reward_model(spec, train, heldout, stages.sft(sft_spec, train, env("a")), env("a"))
     sft_b = stages.sft(sft_spec, train, env("b"))
     with pytest.raises(_Crash):
-        # its last step: it logs every 10th and the last, and has saved the one before
+        # its last step (it logs every step here, trainer.log_every=1), and has saved the one before
         stages.trained_reward_model(spec, train, heldout, sft_b, env("b", _CrashingLogger(at=8)))
     assert list((tmp_path / "b").glob(".reward_model-*.checkpoint"))
     capsys.readouterr()

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from hps_exp.config import OptimConfig
 from hps_exp.data import synthetic
 from hps_exp.data.schema import Example
 from hps_exp.models import ModelError, train_tokenizer
@@ -23,7 +24,7 @@ from hps_exp.reward_models import (
 # 0.5 and P(acc >= 0.65 | coin flips) < 0.2 %, so 0.65 is "clearly above chance" with room for numerics.
 ACCURACY_THRESHOLD = 0.65
 RM_KW = dict(n_layer=1, n_head=2, n_embd=64, n_positions=128, max_prompt_length=48, max_length=128,
-             epochs=3, lr=3e-3, batch_size=32, device="cpu")
+             epochs=3, optim=OptimConfig(lr=3e-3), batch_size=32, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_hf_reward_model_bad_input_format():
 
 # ---------------------------------------------------------------- reward models on a pretrained backbone
 
-BACKBONE_KW = dict(max_prompt_length=48, max_length=40, lr=3e-3, batch_size=16, device="cpu")
+BACKBONE_KW = dict(max_prompt_length=48, max_length=40, optim=OptimConfig(lr=3e-3), batch_size=16, device="cpu")
 
 
 def _save_lm(directory, tok, arch):
@@ -289,7 +290,7 @@ def test_smollm2_backbone_rm_saved_dir_scores_the_same(tmp_path):
     else:
         items = synthetic.load(n_train=8, n_test=4, n_responses=2, seed=0).train
     rm = train_reward_model(items, backbone=SMOL, seed=0, epochs=1, lora={"enabled": True, "r": 4},
-                            max_prompt_length=96, max_length=128, lr=1e-4, batch_size=4)
+                            max_prompt_length=96, max_length=128, optim=OptimConfig(lr=1e-4), batch_size=4)
     rm.save(tmp_path / "rm")
     p = [e.prompt for e in items for _ in e.responses]
     r = [x for e in items for x in e.responses]
@@ -333,9 +334,10 @@ def test_only_the_scoring_process_reads_pretrained_reward_models(tiny_hf_rm, com
     args = ["dataset.n_train=12", "dataset.n_test=4", "reward_model=hf", f"reward_model.name_or_path={tiny_hf_rm}",
             "augment=sample", "eval.reward_model=${reward_model}"]   # the same HF node, as the evaluator
     main, other = app.prepare(compose(args)), app.prepare(compose(args), load_reward_models=False)
-    assert isinstance(main.hf_annotator.model, HFRewardModel) and isinstance(main.evaluator.model, HFRewardModel)
-    assert other.hf_annotator.model is None and other.evaluator.model is None
-    assert (other.hf_annotator.key, other.evaluator.key) == (main.hf_annotator.key, main.evaluator.key)
+    main, other = main.scorers, other.scorers
+    assert isinstance(main.pretrained.model, HFRewardModel) and isinstance(main.evaluation.model, HFRewardModel)
+    assert other.pretrained.model is None and other.evaluation.model is None
+    assert (other.pretrained.key, other.evaluation.key) == (main.pretrained.key, main.evaluation.key)
     missing = [a.replace(str(tiny_hf_rm), str(tiny_hf_rm) + "-gone") for a in args]
     with pytest.raises((ConfigError, ModelError), match="gone"):
         app.prepare(compose(missing), load_reward_models=False)

@@ -23,7 +23,7 @@ def sharded_trainer(model):
     cfg = TrainerConfig(strategy="fsdp2")
     world = World(rank=0, world_size=2)
     world.barrier = lambda: None   # the group has one rank; the save's barrier is the only two-rank call
-    trainer = Trainer(model, cfg, device=torch.device("cpu"), autocast=None, world=world)
+    trainer = Trainer(model, cfg, cfg, cfg.epochs, device=torch.device("cpu"), autocast=None, world=world)
     trainer.module = wrap(model, cfg, world)
     return trainer
 
@@ -63,7 +63,8 @@ def test_fsdp2_save_equals_the_unwrapped_save(one_rank_group, tmp_path, lora_sav
 def test_a_model_its_config_cannot_rebuild_is_refused_before_training(tmp_path):
     tok, model = tiny()
     model.extra_head = torch.nn.Linear(4, 4)   # added after construction: a twin from the config lacks it
-    trainer = Trainer(model, TrainerConfig(strategy="fsdp2"), device=torch.device("cpu"), autocast=None,
+    cfg = TrainerConfig(strategy="fsdp2")
+    trainer = Trainer(model, cfg, cfg, cfg.epochs, device=torch.device("cpu"), autocast=None,
                       world=World(rank=0, world_size=2))
     with pytest.raises(models.ModelError, match=r"first difference: extra_head\.bias.*trainer\.strategy=ddp"):
         trainer.fit(lambda epoch, progress: iter(()), 1, lambda m, b: None)

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from hps_exp import app, stages
 from hps_exp.cache import clean_stale
+from hps_exp.config import OptimConfig, RuntimeConfig
 
 BASE = ["reward_model=train", "augment=sample", "dataset.n_train=24", "dataset.n_test=8"]
 ALL = {"sft", "reward_model", "augment", "reference#0", "preference", "reference#1", "sft_eval", "eval"}
@@ -227,8 +228,8 @@ def test_file_replaced_in_place_misses_the_sft_cache(tmp_path, capsys):
     from hps_exp.data.ranked_jsonl import load
 
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
-                          epochs=1, lr=1e-3, batch_size=8,
-                          optim=stages.OptimSpec(1, 0.0, "constant", 0.0, 1.0), seed=0)
+                          epochs=1, batch_size=8,
+                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"), seed=0)
     env = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "cache")
     path = tmp_path / "data.jsonl"
     path.write_text(_ranked_rows(10))
@@ -313,9 +314,10 @@ def test_sft_resumes_from_its_checkpoint_after_a_crash(tmp_path, capsys):
     from hps_exp.data.synthetic import load
 
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 1, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
-                          epochs=2, lr=1e-3, batch_size=8, optim=stages.OptimSpec(1, 0.0, "cosine", 0.0, 1.0), seed=0)
+                          epochs=2, batch_size=8, seed=0,
+                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="cosine"))
     train = stages.Examples.of(load(n_train=12, n_test=2, n_responses=2).train)
-    runtime = stages.Runtime(save_every=1, log_every=1)
+    runtime = stages.Runtime(RuntimeConfig(save_every=1, log_every=1))
     whole = stages.sft(spec, train, stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "a",
                                                runtime=runtime))
     crashing = stages.Env(device=torch.device("cpu"), autocast=None, cache_dir=tmp_path / "b", runtime=runtime,

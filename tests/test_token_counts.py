@@ -7,7 +7,7 @@ from hps_exp.trainer import Trainer
 from tests import test_trainer
 from tests.test_batching import tiny_model_and_tok
 from tests.test_preference_logps import EXAMPLES, SELECTIONS, batch_and_model
-from tests.test_trainer import cfg, fresh, make_epoch
+from tests.test_trainer import cfg, fresh, loop, make_epoch
 
 plain_step = test_trainer.step
 
@@ -31,10 +31,10 @@ def counting_step(model, batch):
 
 
 def test_trainer_sums_step_tokens_over_the_stage_and_across_a_resume(tmp_path, monkeypatch):
-    out = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, counting_step)
+    out = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, counting_step)
     assert out["tokens"] == 3 * 8 * 8   # 3 epochs x 8 micro-batches x 8 rows: a sum, not a per-prompt mean
     monkeypatch.setattr(test_trainer, "step", counting_step)
     ckpt = test_trainer._crash_after_checkpoint(tmp_path)   # the step-5 checkpoint of a run that died in step 6
-    resumed = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None,
+    resumed = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None,
                       checkpoint=ckpt).fit(make_epoch, 8, counting_step)
     assert resumed["steps"] == 12 and resumed["tokens"] == out["tokens"]   # the steps before the resume count

@@ -32,10 +32,18 @@ def cfg(**kw):
     return TrainerConfig(**{"lr": 0.2, "epochs": 3, "grad_accum": 2, "warmup_ratio": 0.1, "log_every": 1, **kw})
 
 
+CPU = torch.device("cpu")
+
+
+def loop(c: TrainerConfig) -> tuple:
+    """Trainer's (optim, runtime, epochs, max_steps) from one flat TrainerConfig (it is both parts)."""
+    return c, c, c.epochs, c.max_steps
+
+
 def test_training_reduces_loss_and_counts_steps():
     model = fresh()
     before = step(model, (X, Y))[0].item()
-    out = Trainer(model, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    out = Trainer(model, *loop(cfg()), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     assert out["steps"] == 3 * 4  # 8 micro-batches / 2 accumulated, 3 epochs
     assert step(model, (X, Y))[0].item() < 0.2 * before
 
@@ -60,20 +68,20 @@ def _crash_after_checkpoint(tmp_path, sleep=0.0, **run_identity):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
-        Trainer(fresh(), cfg(save_every=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt,
+        Trainer(fresh(), *loop(cfg(save_every=5)), device=torch.device("cpu"), autocast=None, checkpoint=ckpt,
                 **run_identity).fit(make_epoch, 8, crashing_step)
     return ckpt
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     full = fresh()
-    Trainer(full, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    Trainer(full, *loop(cfg()), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     ckpt = _crash_after_checkpoint(tmp_path)
     assert ckpt.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left
     probe = fresh()
     assert load_checkpoint(ckpt, probe, torch.optim.AdamW(probe.parameters())) == 5
     resumed = fresh()  # a new process would start from scratch and find the checkpoint
-    out = Trainer(resumed, cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(make_epoch, 8, step)
+    out = Trainer(resumed, *loop(cfg()), device=CPU, autocast=None, checkpoint=ckpt).fit(make_epoch, 8, step)
     assert out["steps"] == 12
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
@@ -116,7 +124,7 @@ def test_nonfinite_loss_raises_naming_step_and_rows():
     from hps_exp.trainer import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss.*rows: data\.jsonl:9, data\.jsonl:10,"):
-        Trainer(fresh(), cfg(grad_accum=1), device=torch.device("cpu"), autocast=None).fit(
+        Trainer(fresh(), *loop(cfg(grad_accum=1)), device=torch.device("cpu"), autocast=None).fit(
             poisoned_epoch(1), 8, rows_step)  # micro-batch 1 of epoch 0 -> step 2 (accum 1)
 
 
@@ -130,7 +138,7 @@ def test_nonfinite_skip_counts_and_leaves_parameters_finite():
 
     log = Log()
     model = fresh()
-    out = Trainer(model, cfg(grad_accum=1, on_nonfinite="skip"), device=torch.device("cpu"), autocast=None,
+    out = Trainer(model, *loop(cfg(grad_accum=1, on_nonfinite="skip")), device=torch.device("cpu"), autocast=None,
                   logger=log).fit(poisoned_epoch(1), 8, rows_step)
     assert out["steps"] == 24 and out["nonfinite_skipped"] == 3.0   # one bad batch per epoch
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -145,8 +153,8 @@ def test_loss_weighted_by_num_prompts_equals_the_mean_over_prompts():
     uneven = lambda e, p: iter([Rows(x[:3], y[:3], [], 3), Rows(x[3:], y[3:], [], 1)])  # noqa: E731
     whole = lambda e, p: iter([Rows(x, y, [], 4)])  # noqa: E731
     c = dict(epochs=1, warmup_ratio=0.0, max_grad_norm=1e9, schedule="constant")
-    Trainer(a, cfg(grad_accum=2, **c), device=torch.device("cpu"), autocast=None).fit(uneven, 2, rows_step)
-    Trainer(b, cfg(grad_accum=1, **c), device=torch.device("cpu"), autocast=None).fit(whole, 1, rows_step)
+    Trainer(a, *loop(cfg(grad_accum=2, **c)), device=torch.device("cpu"), autocast=None).fit(uneven, 2, rows_step)
+    Trainer(b, *loop(cfg(grad_accum=1, **c)), device=torch.device("cpu"), autocast=None).fit(whole, 1, rows_step)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-7)
     assert not torch.allclose(a.weight, fresh().weight)
@@ -163,10 +171,10 @@ def test_resume_rewinds_the_logger(tmp_path):
             self.rewound = (stage, step)
 
     ckpt = tmp_path / "ckpt"
-    Trainer(fresh(), cfg(max_steps=5), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(
+    Trainer(fresh(), *loop(cfg(max_steps=5)), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(
         make_epoch, 8, step)
     log = Log()
-    Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, logger=log, stage="sft",
+    Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, logger=log, stage="sft",
             checkpoint=ckpt).fit(make_epoch, 8, step)
     assert log.rewound == ("sft", 5)
 
@@ -174,7 +182,7 @@ def test_resume_rewinds_the_logger(tmp_path):
 SIGNAL_WORKER = r"""
 import sys, time, torch
 sys.path.insert(0, {root!r})
-from tests.test_trainer import make_epoch, step, fresh, cfg
+from tests.test_trainer import make_epoch, step, fresh, cfg, loop
 from hps_exp.trainer import Trainer, TrainingInterrupted
 from pathlib import Path
 ckpt, out, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
@@ -188,7 +196,8 @@ def slow_step(model, batch):
     return step(model, batch)
 model = fresh()
 try:
-    Trainer(model, cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt).fit(make_epoch, 8, slow_step)
+    Trainer(model, *loop(cfg()), device=torch.device("cpu"), autocast=None,
+            checkpoint=ckpt).fit(make_epoch, 8, slow_step)
 except TrainingInterrupted as e:
     print("INTERRUPTED", e.step, flush=True)
     sys.exit(3)
@@ -227,7 +236,7 @@ def test_signal_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, sig):
     assert rerun.returncode == 0, rerun.stdout
     assert "resumed from" in rerun.stdout and "at step 4/12" in rerun.stdout
     full = fresh()
-    Trainer(full, cfg(), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+    Trainer(full, *loop(cfg()), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     final = torch.load(out, weights_only=True)
     for k, v in full.state_dict().items():
         assert torch.allclose(v, final[k], atol=1e-6)
@@ -246,7 +255,7 @@ def test_strategy_choice_is_checked():
     with pytest.raises(ValueError, match="declares no _no_split_modules"):
         decoder_block_classes(fresh())
     with pytest.raises(ValueError, match="trainer.on_nonfinite='ignore'"):
-        Trainer(fresh(), cfg(on_nonfinite="ignore"), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+        Trainer(fresh(), *loop(cfg(on_nonfinite="ignore")), device=CPU, autocast=None).fit(make_epoch, 8, step)
 
 
 # ---------------------------------------------------------------- issue 18: a checkpoint resumes only its own run
@@ -257,15 +266,15 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     from hps_exp.checkpoint import CheckpointMismatch
 
     ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2, "loss": "dpo"}})
-    other = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
+    other = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
                     record={"config": {"lr": 0.01, "loss": "pl"}})
     with pytest.raises(CheckpointMismatch, match=r"config.loss: 'dpo' -> 'pl'; config.lr: 0.2 -> 0.01"):
         other.fit(make_epoch, 8, step)
     # trainer.resume=false starts afresh instead (and replaces the checkpoint)
-    out = Trainer(fresh(), cfg(resume=False), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
+    out = Trainer(fresh(), *loop(cfg(resume=False)), device=CPU, autocast=None, checkpoint=ckpt, key="k2",
                   record={"config": {"lr": 0.01}}).fit(make_epoch, 8, step)
     assert out["steps"] == 12
-    same = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2")
+    same = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2")
     same.fit(make_epoch, 8, step)
     assert same.step == 12
 
@@ -280,7 +289,7 @@ def test_a_resumed_stage_keeps_the_time_of_the_steps_before(tmp_path):
         time.sleep(per_call)
         return step(model, batch)
 
-    out = Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
+    out = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
                   record={"config": {"lr": 0.2}}).fit(make_epoch, 8, slow_step)
     assert out["steps"] == 12
     assert out["seconds"] >= 12 * 2 * per_call * 0.95          # all 12 steps, not only the 7 after the resume
@@ -293,7 +302,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     data = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
     data.write_bytes(data.read_bytes()[:50])
     with pytest.raises(CheckpointDamaged, match="cannot be loaded"):
-        Trainer(fresh(), cfg(), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
+        Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
                 record={"config": {"lr": 0.2}}).fit(make_epoch, 8, step)
 
 
@@ -312,10 +321,10 @@ def test_pure_bf16_at_a_small_lr_is_refused_before_the_first_step():
     before = model.weight.detach().clone()
     refused = r"trainer.lr=1e-06 cannot move 9\d\.\d % .*model.dtype=fp32 trainer.precision=bf16"
     with pytest.raises(ValueError, match=refused):
-        Trainer(model, cfg(lr=1e-6), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
+        Trainer(model, *loop(cfg(lr=1e-6)), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     assert torch.equal(model.weight, before)
     with pytest.raises(ValueError, match="sft.lr=1e-06"):
-        Trainer(model, cfg(lr=1e-6), device=torch.device("cpu"), autocast=None, stage="sft").fit(make_epoch, 8, step)
+        Trainer(model, *loop(cfg(lr=1e-6)), device=CPU, autocast=None, stage="sft").fit(make_epoch, 8, step)
 
 
 def test_a_checkpoint_keeps_and_restores_the_cuda_rng_state_on_cuda(tmp_path, monkeypatch):
