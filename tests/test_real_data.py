@@ -70,7 +70,7 @@ def test_real_hh_every_row_accounted_for(hh_real):
 def test_real_hh_strict_mode_names_first_bad_row():
     if not HH_TEST.exists():
         pytest.skip(f"real HH-RLHF file not found at {HH_TEST}")
-    with pytest.raises(DataError, match=re.escape(f"{HH_TEST}:87: chosen response (after the last")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(HH_TEST))}:87\b.*\bchosen\b.*\bempty\b"):
         hh_rlhf.load(path=str(HH_TEST))
 
 
@@ -132,31 +132,33 @@ def test_hh_local_train_and_test_files(tmp_path):
     assert s.train[0].source == f"{train}:1" and s.test[0].source == f"{test}:1"
 
 
+# Each bad row's error names the field (or value) at fault and, where two differ only by the
+# reason, one word of the reason -- not the sentence.
 HH_BAD = [
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "missing field 'rejected'"),
-    ({"chosen": 3, "rejected": "\n\nHuman: a\n\nAssistant: b"}, "field 'chosen' must be a string, got int"),
-    ({"chosen": "", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "field 'chosen' is empty"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, r"missing\b.*'rejected'"),
+    ({"chosen": 3, "rejected": "\n\nHuman: a\n\nAssistant: b"}, r"'chosen'.*\bint\b"),
+    ({"chosen": "", "rejected": "\n\nHuman: a\n\nAssistant: b"}, r"'chosen'.*\bempty\b"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant:  "},
-     "rejected response (after the last '\\n\\nAssistant:') is empty"),
+     r"\brejected\b.*\bempty\b"),
     ({"chosen": "Human: a, Assistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"},
-     "field 'chosen' is not an HH transcript (no '\\n\\nAssistant:' turn)"),
+     r"'chosen'.*\bHH\b.*Assistant:"),
     ({"chosen": "\n\nAssistant: b", "rejected": "\n\nAssistant: c"},
-     "field 'chosen' is not an HH transcript (does not start with '\\n\\nHuman:')"),
+     r"'chosen'.*\bHH\b.*Human:"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: c"},
-     "chosen and rejected have different prompts"),
-    ('{"chosen": "\\n\\nHuman: a', "not valid JSON"),
-    ("[1, 2]", "expected a JSON object, got list"),
+     r"\bchosen\b.*\brejected\b.*\bprompts?\b"),
+    ('{"chosen": "\\n\\nHuman: a', r"\bvalid JSON\b"),
+    ("[1, 2]", r"\bobject\b.*\blist\b"),
 ]
 
 
-@pytest.mark.parametrize("bad,message", HH_BAD, ids=[m[:30] for _, m in HH_BAD])
+@pytest.mark.parametrize("bad,message", HH_BAD, ids=[re.sub(r"\W+", " ", m).strip() for _, m in HH_BAD])
 def test_hh_bad_row_names_file_and_line(tmp_path, bad, message):
     good = hh_rows(3)
     path = write_jsonl(tmp_path / "x.jsonl", [good[0], good[1], bad, good[2]])
     with pytest.raises(DataError) as err:
         hh_rlhf.load(path=str(path), test_fraction=0.0)
     assert str(err.value).startswith(f"{path}:3: ")
-    assert message in str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
 
 
 def test_hh_skip_mode_counts_and_logs(tmp_path, caplog):
@@ -167,23 +169,23 @@ def test_hh_skip_mode_counts_and_logs(tmp_path, caplog):
         s = hh_rlhf.load(path=str(path), test_fraction=0.0, on_bad_row="skip")
     assert s.skipped == {"train": len(HH_BAD), "test": 0}
     assert [e.responses[0] for e in s.train] == [f" good answer {i}" for i in range(6)]
-    assert f"skipped {len(HH_BAD)} bad row(s) of {len(rows)} in {path}" in caplog.text
-    assert f"{path}:3: missing field 'rejected'" in caplog.text
+    assert re.search(rf"\b{len(HH_BAD)}\b.*\b{len(rows)}\b.*{re.escape(str(path))}", caplog.text), caplog.text
+    assert re.search(rf"{re.escape(str(path))}:3\b.*'rejected'", caplog.text), caplog.text
 
 
 def test_bad_config_values(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", hh_rows(4))
-    with pytest.raises(DataError, match=r"dataset.on_bad_row: must be one of 'error', 'skip'; got 'ignore'"):
+    with pytest.raises(DataError, match=r"dataset\.on_bad_row\b.*'error', 'skip'.*'ignore'"):
         hh_rlhf.load(path=str(path), on_bad_row="ignore")
-    with pytest.raises(DataError, match=r"dataset.test_path is set but dataset.path is not"):
+    with pytest.raises(DataError, match=r"dataset\.test_path\b.*\bdataset\.path\b"):
         hh_rlhf.load(test_path=str(path))
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: file not found")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'nope.jsonl'))}\b.*\bnot found\b"):
         hh_rlhf.load(path=str(tmp_path / "nope.jsonl"), on_bad_row="skip")
-    with pytest.raises(DataError, match=r"dataset.max_train: must be a non-negative integer"):
+    with pytest.raises(DataError, match=r"dataset\.max_train\b.*-1\b"):
         hh_rlhf.load(path=str(path), max_train=-1)
-    with pytest.raises(DataError, match=r"dataset.test_fraction: must be a number in \[0, 1\)"):
+    with pytest.raises(DataError, match=r"dataset\.test_fraction\b.*\b1\.5\b"):
         hh_rlhf.load(path=str(path), test_fraction=1.5)
-    with pytest.raises(DataError, match=r"no usable training rows \(1 bad row\(s\) skipped\)"):
+    with pytest.raises(DataError, match=r"bad\.jsonl\b.*\btraining\b.*\b1 bad\b"):
         hh_rlhf.load(path=str(write_jsonl(tmp_path / "bad.jsonl", ["[]"])), on_bad_row="skip")
 
 
@@ -196,8 +198,9 @@ def test_train_test_overlap_detected(tmp_path):
         hh_rlhf.load(path=str(train), test_path=str(test))
     msg = str(err.value)
     assert "Human: the shared question" in msg and "…" in msg
-    assert f"train ({train}:4)" in msg and f"test ({test}:2)" in msg
-    assert "dataset.allow_overlap=true" in msg
+    assert re.search(rf"\btrain\b.*{re.escape(str(train))}:4\b", msg), msg
+    assert re.search(rf"\btest\b.*{re.escape(str(test))}:2\b", msg), msg
+    assert "dataset.allow_overlap" in msg
     s = hh_rlhf.load(path=str(train), test_path=str(test), allow_overlap=True)
     assert len(s.train) == 4 and len(s.test) == 2
 
@@ -215,9 +218,8 @@ def test_hub_unreachable_offline_mode(monkeypatch):
     with pytest.raises(DataError) as err:
         hh_rlhf.load(hub_id="hps-exp-tests/no-such-dataset")
     msg = str(err.value)
-    assert msg.startswith("could not load 'hps-exp-tests/no-such-dataset' (data_dir='harmless-base', split='train') "
-                          "from the Hugging Face hub (")
-    assert "Offline? Point at local files: dataset.path=/path/train.jsonl.gz dataset.test_path=" in msg
+    assert re.search(r"'hps-exp-tests/no-such-dataset'.*'harmless-base'.*'train'", msg), msg
+    assert "dataset.path=" in msg and "dataset.test_path=" in msg
 
 
 def test_hub_unreachable_fails_fast_without_calling_datasets(monkeypatch):
@@ -240,8 +242,8 @@ def test_hub_unreachable_fails_fast_without_calling_datasets(monkeypatch):
     with pytest.raises(DataError) as err:
         pku_safety.load()
     msg = str(err.value)
-    assert "could not load 'PKU-Alignment/PKU-SafeRLHF' (split='train')" in msg
-    assert "cannot connect to huggingface.co:443: [Errno -2] Name or service not known" in msg
+    assert re.search(r"'PKU-Alignment/PKU-SafeRLHF'.*'train'", msg), msg
+    assert "huggingface.co:443" in msg and "Name or service not known" in msg     # the host and the OS's reason
     assert "dataset.path=" in msg
 
 
@@ -258,7 +260,7 @@ def test_hub_rows_use_same_parser(monkeypatch):
     monkeypatch.setattr(common, "_hub_unreachable_reason", lambda timeout=5.0: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(DataError,
-                       match=re.escape("hf:Anthropic/hh-rlhf/helpful-base/test:2: missing field 'rejected'")):
+                       match=r"hf:Anthropic/hh-rlhf/helpful-base/test:2\b.*'rejected'"):
         hh_rlhf.load(subset="helpful-base")
     s = hh_rlhf.load(subset="helpful-base", on_bad_row="skip", max_train=2)
     assert calls[-2:] == [("Anthropic/hh-rlhf", "helpful-base", "train"), ("Anthropic/hh-rlhf", "helpful-base", "test")]
@@ -311,26 +313,26 @@ def test_pku_safer_and_better(tmp_path):
 
 def test_pku_bad_preference_lists_options(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", PKU_ROWS)
-    with pytest.raises(DataError, match=r"dataset.preference: must be one of 'safer', 'better'; got 'helpful'"):
+    with pytest.raises(DataError, match=r"dataset\.preference\b.*'safer', 'better'.*'helpful'"):
         pku_safety.load(path=str(path), preference="helpful")
 
 
 @pytest.mark.parametrize("bad,message", [
-    (pku("q", "a", "b", "yes", True, 0, 1), "field 'is_response_0_safe' must be true/false, got str 'yes'"),
-    (pku("q", "a", "b", True, True, 0, 2), "field 'safer_response_id' must be 0 or 1, got 2"),
-    (pku("q", "a", "b", True, True, 0, None), "field 'safer_response_id' must be an integer, got null"),
-    (pku("q", "   ", "b", True, True, 0, 1), "field 'response_0' is empty"),
+    (pku("q", "a", "b", "yes", True, 0, 1), r"'is_response_0_safe'.*'yes'"),
+    (pku("q", "a", "b", True, True, 0, 2), r"'safer_response_id'.*\b2\b"),
+    (pku("q", "a", "b", True, True, 0, None), r"'safer_response_id'.*\bnull\b"),
+    (pku("q", "   ", "b", True, True, 0, 1), r"'response_0'.*\bempty\b"),
     ({k: v for k, v in pku("q", "a", "b", True, True, 0, 1).items() if k != "response_1"},
-     "missing field 'response_1'"),
+     r"missing\b.*'response_1'"),
 ])
 def test_pku_bad_rows(tmp_path, caplog, bad, message):
     path = write_jsonl(tmp_path / "x.jsonl", PKU_ROWS[:2] + [bad] + PKU_ROWS[2:])
-    with pytest.raises(DataError, match=re.escape(f"{path}:3: {message}")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:3\b.*{message}"):
         pku_safety.load(path=str(path), test_fraction=0.0)
     with caplog.at_level(logging.WARNING, logger="hps_exp.data"):
         s = pku_safety.load(path=str(path), test_fraction=0.0, on_bad_row="skip")
     assert len(s.train) == 3 and s.skipped["train"] == 1
-    assert "skipped 1 bad row(s) of 4" in caplog.text
+    assert re.search(rf"\b1 bad\b.*\b4\b.*{re.escape(str(path))}", caplog.text), caplog.text
 
 
 # ----------------------------------------------------------------------------- ranked JSONL
@@ -377,28 +379,28 @@ def test_ranked_our_schema_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1.0, 2.0]}, "2 rewards for 3 responses"),
-    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, 1.0]}, "all rewards are equal"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1.0, 2.0]}, r"\b2 rewards\b.*\b3 responses\b"),
+    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, 1.0]}, r"\brewards\b.*\bequal\b"),
     ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, "2"]},
-     "field 'rewards' item 1 must be a number, got str"),
-    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, float("nan")]}, "field 'rewards' item 1 is not finite"),
+     r"'rewards' item 1\b.*\bstr\b"),
+    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, float("nan")]}, r"'rewards' item 1\b.*\bfinite\b"),
     ({"prompt": "p", "responses": ["a", 7], "rewards": [1.0, 2.0]},
-     "field 'responses' item 1 must be a string, got int"),
-    ({"prompt": "p", "responses": ["a", ""], "rewards": [1.0, 2.0]}, "field 'responses' item 1 is empty"),
-    ({"prompt": "p", "responses": ["a"], "rewards": [1.0]}, "field 'responses' needs at least 2 responses, got 1"),
-    ({"prompt": "", "responses": ["a", "b"], "rewards": [1.0, 2.0]}, "field 'prompt' is empty"),
-    ({"responses": ["a", "b"], "rewards": [1.0, 2.0]}, "missing field 'prompt'"),
-    ({"prompt": "p", "responses": ["a", "b"]}, "missing field 'rewards' (authors' format) or 'scores'"),
-    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2], "scores": [1, 2]}, "has both 'rewards'"),
+     r"'responses' item 1\b.*\bint\b"),
+    ({"prompt": "p", "responses": ["a", ""], "rewards": [1.0, 2.0]}, r"'responses' item 1\b.*\bempty\b"),
+    ({"prompt": "p", "responses": ["a"], "rewards": [1.0]}, r"'responses'.*\b2\b.*\b1\b"),
+    ({"prompt": "", "responses": ["a", "b"], "rewards": [1.0, 2.0]}, r"'prompt'.*\bempty\b"),
+    ({"responses": ["a", "b"], "rewards": [1.0, 2.0]}, r"missing\b.*'prompt'"),
+    ({"prompt": "p", "responses": ["a", "b"]}, r"missing\b.*'rewards'.*'scores'"),
+    ({"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2], "scores": [1, 2]}, r"\bboth\b.*'rewards'.*'scores'"),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 2, 3], "chosen": 0, "rejected": 1},
-     "3 scores for 2 responses"),
+     r"\b3 scores\b.*\b2 responses\b"),
     ({"prompt": "p", "responses": ["a", "b"], "scores": None, "chosen": 0, "rejected": 5},
-     "chosen=0, rejected=5 invalid for 2 responses"),
-    ({"prompt": "p", "responses": ["a", "b"], "scores": None, "harmful": [True]}, "1 harmful labels for 2 responses"),
+     r"chosen=0, rejected=5\b.*\b2 responses\b"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": None, "harmful": [True]}, r"\b1 harmful\b.*\b2 responses\b"),
 ])
 def test_ranked_bad_rows(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "r.jsonl", AUTHORS_ROWS[:1] + [bad] + AUTHORS_ROWS[1:])
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: {message}")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2\b.*{message}"):
         ranked_jsonl.load(path=str(path))
     s = ranked_jsonl.load(path=str(path), test_fraction=0.0, on_bad_row="skip")
     assert len(s.train) == 3 and s.skipped == {"train": 1, "test": 0}
