@@ -37,7 +37,7 @@ def test_members_when_every_score_ties():
     e = ex([1.0, 1.0, 1.0])
     assert (e.best, e.worst) == (0, 2)  # still two different responses
     assert e.negatives == () and e.num_negatives == 0
-    with pytest.raises(DataError, match=re.escape("t.jsonl:7: every score ties (1.0), so no response is a negative")):
+    with pytest.raises(DataError, match=r"t\.jsonl:7\b.*\btie.*\b1\.0\b"):
         _ = e.hardest  # the property access itself must raise
 
 
@@ -89,28 +89,28 @@ def test_truncated_gz_is_a_data_error_in_both_modes(truncated_gz, mode):
     with pytest.raises(DataError) as err:
         hh_rlhf.load(path=str(path), on_bad_row=mode)
     msg = str(err.value)
-    assert msg.startswith(f"{path}: file is truncated")
-    reached = int(re.search(r"after line (\d+);", msg).group(1))
+    assert re.match(rf"{re.escape(str(path))}\b.*\btruncated\b", msg), msg
+    reached = int(re.search(r"\bline (\d+)\b", msg).group(1))
     assert 0 < reached <= whole_lines
-    assert "a partial file is never loaded, not even with dataset.on_bad_row=skip" in msg
+    assert "dataset.on_bad_row=skip" in msg      # names the setting that does not help
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_not_gzip_and_corrupt_gzip(tmp_path, mode):
     fake = tmp_path / "plain.jsonl.gz"
     fake.write_text(hh_line(0, random.Random(0)) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"{fake}: file is not valid gzip data (")) as err:
+    with pytest.raises(DataError, match=rf"{re.escape(str(fake))}\b.*\bgzip\b") as err:
         hh_rlhf.load(path=str(fake), on_bad_row=mode)
-    assert "before the first line" in str(err.value)
+    assert re.search(r"\bfirst line\b", str(err.value)), str(err.value)
 
     good = gzip.compress("".join(hh_line(i, random.Random(i)) + "\n" for i in range(50)).encode())
     broken = bytearray(good)
     broken[len(good) // 2] ^= 0xFF  # one flipped byte: bad deflate data or a CRC mismatch
     bad = tmp_path / "flipped.jsonl.gz"
     bad.write_bytes(bytes(broken))
-    with pytest.raises(DataError, match=re.escape(f"{bad}: file ")) as err:
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}\b") as err:
         hh_rlhf.load(path=str(bad), on_bad_row=mode)
-    assert "a partial file is never loaded" in str(err.value)
+    assert "dataset.on_bad_row" in str(err.value)
 
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:
@@ -125,7 +125,7 @@ def test_invalid_utf8_names_the_line_and_skip_skips_it(tmp_path, name):
     lines = [hh_line(i, rng).encode() for i in range(5)]
     lines[2] = lines[2].replace(b"good 2", b"good \xff\xfe 2")
     path = write_lines(tmp_path / name, lines)
-    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xff at column")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:3\b.*UTF-8.*\b0xff\b"):
         hh_rlhf.load(path=str(path), test_fraction=0.0)
     s = hh_rlhf.load(path=str(path), test_fraction=0.0, on_bad_row="skip")
     assert s.skipped == {"train": 1, "test": 0}
@@ -141,8 +141,9 @@ def test_byte_order_mark_on_the_first_line_is_accepted(tmp_path):
 # ----------------------------------------------------------------------------- rows that carry no preference
 
 def check_bad_row(load, path: Path, line: int, message: str, n_good: int) -> None:
-    """In error mode: DataError "file:line: message"; in skip mode: the row is counted and dropped."""
-    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: {message}")):
+    """In error mode: DataError naming file:line, then the regex `message`; in skip mode: the row is counted
+    and dropped."""
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:{line}\b.*{message}"):
         load(path=str(path), test_fraction=0.0)
     s = load(path=str(path), test_fraction=0.0, on_bad_row="skip")
     assert s.skipped == {"train": 1, "test": 0} and len(s.train) == n_good
@@ -158,8 +159,7 @@ def test_hh_chosen_equal_to_rejected_is_bad(tmp_path, rejected):
     rows.insert(1, hh_row("\n\nHuman: q?\n\nAssistant:", " same answer", rejected))
     path = tmp_path / "hh.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    check_bad_row(hh_rlhf.load, path, 2, "chosen and rejected responses are the same text, so the row carries "
-                                         "no preference", 3)
+    check_bad_row(hh_rlhf.load, path, 2, r"\bchosen\b.*\brejected\b.*\bsame\b", 3)
 
 
 def pku_row(r0: str, r1: str) -> dict:
@@ -171,7 +171,7 @@ def test_pku_equal_responses_are_bad(tmp_path):
     rows = [pku_row("Yes.", "No."), pku_row("Yes.", "No."), pku_row(" Same. ", "Same.")]
     path = tmp_path / "pku.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    check_bad_row(pku_safety.load, path, 3, "fields 'response_0' and 'response_1' are the same text", 2)
+    check_bad_row(pku_safety.load, path, 3, r"'response_0'.*'response_1'.*\bsame\b", 2)
 
 
 GOOD_RANKED = [
@@ -181,11 +181,10 @@ GOOD_RANKED = [
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1, 1, 1]}, "all rewards are equal (1.0), so no "
-                                                                          "response is preferred"),
-    ({"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 1, 1]}, "all scores are equal (1.0)"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1, 1, 1]}, r"\brewards\b.*\bequal\b.*\b1\.0\b"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 1, 1]}, r"\bscores\b.*\bequal\b.*\b1\.0\b"),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [-2.5, -2.5], "chosen": 1, "rejected": 0},
-     "all scores are equal (-2.5)"),
+     r"\bscores\b.*\bequal\b.*-2\.5\b"),
 ])
 def test_ranked_all_tied_scores_are_bad_at_load_time(tmp_path, row, message):
     path = tmp_path / "ranked.jsonl"
@@ -205,12 +204,12 @@ def test_ranked_pair_without_scores_is_still_a_preference(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, ' + "9" * 400 + "]}",
-     "field 'rewards' item 1 is too large for a float"),
-    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, ' + "9" * 5000 + "]}", "not usable JSON (ValueError: "),
-    ("[" * 100_000 + "]" * 100_000, "not usable JSON (RecursionError: "),
-    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 1e999]}', "field 'rewards' item 1 is not finite (inf)"),
+     r"'rewards' item 1\b.*\btoo large\b"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, ' + "9" * 5000 + "]}", r"\bJSON\b.*\bValueError\b"),
+    ("[" * 100_000 + "]" * 100_000, r"\bJSON\b.*\bRecursionError\b"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 1e999]}', r"'rewards' item 1\b.*\binf\b"),
     ('{"prompt": "p", "responses": ["a", "b"], "scores": [1, 2], "chosen": ' + "9" * 300 + "}",
-     "chosen=" + "9" * 300 + ", rejected=1 invalid for 2 responses"),
+     "chosen=" + "9" * 300 + r", rejected=1\b.*\b2 responses\b"),
 ])
 def test_ranked_extreme_json_is_a_named_bad_row(tmp_path, line, message):
     path = tmp_path / "ranked.jsonl"
@@ -221,12 +220,12 @@ def test_ranked_extreme_json_is_a_named_bad_row(tmp_path, line, message):
 def test_too_few_prompts_to_split_names_the_file(tmp_path):
     path = tmp_path / "one_prompt.jsonl"
     path.write_text(json.dumps(hh_row("\n\nHuman: q?\n\nAssistant:", " yes", " no")) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"{path}: cannot split 1 distinct prompt(s) into train and test")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}\b.*\b1\b.*\bprompt"):
         hh_rlhf.load(path=str(path), test_fraction=0.5)
 
 
 def test_a_directory_is_not_a_data_file(tmp_path):
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: is a directory, not a .jsonl file")):
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path))}\b.*\bdirectory\b"):
         ranked_jsonl.load(path=str(tmp_path), on_bad_row="skip")
 
 
@@ -234,9 +233,9 @@ def test_messages_use_the_path_as_given(tmp_path):
     """Line errors from the byte reader and from the JSON parser name the file the same way."""
     write_lines(tmp_path / "x.jsonl", [b'{"prompt": "\xff"}', b"[1]"])
     given = f"{tmp_path}/./x.jsonl"  # Path() would drop the "/."
-    with pytest.raises(DataError, match=re.escape(f"{given}:1: not valid UTF-8 (byte 0xff at column 13)")):
+    with pytest.raises(DataError, match=rf"{re.escape(given)}:1\b.*UTF-8.*\b0xff\b.*\b13\b"):
         ranked_jsonl.load(path=given)
-    with pytest.raises(DataError, match=re.escape(f"{given}: no usable training rows (2 bad row(s) skipped)")):
+    with pytest.raises(DataError, match=rf"{re.escape(given)}\b.*\btraining\b.*\b2 bad\b"):
         ranked_jsonl.load(path=given, on_bad_row="skip")
 
 
