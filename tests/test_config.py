@@ -63,14 +63,14 @@ def test_typo_key_is_rejected(compose):
 
 def test_bad_choice_names_key_and_choices(compose):
     cfg = compose(["trainer.schedule=cosinus"])
-    with pytest.raises(ConfigError, match=r"trainer.schedule='cosinus'.*cosine, linear, constant"):
+    with pytest.raises(ConfigError, match=r"trainer\.schedule='cosinus'.*\bcosine, linear, constant\b"):
         config.check_values(cfg)
 
 
 def test_loss_knob_type_and_name_checked_at_build(compose):
-    with pytest.raises(ConfigError, match=r"loss.beta='abc'"):
+    with pytest.raises(ConfigError, match=r"\bloss\.beta='abc'"):
         build(compose(["loss.beta=abc"]).loss, "loss")
-    with pytest.raises(ConfigError, match=r"loss.*framework"):
+    with pytest.raises(ConfigError, match=r"\bframework\b.*'foo'"):
         build(compose(["loss.framework=foo"]).loss, "loss")
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose(["loss.betta=0.2"])
@@ -81,7 +81,7 @@ def prepare(compose, overrides):
 
 
 def test_incompatible_loss_and_sampler_fail_at_setup(compose):
-    with pytest.raises(ConfigError, match="sampler=all"):
+    with pytest.raises(ConfigError, match=r"\bloss=pl\b.*\bsampler=all\b.*\bsampler=pair\b"):
         prepare(compose, ["loss=pl", "sampler=pair"])
 
 
@@ -95,12 +95,12 @@ def test_authors_released_preset(compose):
 
 
 def test_eval_datasets_are_checked(compose, tmp_path):
-    with pytest.raises(ConfigError, match=r"eval.datasets: 'pku'.*pku_safety"):
+    with pytest.raises(ConfigError, match=r"\beval\.datasets\b.*'pku'.*\bpku_safety\b"):
         prepare(compose, ["eval.datasets=[pku]"])
-    with pytest.raises(ConfigError, match=r"nope.jsonl: file not found"):
+    with pytest.raises(ConfigError, match=r"\bnope\.jsonl\b.*\bnot found\b"):
         prepare(compose, ["eval.datasets=[ranked_jsonl]",
                           f"+eval.dataset_args.ranked_jsonl.path={tmp_path}/nope.jsonl"])
-    with pytest.raises(ConfigError, match=r"eval.dataset_args.hh_rlhf.*not in eval.datasets"):
+    with pytest.raises(ConfigError, match=r"\beval\.dataset_args\.hh_rlhf\b.*\beval\.datasets\b"):
         prepare(compose, [f"+eval.dataset_args.hh_rlhf.path={tmp_path}/x.jsonl"])
     rows = tmp_path / "ranked.jsonl"
     rows.write_text("".join(
@@ -132,13 +132,13 @@ def test_pretrained_model_ignores_built_model_sizes(compose):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["loss=hps", "loss.estimator=single", "loss.gamma=2"], r"gamma does nothing with estimator=single"),
-    (["loss.framework=ipo", "loss.label_smoothing=0.1"], r"label_smoothing=0.1 does nothing under framework=ipo"),
+    (["loss=hps", "loss.estimator=single", "loss.gamma=2"], r"\bgamma\b.*\bestimator=single\b"),
+    (["loss.framework=ipo", "loss.label_smoothing=0.1"], r"\blabel_smoothing=0\.1\b.*\bframework=ipo\b"),
     (["loss=hps", "loss.estimator=single", "sampler=hard", "sampler.schedule=step", "sampler.gamma=2"],
-     r"gamma does nothing with schedule=step"),
+     r"\bgamma\b.*\bschedule=step\b"),
     (["loss=hps", "loss.estimator=single", "sampler=hard", "sampler.gamma_start=-1"],
-     r"gamma_start does nothing with schedule=constant"),
-    (["loss=pl", "sampler.gamma=2"], r"sampler.gamma does nothing with sampler=auto.*sampler=all.*set sampler=hard"),
+     r"\bgamma_start\b.*\bschedule=constant\b"),
+    (["loss=pl", "sampler.gamma=2"], r"\bsampler\.gamma\b.*\bsampler=auto\b.*\bsampler=all\b.*\bsampler=hard\b"),
 ])
 def test_knob_that_would_do_nothing_fails(compose, overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -153,7 +153,7 @@ def test_sampler_knobs_pass_through_auto(compose):
 
 def test_reward_model_knobs_reach_the_constructor(compose):
     """reward_model=hf's input_format (its own example model needs "pair") is a real, checked setting."""
-    with pytest.raises(ConfigError, match=r"reward_model.input_formatt is not a setting"):
+    with pytest.raises(ConfigError, match=r"\breward_model\.input_formatt\b"):
         config.check_node(compose(["reward_model=hf", "reward_model.name_or_path=x",
                                    "+reward_model.input_formatt=pair"]).reward_model, "reward_model")
     _, kwargs = config.check_node(compose(["reward_model=hf", "reward_model.name_or_path=x",
