@@ -123,7 +123,7 @@ def rows_step(model, batch):
 def test_nonfinite_loss_raises_naming_step_and_rows():
     from hps_exp.trainer import NonFiniteError
 
-    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss.*rows: data\.jsonl:9, data\.jsonl:10,"):
+    with pytest.raises(NonFiniteError, match=r"\bstep 2\b.*\bloss\b.*\bdata\.jsonl:9\b.*\bdata\.jsonl:10\b"):
         Trainer(fresh(), *loop(cfg(grad_accum=1)), device=torch.device("cpu"), autocast=None).fit(
             poisoned_epoch(1), 8, rows_step)  # micro-batch 1 of epoch 0 -> step 2 (accum 1)
 
@@ -246,15 +246,15 @@ def test_strategy_choice_is_checked():
     from hps_exp.distributed import DistributedError, World
     from hps_exp.strategies import decoder_block_classes, wrap
 
-    with pytest.raises(DistributedError, match="2 processes were launched but trainer.strategy=none"):
+    with pytest.raises(DistributedError, match=r"\b2 processes\b.*\btrainer\.strategy=none\b"):
         wrap(fresh(), cfg(strategy="none"), World(rank=0, world_size=2))
-    with pytest.raises(ValueError, match="trainer.strategy='zero3' is not allowed"):
+    with pytest.raises(ValueError, match=r"\btrainer\.strategy='zero3'"):
         wrap(fresh(), cfg(strategy="zero3"), World())
     one = fresh()
     assert wrap(one, cfg(strategy="fsdp2"), World()) is one   # one process: nothing to shard or sync
-    with pytest.raises(ValueError, match="declares no _no_split_modules"):
+    with pytest.raises(ValueError, match=r"\b_no_split_modules\b"):
         decoder_block_classes(fresh())
-    with pytest.raises(ValueError, match="trainer.on_nonfinite='ignore'"):
+    with pytest.raises(ValueError, match=r"\btrainer\.on_nonfinite='ignore'"):
         Trainer(fresh(), *loop(cfg(on_nonfinite="ignore")), device=CPU, autocast=None).fit(make_epoch, 8, step)
 
 
@@ -268,7 +268,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2, "loss": "dpo"}})
     other = Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k2",
                     record={"config": {"lr": 0.01, "loss": "pl"}})
-    with pytest.raises(CheckpointMismatch, match=r"config.loss: 'dpo' -> 'pl'; config.lr: 0.2 -> 0.01"):
+    with pytest.raises(CheckpointMismatch, match=r"\bconfig\.loss\b.*'dpo'.*'pl'.*\bconfig\.lr\b.*\b0\.2\b.*\b0\.01\b"):
         other.fit(make_epoch, 8, step)
     # trainer.resume=false starts afresh instead (and replaces the checkpoint)
     out = Trainer(fresh(), *loop(cfg(resume=False)), device=CPU, autocast=None, checkpoint=ckpt, key="k2",
@@ -301,7 +301,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     ckpt = _crash_after_checkpoint(tmp_path, key="k1", record={"config": {"lr": 0.2}})
     data = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
     data.write_bytes(data.read_bytes()[:50])
-    with pytest.raises(CheckpointDamaged, match="cannot be loaded"):
+    with pytest.raises(CheckpointDamaged, match=r"/ckpt\b.*\btrainer\.resume=false\b"):
         Trainer(fresh(), *loop(cfg()), device=torch.device("cpu"), autocast=None, checkpoint=ckpt, key="k1",
                 record={"config": {"lr": 0.2}}).fit(make_epoch, 8, step)
 
@@ -319,11 +319,11 @@ def test_pure_bf16_at_a_small_lr_is_refused_before_the_first_step():
     assert stalled_fraction([w.detach().float().requires_grad_()], 1e-9) == 0.0   # fp32 masters move
     model = torch.nn.Linear(64, 64).to(torch.bfloat16)
     before = model.weight.detach().clone()
-    refused = r"trainer.lr=1e-06 cannot move 9\d\.\d % .*model.dtype=fp32 trainer.precision=bf16"
+    refused = r"\btrainer\.lr=1e-06\b.*\b9\d\.\d ?%.*\bmodel\.dtype=fp32\b.*\btrainer\.precision=bf16\b"
     with pytest.raises(ValueError, match=refused):
         Trainer(model, *loop(cfg(lr=1e-6)), device=torch.device("cpu"), autocast=None).fit(make_epoch, 8, step)
     assert torch.equal(model.weight, before)
-    with pytest.raises(ValueError, match="sft.lr=1e-06"):
+    with pytest.raises(ValueError, match=r"\bsft\.lr=1e-06\b"):
         Trainer(model, *loop(cfg(lr=1e-6)), device=CPU, autocast=None, stage="sft").fit(make_epoch, 8, step)
 
 
