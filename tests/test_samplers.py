@@ -122,7 +122,7 @@ def test_ties_with_the_best_are_never_sampled():
 
 
 def test_all_tied_prompt_raises_naming_the_row():
-    with pytest.raises(ValueError, match="t.jsonl:7.*tie"):
+    with pytest.raises(ValueError, match=r"\bt\.jsonl:7\b.*\btie"):
         HardSampler().select(ex_of([1.0, 1.0, 1.0]), RNG(0), 0.0)
 
 
@@ -169,13 +169,13 @@ def test_selection_records_the_scheduled_gamma_and_draws_follow_it():
 
 
 def test_bad_knobs_raise():
-    with pytest.raises(ValueError, match="constant, linear, step"):
+    with pytest.raises(ValueError, match=r"'cosine'.*\bconstant, linear, step\b"):
         HardSampler(schedule="cosine")
-    with pytest.raises(ValueError, match="num_negatives"):
+    with pytest.raises(ValueError, match=r"\bnum_negatives\b.*\b0\b"):
         HardSampler(num_negatives=0)
-    with pytest.raises(ValueError, match="milestones"):
+    with pytest.raises(ValueError, match=r"\bmilestones\b.*\[0\.6, 0\.4\]"):
         HardSampler(schedule="step", milestones=[0.6, 0.4])
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match=r"\bgamma\b.*\binf\b"):
         HardSampler(gamma=float("inf"))
 
 
@@ -239,12 +239,12 @@ def test_ranking_sampler_orders_by_decreasing_score_stably():
 def test_ranking_sampler_without_scores():
     two = Example("\n\nHuman: hi\n\nAssistant:", (" a", " b"), chosen=1, rejected=0)
     assert RankingSampler().select(two, RNG(0), 0.0) == Selection((1, 0), 1)
-    with pytest.raises(ValueError, match="t.jsonl:7"):
+    with pytest.raises(ValueError, match=r"\bsampler=all\b.*\bt\.jsonl:7\b"):
         RankingSampler().select(ex_of(None), RNG(0), 0.0)
 
 
 def test_hard_sampler_without_scores_raises_naming_the_row():
-    with pytest.raises(ValueError, match="t.jsonl:7"):
+    with pytest.raises(ValueError, match=r"\bsampler=hard\b.*\bt\.jsonl:7\b"):
         HardSampler().select(ex_of(None), RNG(0), 0.0)
 
 
@@ -291,17 +291,19 @@ HARD, HARD3, PAIR, BW, ALL = (HardSampler(), HardSampler(num_negatives=3), PairS
 
 
 @pytest.mark.parametrize("args, match", [
-    (("ranking", False, "pl", PAIR, "pair", 8, True), "loss=pl needs sampler=all"),
-    (("ranking", False, "pl", BW, "best_worst", 8, True), "loss=pl needs sampler=all"),
-    (("ranking", True, "hps", HARD, "hard", 8, True), "loss=hps needs sampler=all"),
-    (("ranking", False, "bt", HARD3, "hard", 8, True), "loss=bt needs sampler=all"),
-    (("ranking", False, "pl", PAIR, "pair", 8, False), "needs scores"),
-    (("pair", False, "dpo", ALL, "all", 8, True), "loss=dpo compares exactly 2.*use sampler=best_worst"),
-    (("pair", False, "dpo", HARD, "hard", 2, False), "sampler=hard needs scored responses.*sampler=pair or best_worst"),
-    (("pair", False, "dpo", HARD, "uniform", 8, False), "sampler=uniform needs scored"),
-    (("ranking", False, "pl", ALL, "all", 8, False), "sampler=all ranks responses by score"),
-    (("ranking", True, "hps", ALL, "all", 2, False), "loss=hps needs scored responses"),
-    (("pair", False, "dpo", HARD3, "hard", 8, True), "num_negatives=3.*sampler.num_negatives=1"),
+    (("ranking", False, "pl", PAIR, "pair", 8, True), r"\bloss=pl\b.*\bsampler=all\b.*\bsampler=pair\b"),
+    (("ranking", False, "pl", BW, "best_worst", 8, True), r"\bloss=pl\b.*\bsampler=all\b.*\bsampler=best_worst\b"),
+    (("ranking", True, "hps", HARD, "hard", 8, True), r"\bloss=hps\b.*\bsampler=all\b.*\bsampler=hard\b"),
+    (("ranking", False, "bt", HARD3, "hard", 8, True), r"\bloss=bt\b.*\bsampler=all\b.*\bsampler=hard\b"),
+    (("ranking", False, "pl", PAIR, "pair", 8, False), r"\bloss=pl\b.*\bsampler=all\b.*\bscores\b"),
+    (("pair", False, "dpo", ALL, "all", 8, True),
+     r"\bloss=dpo\b.*\b2\b.*\bsampler=all\b.*\b8\b.*\bsampler=best_worst\b"),
+    (("pair", False, "dpo", HARD, "hard", 2, False), r"\bsampler=hard\b.*\bscore.*\bsampler=pair\b.*\bbest_worst\b"),
+    (("pair", False, "dpo", HARD, "uniform", 8, False), r"\bsampler=uniform\b.*\bscore"),
+    (("ranking", False, "pl", ALL, "all", 8, False), r"\bsampler=all\b.*\bscore.*\bsampler=pair\b"),
+    (("ranking", True, "hps", ALL, "all", 2, False), r"\bloss=hps\b.*\bscore"),
+    (("pair", False, "dpo", HARD3, "hard", 8, True),
+     r"\bloss=dpo\b.*\bnum_negatives=3\b.*\bsampler\.num_negatives=1\b"),
 ])
 def test_check_compatible_rejects(args, match):
     with pytest.raises(ValueError, match=match):
