@@ -1,6 +1,7 @@
 """A cache hit is verified (issue 18 item 3): the record and the size and hash of every file, recorded at publish;
 a damaged or foreign entry is rebuilt, never served."""
 import json
+import re
 import shutil
 import struct
 
@@ -42,13 +43,13 @@ def test_zeroed_or_truncated_weights_are_rebuilt_not_served(tmp_path, capsys):
     capsys.readouterr()
     again = sft()
     out = capsys.readouterr().out
-    assert "fails its integrity check (model/model.safetensors: content hash differs" in out and "sft: built" in out
+    assert re.search(r"\bmodel/model\.safetensors\b.*\bhash\b", out) and "sft: built" in out
     assert all(torch.equal(good[k], v) for k, v in _weights(again).items())
 
     weights.write_bytes(weights.read_bytes()[:-100])   # truncated
     sft()
     out = capsys.readouterr().out
-    assert "fails its integrity check (model/model.safetensors has" in out and "sft: built" in out
+    assert re.search(r"\bmodel/model\.safetensors\b.*\bbytes\b", out) and "sft: built" in out
     assert all(torch.equal(good[k], v) for k, v in _weights(again).items())
 
 
@@ -76,7 +77,7 @@ def test_a_truncated_file_or_an_entry_copied_from_another_is_rebuilt(tmp_path, c
     shutil.copytree(path_a, b.path(tmp_path))     # another entry's content under b's name
     path_b, hit = cache.cached(tmp_path, b, build_for(2))
     assert not hit and json.loads((path_b / "eval.json").read_text()) == {"value": 2}
-    assert "inputs.json records another entry's inputs" in capsys.readouterr().out
+    assert re.search(r"\binputs\.json\b.*\banother\b", capsys.readouterr().out)
     assert built == [1, 1, 2]
 
 
@@ -101,14 +102,14 @@ def test_disk_full_while_building_is_one_line_naming_the_path(tmp_path, monkeypa
     def full(out):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(cache.CacheError, match=r"\[cache\] sft_eval: disk full while writing .*\.sft_eval-.*\.tmp-"):
+    with pytest.raises(cache.CacheError, match=r"\bsft_eval\b.*\bdisk full\b.*\.sft_eval-.*\.tmp-"):
         cache.cached(tmp_path, _json_entry("sft_eval", 1), full)
 
     def torch_full(out):   # torch's writer says only this when the disk fills
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 4 << 20})())
-    with pytest.raises(cache.CacheError, match=r"disk full .* \(4 MiB free\): nothing was published"):
+    with pytest.raises(cache.CacheError, match=r"\bsft_eval\b.*\bdisk full\b.*\b4 MiB\b"):
         cache.cached(tmp_path, _json_entry("sft_eval", 2), torch_full)
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]   # no entry, no temp dir
 
@@ -140,7 +141,7 @@ def test_a_zeroed_or_foreign_reference_entry_is_rebuilt(tmp_path, capsys):
     capsys.readouterr()
     again = stages.reference(spec, sft, train, env)
     out = capsys.readouterr().out
-    assert "ref_logps.pt: content hash differs" in out and "reference: built" in out
+    assert re.search(r"\bref_logps\.pt\b.*\bhash\b", out) and "reference: built" in out
     assert all(torch.equal(a, b) for a, b in zip(again.logps, good.logps)) and len(again.logps) == len(train)
 
     other = stages.reference(spec, sft, test, env)
@@ -149,5 +150,5 @@ def test_a_zeroed_or_foreign_reference_entry_is_rebuilt(tmp_path, capsys):
     cache._verified.clear()
     capsys.readouterr()
     again = stages.reference(spec, sft, train, env)
-    assert "inputs.json records another entry's inputs" in capsys.readouterr().out
+    assert re.search(r"\binputs\.json\b.*\banother\b", capsys.readouterr().out)
     assert len(again.logps) == len(train) and all(torch.equal(a, b) for a, b in zip(again.logps, good.logps))
