@@ -3,6 +3,7 @@ before any work (scores beyond float32, lone surrogates, relative paths under hy
 and the thread count is what the user asked for."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_a_base_exception_is_recorded_and_does_not_stop_a_multirun(tmp_path, mon
         raise CheckpointLike("EOFError inside")
 
     monkeypatch.setattr(app, "run", failing_run)
-    with pytest.raises(RuntimeError, match="CheckpointLike: EOFError inside"):   # an Exception: Hydra goes on
+    with pytest.raises(RuntimeError, match=r"\bCheckpointLike\b.*\bEOFError inside\b"):   # an Exception: Hydra goes on
         app.main.__wrapped__(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "failed",
                                                                    "error": "CheckpointLike: EOFError inside"}
@@ -196,7 +197,7 @@ def test_log_probs_that_overflow_reach_the_non_finite_guard(tmp_path):
 
 @pytest.mark.parametrize("score", [1e39, 1e308, -1e308, float("nan")])
 def test_scores_beyond_float32_are_refused_at_load(score):
-    with pytest.raises(DataError, match=r"train.jsonl:3: score 1 = .* is not a finite float32"):
+    with pytest.raises(DataError, match=r"\btrain\.jsonl:3\b.*\bscore 1\b.*\bfloat32\b"):
         Example("p", (" a", " b"), (0.0, score), source="train.jsonl:3")
 
 
@@ -208,7 +209,7 @@ def test_a_file_with_scores_beyond_float32_is_refused_at_its_line(tmp_path, scor
     rows = [{"prompt": f"q{i}", "responses": [" a", " b"], "scores": [1.0, 0.0]} for i in range(4)]
     rows[2]["scores"] = [score, 0.0]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"train.jsonl:3: score 0 = .* is not a finite float32"):
+    with pytest.raises(DataError, match=r"\btrain\.jsonl:3\b.*\bscore 0\b.*\bfloat32\b"):
         load(path=str(path), test_fraction=0.25)
 
 
@@ -219,7 +220,7 @@ def test_a_lone_surrogate_is_refused_with_file_and_line(tmp_path):
     rows = [{"prompt": f"q{i}", "responses": [" a", " b"], "scores": [1.0, 0.0]} for i in range(4)]
     rows[2]["prompt"] = "q\ud800"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))   # json.dumps writes it as \\ud800
-    with pytest.raises(DataError, match=r"train.jsonl:3: prompt holds a lone surrogate"):
+    with pytest.raises(DataError, match=r"\btrain\.jsonl:3\b.*\bprompt\b.*\bsurrogate\b"):
         load(path=str(path), test_fraction=0.25)
 
 
@@ -236,7 +237,7 @@ def test_a_relative_dataset_path_is_resolved_from_the_launch_dir_under_chdir(tmp
 def test_an_unwritable_cache_missing_an_entry_fails_before_work(tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     monkeypatch.setattr(rundir, "_writable", lambda p: p != cache_dir)   # (root may write anywhere)
-    with pytest.raises(Exception, match=r"cache_dir=.* is not writable and lacks the entries of sft_eval"):
+    with pytest.raises(Exception, match=rf"\bcache_dir={re.escape(str(cache_dir))}.*\bwritable\b.*\bsft_eval\b"):
         rundir.check_writable(tmp_path, cache_dir, [("sft", "k", "hit"), ("sft_eval", "e", "miss")])
     rundir.check_writable(tmp_path, cache_dir, [("sft", "k", "hit")])   # a read-only cache that has it all
 
