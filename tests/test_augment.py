@@ -160,11 +160,11 @@ def test_reward_model_without_is_harmful_gives_no_labels(data, model, tok):
 
 
 def test_bad_arguments(data, model, tok):
-    with pytest.raises(ValueError, match="temperature > 0"):
+    with pytest.raises(ValueError, match=r"\bn=\d+\b.*\btemperature\b"):
         run(data.train[:1], model, tok, temperature=0.0)
-    with pytest.raises(ValueError, match="keep_original=False needs n >= 2"):
+    with pytest.raises(ValueError, match=r"\bkeep_original=False\b.*\bn\b.*\b2\b"):
         run(data.train[:1], model, tok, n=1, keep_original=False)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match=r"\bn\b.*\b0$"):
         run(data.train[:1], model, tok, n=0)
 
 
