@@ -746,6 +746,19 @@ def test_reference_free_runs_get_their_own_sft_row(paired_sweep, tmp_path):
     assert "SFT (reference, reward=ratio)" in rows and "SFT (reference, reward=simpo β=2)" in rows
 
 
+
+def test_paired_baseline_has_the_treatments_reward_type(paired_sweep):
+    """A SimPO baseline's margin (β/|y|·log π) is not a log-ratio margin: a ratio-reward HPS row is tested against
+    the best baseline of its own reward type, even when a SimPO row has the higher mean (issue 19)."""
+    for num in range(1, 30, 6):   # DPO-PL, the best DPO baseline, becomes reference-free
+        path = paired_sweep / str(num) / "metrics.json"
+        m = json.loads(path.read_text())
+        m["run"].update(reward_type="simpo", beta=2.0)
+        path.write_text(json.dumps(m))
+    runs = tables.collect_runs([paired_sweep])
+    results = {(r.metric, r.treatment): r for r in tables.paired_tests(runs, "HPS") if r.eval_set == "hh"}
+    assert results[("reward_margin", "DPO-HPS")].baseline == "DPO-BT"
+
 def paper_protocol(metrics):
     """The same run under eval.protocol=paper: its headline BLEU is the mean sentence BLEU."""
     for ev in metrics["eval"].values():

@@ -150,7 +150,10 @@ class Row:
         return row_label(self.preference_model, self.settings)
 
     def comparable(self) -> tuple:
-        return tuple(hashable(self._common(k)) for k in COMPARABLE_KEYS)
+        """What must match for two rows' margins to be compared: the data, n, and the implicit reward (a SimPO
+        margin, β/|y|·log π, is not a log-ratio margin)."""
+        reward = _reward_of(self.runs[0]) if self.runs else "ratio"
+        return (*(hashable(self._common(k)) for k in COMPARABLE_KEYS), reward)
 
 
 def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
