@@ -418,15 +418,15 @@ class PreferenceBatch:
     num_negatives: torch.Tensor   # [B]
     stats: dict[str, float]
     packed: PackedRows | None = None  # the same responses packed after their prompts (None: plain path only)
-    num_prompts: int = 0          # real prompts (a rank's padding share has 0): the trainer's loss weight
+    weight: int = 0               # real prompts (a rank's padding share has 0): the trainer's loss weight
     sources: tuple = ()           # file:line of each row, named when a step goes non-finite
 
 
 def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[torch.Tensor],
                      selections: list[Selection], stats: list[dict], pad_id: int,
-                     max_row_tokens: int = PACK_ROW_TOKENS, num_prompts: int | None = None) -> PreferenceBatch:
-    """The slots the sampler selected, as padded rows (and packed rows); `num_prompts` = the real prompts among
-    them (default: all)."""
+                     max_row_tokens: int = PACK_ROW_TOKENS, weight: int | None = None) -> PreferenceBatch:
+    """The slots the sampler selected, as padded rows (and packed rows); `weight` = the real prompts among
+    them (default: all), the trainer's loss weight."""
     B, M = len(selections), max(len(s.indices) for s in selections)
     mask = torch.zeros(B, M, dtype=torch.bool)
     ref_t = torch.zeros(B, M)
@@ -445,7 +445,7 @@ def preference_batch(examples: list[Example], encoded: list[Encoded], ref: list[
     packed = pack_rows([enc.prompt for enc in encoded], [r for _, r in pairs], row_prompt, pad_id, max_row_tokens)
     return PreferenceBatch(collate(pairs, pad_id), mask, ref_t, scores,
                            torch.tensor([s.num_negatives for s in selections]), mean_stats, packed,
-                           B if num_prompts is None else num_prompts, tuple(e.source for e in examples))
+                           B if weight is None else weight, tuple(e.source for e in examples))
 
 
 def preference_logps(model, batch: PreferenceBatch, pack: bool = True) -> torch.Tensor:

@@ -157,9 +157,9 @@ def _data():
 
 
 class Micro:
-    def __init__(self, seqs, packed, ref, scores, num_prompts, sources):
+    def __init__(self, seqs, packed, ref, scores, weight, sources):
         self.seqs, self.packed, self.ref, self.scores = seqs, packed, ref, scores
-        self.num_prompts, self.sources = num_prompts, sources
+        self.weight, self.sources = weight, sources
 
 
 def worker(args: list[str]) -> None:

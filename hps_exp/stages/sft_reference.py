@@ -54,7 +54,7 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
 @dataclass
 class SFTBatch:
     sequences: SequenceBatch
-    num_prompts: int    # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
+    weight: int         # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
 
 
 def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path, entry: Entry) -> Trainer:
