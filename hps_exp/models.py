@@ -8,11 +8,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 
 from hps_exp import hub
-from hps_exp.hub import (  # noqa: F401 - plan.py reaches these through models
-    PKG_PREFIX,
-    resolve_gguf,
-)
-from hps_exp.hub import check_gguf_support as _check_gguf_support  # noqa: F401 - plan.py's name for it
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast

@@ -27,7 +27,6 @@ import torch
 
 from hps_exp.checkpoint import (
     CheckpointDamaged,
-    CheckpointMismatch,  # noqa: F401 - app.py imports it from here
     check_meta,
     find_checkpoint,
     load_checkpoint,
@@ -37,11 +36,7 @@ from hps_exp.checkpoint import (
 from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.distributed import DistributedError, World
 from hps_exp.progress import progress_bar
-from hps_exp.strategies import (
-    compute_numerics,  # noqa: F401 - stages.py imports it from here
-    shard_from_rank0,  # noqa: F401 - stages.py imports it from here
-    wrap,
-)
+from hps_exp.strategies import wrap
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

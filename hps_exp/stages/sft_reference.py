@@ -140,7 +140,7 @@ def _gathered_for_scoring(model, env: Env):
     forwards). Without gradients nothing else is held."""
     from torch.distributed.fsdp import FSDPModule
 
-    from hps_exp.trainer import shard_from_rank0
+    from hps_exp.strategies import shard_from_rank0
 
     model = shard_from_rank0(model, env.world, env.autocast)
     model.set_reshard_after_forward(False, recurse=True)
