@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import random
 import signal
@@ -34,7 +33,6 @@ from hps_exp.io import atomic_write_text
 from hps_exp.logger import RunLogger
 from hps_exp.trainer import NonFiniteError, TrainingInterrupted
 
-log = logging.getLogger("hps_exp")
 config.register()
 
 
