@@ -12,14 +12,15 @@ import torch
 from omegaconf import OmegaConf
 
 from hps_exp import batching, models
+from hps_exp.config import ModelConfig
 from hps_exp.data import synthetic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def tiny_setup(n_responses: int, n_train: int, seed: int = 0):
-    """(examples, encoded, tokenizer, model): conf/model/tiny.yaml on conf/dataset/synthetic.yaml data."""
-    mcfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    """(examples, encoded, tokenizer, model): model=tiny on conf/dataset/synthetic.yaml data."""
+    mcfg = OmegaConf.structured(ModelConfig)   # model=tiny: the schema's defaults
     splits = synthetic.load(n_train=n_train, n_test=4, n_responses=n_responses, seed=seed)
     tok = models.train_tokenizer([e.prompt + r for e in splits.train for r in e.responses], mcfg.vocab_size)
     model = models.build_tiny(mcfg, len(tok), seed)

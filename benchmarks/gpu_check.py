@@ -283,9 +283,10 @@ def check_vllm(tiny_dir: Path) -> dict:
 def save_tiny(directory: Path) -> Path:
     from omegaconf import OmegaConf
 
+    from hps_exp.config import ModelConfig
     from hps_exp.data import synthetic
 
-    cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    cfg = OmegaConf.structured(ModelConfig)   # model=tiny: the schema's defaults
     train = synthetic.load(n_train=16, n_test=2, n_responses=2).train
     tok = models.train_tokenizer([e.prompt + r for e in train for r in e.responses], cfg.vocab_size)
     models.save(models.build_tiny(cfg, len(tok), 0), tok, directory)

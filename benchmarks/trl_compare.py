@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import CONF, StepClock, machine  # noqa: E402
 from hps_exp import batching, models  # noqa: E402
-from hps_exp.config import TrainerConfig, build  # noqa: E402
+from hps_exp.config import ModelConfig, TrainerConfig, build  # noqa: E402
 from hps_exp.data import synthetic  # noqa: E402
 from hps_exp.samplers import Selection  # noqa: E402
 from hps_exp.trainer import Trainer  # noqa: E402
@@ -49,7 +49,7 @@ PAIR_LOSS = "dpo"  # conf/loss/<name>.yaml: the pairwise loss TRL's sigmoid loss
 
 
 def make_data(n_pairs: int):
-    mcfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    mcfg = OmegaConf.structured(ModelConfig)   # model=tiny: the schema's defaults
     splits = synthetic.load(n_train=n_pairs, n_test=4, n_responses=4, seed=0)
     train = splits.train
     tok = models.train_tokenizer([e.prompt + r for e in train for r in e.responses], mcfg.vocab_size)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import random
 import signal
@@ -27,12 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from hps_exp import config, distributed, evaluate, models, plan, rundir, scorers, stages
 from hps_exp.cache import CacheError
+from hps_exp.checkpoint import CheckpointDamaged, CheckpointMismatch
 from hps_exp.config import ConfigError
-from hps_exp.data.schema import DataError, atomic_write_text
+from hps_exp.data.schema import DataError
+from hps_exp.io import atomic_write_text
 from hps_exp.logger import RunLogger
-from hps_exp.trainer import CheckpointDamaged, CheckpointMismatch, NonFiniteError, TrainingInterrupted
+from hps_exp.trainer import NonFiniteError, TrainingInterrupted
 
-log = logging.getLogger("hps_exp")
 config.register()
 
 

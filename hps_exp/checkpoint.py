@@ -87,7 +87,8 @@ def check_meta(found: Path, meta: dict, key: str, record: dict | None) -> None:
     if meta.get("key") == key:
         return
     if "key" not in meta:
-        what = "records no stage key (an older version's): cannot tell whether it is this run's"
+        # saved by a Trainer given no key (a direct caller's, not a stage's): nothing to compare it with
+        what = "records no stage key (saved by a trainer given none): cannot tell whether it is this run's"
     else:
         from hps_exp.rundir import flat
 

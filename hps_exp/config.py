@@ -21,7 +21,26 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """peft LoRA adapters (reward_model.lora with reward_model=train; the policy's adds `save`): the one place of
+    their defaults. Typed Any: models.lora_settings checks the values and names the key, for both nodes alike (the
+    reward_model group is free-form here; conf/reward_model/train.yaml composes this node under it)."""
+    enabled: Any = False
+    r: Any = 16
+    alpha: Any = 32
+    dropout: Any = 0.0
+    target_modules: Any = "all-linear"    # a module name pattern or a list of names
+
+
+@dataclass
+class PolicyLoraConfig(LoraConfig):
+    """model.lora: only the adapters train; the reference = the policy with adapters off."""
+    save: Any = "merged"                  # merged (a plain HF model) | adapter (adapter weights only)
+
+
+@dataclass
 class ModelConfig:
+    """The policy; these defaults are model=tiny's (conf/model/*.yaml override them)."""
     name: str = "tiny"
     name_or_path: Optional[str] = None
     n_layer: int = 2
@@ -36,7 +55,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     chat_template: bool = False           # prompts written by the tokenizer's chat template (hps_exp/data/chat.py)
-    lora: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    lora: PolicyLoraConfig = field(default_factory=PolicyLoraConfig)
 
 
 @dataclass
@@ -184,6 +203,7 @@ LABEL_KEYS = ("name",)
 
 def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
+    ConfigStore.instance().store(name="hps_exp_lora", node=LoraConfig)   # reward_model=train's lora node
     OmegaConf.register_new_resolver("eval_protocol", protocol_value, replace=True)
 
 

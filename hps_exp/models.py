@@ -1,23 +1,17 @@
 """Policy model and tokenizer from config: a tiny GPT-2 built offline, or any Hugging Face causal LM."""
 from __future__ import annotations
 
-import logging
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
 from hps_exp import hub
-from hps_exp.hub import (  # noqa: F401 - plan.py reaches these through models
-    PKG_PREFIX,
-    resolve_gguf,
-)
-from hps_exp.hub import check_gguf_support as _check_gguf_support  # noqa: F401 - plan.py's name for it
+from hps_exp.config import PolicyLoraConfig
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 
@@ -69,8 +63,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # ---------------------------------------------------------------- LoRA, gradient checkpointing
 
-LORA_DEFAULTS = {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
-                 "save": "merged"}
+# the schema's (hps_exp/config.py PolicyLoraConfig): the one place of LoRA's defaults, and the keys allowed
+LORA_DEFAULTS = dataclasses.asdict(PolicyLoraConfig())
 
 
 def lora_settings(lora: Mapping | None, key: str = "model.lora") -> dict:

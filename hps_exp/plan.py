@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hps_exp import models
+from hps_exp import hub, models
 from hps_exp.cache import content_key
 from hps_exp.config import INF, ConfigError, OptimConfig, RuntimeConfig, build, check_node, check_range, part
 from hps_exp.data import chat
@@ -167,10 +167,8 @@ def check_model_source(name_or_path: str | None, key: str) -> None:
     id that is neither cached nor reachable. Without this an offline hub id fails after ~50 s of retries."""
     if not name_or_path:
         return
-    from hps_exp import models
-
-    if name_or_path.startswith(models.PKG_PREFIX) or name_or_path.endswith(".gguf"):
-        models.resolve_gguf(name_or_path)   # raises ModelError naming the package / file
+    if name_or_path.startswith(hub.PKG_PREFIX) or name_or_path.endswith(".gguf"):
+        hub.resolve_gguf(name_or_path)   # raises ModelError naming the package / file
         return
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -220,14 +218,14 @@ def check_engines(cfg: DictConfig, device) -> list[str]:
     augment.backend. One line per vllm backend, or a ConfigError / ModelError of one line naming the key."""
     import importlib.util
 
-    from hps_exp import generation, models
+    from hps_exp import generation
 
     if cfg.model.lora.enabled and importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora.enabled=true needs the peft package, not installed here: pip install peft")
     if cfg.model.name_or_path:
-        _, gguf_file, package = models.resolve_gguf(cfg.model.name_or_path)
+        _, gguf_file, package = hub.resolve_gguf(cfg.model.name_or_path)
         if gguf_file is not None:
-            models._check_gguf_support(package)
+            hub.check_gguf_support(package)
     chosen = [("eval.backend", cfg.eval.backend)]
     if "_target_" in cfg.augment:
         chosen.append(("augment.backend", cfg.augment.get("backend", "hf")))
@@ -247,9 +245,7 @@ def _head_size(m: DictConfig) -> tuple[int | None, str]:
         return m.n_embd // m.n_head, f"model.n_embd={m.n_embd} / model.n_head={m.n_head}"
     from transformers import AutoConfig
 
-    from hps_exp import models
-
-    source, gguf_file, _ = models.resolve_gguf(m.name_or_path)
+    source, gguf_file, _ = hub.resolve_gguf(m.name_or_path)
     try:
         c = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}),
                                        trust_remote_code=m.trust_remote_code)
@@ -263,11 +259,12 @@ def _head_size(m: DictConfig) -> tuple[int | None, str]:
 
 # ---------------------------------------------------------------------------------------------- specs
 
-def _lora_spec(lora: dict) -> dict:
-    """What of model.lora changes training: nothing when disabled; `save` (the saved format) never does."""
+def _lora_spec(lora: dict, key: str = "model.lora") -> dict:
+    """What of `key` (model.lora or reward_model.lora) changes training: nothing when disabled; `save` (the saved
+    format) never does."""
     from hps_exp.models import lora_settings
 
-    settings = lora_settings(lora)   # ModelError naming the key
+    settings = lora_settings(lora, key)   # ModelError naming the key
     return {k: v for k, v in settings.items() if k != "save"} if settings["enabled"] else {"enabled": False}
 
 
@@ -288,9 +285,9 @@ def _reward_model_knobs(knobs: dict, policy: str | None) -> dict:
     for k in (TINY_KNOBS if out.get("backbone") else ("backbone",)):
         out.pop(k, None)
     try:
-        lora = _lora_spec(out.pop("lora", None))
+        lora = _lora_spec(out.pop("lora", None), key="reward_model.lora")
     except ModelError as e:
-        raise ConfigError(str(e).replace("model.lora.", "reward_model.lora.")) from None
+        raise ConfigError(str(e)) from None
     if lora["enabled"]:
         out["lora"] = lora
     if out.get("subset", "all") not in SUBSETS:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from hps_exp.batching import SequenceBatch, collate
 from hps_exp.config import OptimConfig, RuntimeConfig
-from hps_exp.data.schema import Example, atomic_write_text
+from hps_exp.data.schema import Example
+from hps_exp.io import atomic_write_text
 from hps_exp.models import ModelError, apply_lora, is_lora, load_pretrained, lora_settings
 from hps_exp.trainer import Trainer
 

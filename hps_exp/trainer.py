@@ -5,11 +5,12 @@ progress and logging. It knows no loss by name.
 
 Batch semantics (same result with 1 or N processes): `trainer.batch_size` is the GLOBAL number of
 prompts per micro-batch; `make_epoch` yields this rank's share of each micro-batch (see
-`World.shard_padded`). A micro-batch may expose `num_prompts` (its real prompts; 0 for a padding
-share) — without it a micro-batch counts as 1. Each optimiser step the trainer learns the global
-count N over ranks and accumulated micro-batches and back-propagates loss * n * W / N, so after the
-data-parallel gradient average (÷W) the gradient is that of the mean loss over the step's N prompts,
-uneven last batch included. Every rank must yield the same number of micro-batches per epoch
+`World.shard_padded`). A micro-batch may expose `weight`, its share of the accumulated loss: its real
+prompts for a preference batch (0 for a padding share), its response tokens for an SFT batch — without
+it a micro-batch weighs 1. Each optimiser step the trainer learns the global total N over ranks and
+accumulated micro-batches and back-propagates loss * n * W / N, so after the data-parallel gradient
+average (÷W) the gradient is that of the mean loss over the step's N prompts (tokens for SFT), uneven
+last batch included. Every rank must yield the same number of micro-batches per epoch
 (checked each step: a mismatch raises on every rank instead of hanging).
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 
 from hps_exp.checkpoint import (
     CheckpointDamaged,
-    CheckpointMismatch,  # noqa: F401 - app.py imports it from here
     check_meta,
     find_checkpoint,
     load_checkpoint,
@@ -36,11 +36,7 @@ from hps_exp.checkpoint import (
 from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.distributed import DistributedError, World
 from hps_exp.progress import progress_bar
-from hps_exp.strategies import (
-    compute_numerics,  # noqa: F401 - stages.py imports it from here
-    shard_from_rank0,  # noqa: F401 - stages.py imports it from here
-    wrap,
-)
+from hps_exp.strategies import wrap
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -139,8 +135,8 @@ class _StopRequests:
         return False
 
 
-def num_prompts(batch: Any) -> int:
-    n = getattr(batch, "num_prompts", None)
+def weight(batch: Any) -> int:
+    n = getattr(batch, "weight", None)
     return 1 if n is None else int(n)
 
 
@@ -263,8 +259,8 @@ class Trainer:
 
     def _optimizer_step(self, group, step_fn, opt, sched, stop) -> dict[str, float] | None:
         world = self.world
-        counts = [num_prompts(b) for b in group]
-        # One collective per step: every rank's (micro-batches, prompts). Equal micro-batch counts are
+        counts = [weight(b) for b in group]
+        # One collective per step: every rank's (micro-batches, total weight). Equal micro-batch counts are
         # required (DDP/FSDP2 collectives would otherwise hang until the timeout).
         seen = world.all_gather_tensor(torch.tensor([len(group), sum(counts)]))
         lengths = [int(x) for x in seen[:, 0]]
@@ -276,7 +272,7 @@ class Trainer:
             return None
         total = float(seen[:, 1].sum())
         if total <= 0:
-            raise ValueError(f"[{self.stage}] step {self.step + 1}: the micro-batches hold no prompts (num_prompts=0)")
+            raise ValueError(f"[{self.stage}] step {self.step + 1}: the micro-batches hold no prompts (weight=0)")
         sums: dict[str, float] = {}
         bad_loss, tokens = False, 0.0
         for i, (batch, n) in enumerate(zip(group, counts)):
@@ -284,7 +280,7 @@ class Trainer:
             with self._grad_sync(last), torch.autocast(self.device.type, dtype=self.autocast,
                                                        enabled=self.autocast is not None):
                 loss, metrics = step_fn(self.module, batch)
-                # n * W / N: after the data-parallel average over W ranks, the mean over the step's N prompts.
+                # n * W / N: after the data-parallel average over W ranks, the mean over the step's N prompts (tokens).
                 (loss * float(n * world.world_size) / total).backward()
             value = loss.item()
             bad_loss |= not math.isfinite(value)

@@ -157,9 +157,9 @@ def _data():
 
 
 class Micro:
-    def __init__(self, seqs, packed, ref, scores, num_prompts, sources):
+    def __init__(self, seqs, packed, ref, scores, weight, sources):
         self.seqs, self.packed, self.ref, self.scores = seqs, packed, ref, scores
-        self.num_prompts, self.sources = num_prompts, sources
+        self.weight, self.sources = weight, sources
 
 
 def worker(args: list[str]) -> None:
@@ -252,7 +252,7 @@ def worker(args: list[str]) -> None:
 def sft_worker(out: Path, opts: dict) -> None:
     """The SFT stage (tiny GPT-2, synthetic data) under fsdp2, recording on each rank whether the model reached
     the sharding call on the meta device. opts["every_rank_loads"]: the behaviour before meta loading."""
-    from hps_exp import stages, strategies, trainer
+    from hps_exp import stages, strategies
     from hps_exp.config import OptimConfig, RuntimeConfig
     from hps_exp.data.synthetic import load
     from hps_exp.distributed import init_world, shutdown
@@ -274,8 +274,8 @@ def sft_worker(out: Path, opts: dict) -> None:
         seen.setdefault("shard_bytes", sum(p.to_local().numel() * p.element_size() for p in sharded.parameters()))
         return sharded
 
-    # the trainer's wrap calls it from strategies; stages imports it from trainer
-    strategies.shard_from_rank0 = trainer.shard_from_rank0 = recording_shard
+    # where it is used: strategies.wrap (the trainer) calls it, and the reference pass imports it from strategies
+    strategies.shard_from_rank0 = recording_shard
     spec = stages.SFTSpec(model=stages.ModelSpec(None, 2, 2, 16, 64, 300, 24, 48), enabled=True, targets="all",
                           epochs=1, batch_size=4, seed=0,
                           optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"))

@@ -98,12 +98,12 @@ def test_lr_schedules():
 # ---------------------------------------------------------------- reliability: non-finite, weighting, signals
 
 class Rows:
-    """A micro-batch that names its source rows and its number of prompts."""
+    """A micro-batch that names its source rows and its loss weight (its number of prompts)."""
 
-    def __init__(self, x, y, sources, num_prompts=None):
+    def __init__(self, x, y, sources, weight=None):
         self.x, self.y, self.sources = x, y, sources
-        if num_prompts is not None:
-            self.num_prompts = num_prompts
+        if weight is not None:
+            self.weight = weight
 
 
 def poisoned_epoch(bad_batch):
@@ -146,7 +146,7 @@ def test_nonfinite_skip_counts_and_leaves_parameters_finite():
     assert [m.get("train/nonfinite_skipped", 0.0) for s, m in log.rows if s in (1, 2, 9, 10)] == [0, 1, 1, 2]
 
 
-def test_loss_weighted_by_num_prompts_equals_the_mean_over_prompts():
+def test_loss_weighted_by_prompts_equals_the_mean_over_prompts():
     """Two accumulated micro-batches of 3 and 1 prompts: one step equals a step on the 4 prompts' mean."""
     x, y = X[:4], Y[:4]
     a, b = fresh(), fresh()

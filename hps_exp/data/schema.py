@@ -17,7 +17,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
-# the writer lives with the other atomic writers; app, stages, reward_models and tables import it from here
 from hps_exp.io import atomic_write_text
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from hydra.utils import get_object
 
-from hps_exp.data.schema import atomic_write_text, read_examples, write_examples
+from hps_exp.data.schema import read_examples, write_examples
 from hps_exp.generation import build_generator
+from hps_exp.io import atomic_write_text
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy
 from hps_exp.stages.env import Env, checkpoint_path, drop
 from hps_exp.stages.specs import AugmentResult, AugmentSpec, Examples, RewardModelSpec, Scorer, SFTResult

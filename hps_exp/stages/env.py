@@ -13,7 +13,7 @@ from hps_exp import batching
 from hps_exp.batching import Encoded
 from hps_exp.cache import Entry, cached, stage_entry
 from hps_exp.config import RuntimeConfig
-from hps_exp.trainer import compute_numerics
+from hps_exp.strategies import compute_numerics
 
 T = TypeVar("T")
 
@@ -99,7 +99,7 @@ def fsdp2_world(env: Env) -> bool:
 
 def weights_from_rank0(env: Env) -> bool:
     """True on the ranks other than 0 of an fsdp2 world: they build the model to train on the meta device and get
-    their shards of rank 0's weights (trainer.shard_from_rank0), so only rank 0 ever reads or holds the whole model
+    their shards of rank 0's weights (strategies.shard_from_rank0), so only rank 0 ever reads or holds the whole model
     (in host memory)."""
     return fsdp2_world(env) and not is_main(env)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from hps_exp import batching, evaluate
-from hps_exp.data.schema import atomic_write_text
 from hps_exp.generation import build_generator
+from hps_exp.io import atomic_write_text
 from hps_exp.losses import implicit_rewards
 from hps_exp.stages.env import Env, encode
 from hps_exp.stages.specs import EvalResult, EvalSet, EvalSpec, MarginReward, PolicyResult, RefLogps, Scorer, SFTResult

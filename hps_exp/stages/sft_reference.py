@@ -54,7 +54,7 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
 @dataclass
 class SFTBatch:
     sequences: SequenceBatch
-    num_prompts: int    # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
+    weight: int         # response tokens: the trainer weights micro-batches by it, so the loss is a token mean
 
 
 def _train_sft(spec: SFTSpec, train, model, tok, env: Env, checkpoint: Path, entry: Entry) -> Trainer:
@@ -140,7 +140,7 @@ def _gathered_for_scoring(model, env: Env):
     forwards). Without gradients nothing else is held."""
     from torch.distributed.fsdp import FSDPModule
 
-    from hps_exp.trainer import shard_from_rank0
+    from hps_exp.strategies import shard_from_rank0
 
     model = shard_from_rank0(model, env.world, env.autocast)
     model.set_reshard_after_forward(False, recurse=True)

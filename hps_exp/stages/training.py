@@ -68,7 +68,7 @@ def preference(spec: PreferenceSpec, loss_fn, sampler, sft_result: SFTResult, tr
             part, real = shard(env, idx)
             yield batching.preference_batch([items[i] for i in part], [enc[i] for i in part],
                                             [ref_logps[i] for i in part], [sels[i] for i in part], stats,
-                                            tok.pad_token_id, num_prompts=real)
+                                            tok.pad_token_id, weight=real)
 
     def step(model, batch: batching.PreferenceBatch | PolicyDraws):
         if isinstance(batch, PolicyDraws):
@@ -107,7 +107,7 @@ class PolicyDraws:
     indices: list[int]
     noise: list
     gamma: float
-    num_prompts: int    # real prompts (the trainer's loss weight)
+    weight: int         # real prompts: the trainer's loss weight (0 for a rank's padding share)
     sources: tuple = ()
 
 
@@ -117,7 +117,7 @@ def _draw_by_policy(model, draws: PolicyDraws, items, enc, ref_logps, sampler, l
     examples, encoded, refs = ([seq[i] for i in draws.indices] for seq in (items, enc, ref_logps))
     sels = _policy_selections(model, draws, examples, encoded, refs, sampler, loss_fn, pad_id, device)
     stats = [sampler.stats(e, sel) for e, sel in zip(examples, sels)]
-    return batching.preference_batch(examples, encoded, refs, sels, stats, pad_id, num_prompts=draws.num_prompts)
+    return batching.preference_batch(examples, encoded, refs, sels, stats, pad_id, weight=draws.weight)
 
 
 def _policy_selections(model, draws: PolicyDraws, examples, encoded, refs, sampler, loss_fn, pad_id: int,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hps_exp import stats
-from hps_exp.data.schema import atomic_write_text
+from hps_exp.io import atomic_write_text
 from hps_exp.tables.aggregate import ABLATION_KEYS, MARGINS, ablation_table, main_table, timing_table
 from hps_exp.tables.collect import Grid, Run, collect_runs, grids_of, missing_jobs
 from hps_exp.tables.paired import paired_tests
