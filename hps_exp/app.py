@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import numpy as np
@@ -103,7 +103,10 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
                                     if p.reward_model else None)
     judge = (stages.trained_reward_model(p.eval_reward_model, train, r.heldout, sft, env, name="eval_reward_model")
              if p.eval_reward_model else None)   # eval.reward_model=trained: not the annotator
-    augmented = stages.augmented(p.augment, train, sft, annotator, env) if p.augment else None
+    augmented: stages.AugmentResult | None = None
+    if p.augment:
+        assert annotator is not None   # plan.check_data refuses augment=sample without an annotation reward model
+        augmented = stages.augmented(p.augment, train, sft, annotator, env)
     if augmented is not None:
         train = augmented.examples
     label = plan.run_label(cfg, r.loss_fn, r.sampler, train)   # after augmentation: n_responses as trained
@@ -132,7 +135,7 @@ def execute(cfg: DictConfig, r: Prepared, env: stages.Env, run_dir: Path) -> dic
     timing = {"sft_s": sft.seconds, "pref_s": policy.seconds, "pref_step_s": policy.seconds / max(1, policy.steps),
               "pref_steps": policy.steps, "pref_tokens": policy.tokens,
               "pref_tokens_per_s": policy.tokens / policy.seconds if policy.seconds > 0 else 0.0}
-    out = {"run": label, "eval": results, "timing": timing, "samples": samples}
+    out: dict[str, Any] = {"run": label, "eval": results, "timing": timing, "samples": samples}
     if r.scorers.circular:   # the tables mark such rows (‡)
         out["circular_eval"] = True
     if warnings := divergence_warnings(policy.final, results):
@@ -287,7 +290,7 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
         logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), job_name(cfg), cfg.sweep)
     env = stages.Env(**env_args, logger=logger)
 
-    def interrupted(error: str, stage, step, signum: int):
+    def interrupted(error: str, stage, step, signum: int) -> NoReturn:
         if logger is not None:
             atomic_write_text(run_dir / "metrics.json", json.dumps(
                 {"status": "interrupted", "error": error, "stage": stage, "step": step, "identity": identity},
@@ -312,6 +315,7 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
         out["timing"].update(timing, load_end=load_average(), total_s=time.perf_counter() - started)
         result = {"status": "completed", **out, "identity": identity}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
+        assert logger is not None   # made on the main process, and only the main process gets here
         logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()
                         for stage in ("sft", "aligned") for k, v in res[stage].items()
                         if isinstance(v, (int, float))})
@@ -350,7 +354,8 @@ def _claim(run_dir: Path, identity: dict, resume: bool, world):
     and reads its record: (lock, a completed result to reuse or None to run), or a refusal (RunDirConflict on
     every process). Hydra has already rewritten .hydra/overrides.yaml with this job's overrides; when the dir
     keeps its run (reused or refused) its own overrides are put back."""
-    decision, lock = None, None
+    decision: tuple[str, Any] | None = None
+    lock = None
     if world.is_main:
         try:
             lock = rundir.lock(run_dir)

@@ -166,7 +166,7 @@ def clean_stale(cache_dir: Path, skip: str | None = None) -> list[Path]:
     of an entry whose lock we can take (a builder holds its entry's lock while it writes; the lock dies with
     it, in any pid namespace or host). Never a temp dir of an entry being built. `skip`: the entry whose lock
     the caller holds (never locked twice: on NFS, closing a second fd of a lock file drops the first's lock)."""
-    removed = []
+    removed: list[Path] = []
     if not cache_dir.is_dir():
         return removed
     by_entry: dict[str, list[Path]] = {}
@@ -217,8 +217,12 @@ def _build_locked(cache_dir: Path, entry: Entry, build: Callable[[Path], None]) 
             return final, True
         tmp = _fresh_tmp(cache_dir, final)
         started = time.perf_counter()
+        def build_and_publish() -> None:
+            build(tmp)
+            _publish(tmp, final, entry, started)
+
         try:
-            _disk_full_is_one_line(entry, tmp, lambda: (build(tmp), _publish(tmp, final, entry, started)))
+            _disk_full_is_one_line(entry, tmp, build_and_publish)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final, False

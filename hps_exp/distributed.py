@@ -15,7 +15,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def launch_env(env: dict[str, str] | None = None) -> dict[str, Any] | None:
+def launch_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """(rank, world_size, local_rank, master_addr, master_port) from torchrun or SLURM; None when the
     process was not launched as part of a multi-process world. torchrun wins when both are set
     (`srun torchrun` sets SLURM_* for the node and RANK for the process)."""
@@ -75,12 +75,13 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, Any] | None:
                                    "MASTER_ADDR is set")
         return dict(rank=need("SLURM_PROCID"), world_size=need("SLURM_STEP_NUM_TASKS"),
                     local_rank=need("SLURM_LOCALID"),
-                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                    # nodelist is set unless MASTER_ADDR is, and set-but-empty: then "" reads as an unreadable list
+                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist or ""),
                     master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(env))
     return None
 
 
-def slurm_port(env: dict[str, str]) -> int:
+def slurm_port(env: Mapping[str, str]) -> int:
     """The rendezvous port of an srun world without MASTER_PORT: derived from SLURM_JOB_ID (every task of a job
     agrees on it; two jobs on one node get different ports unless their ids are SLURM_PORT_SPAN apart)."""
     job = env.get("SLURM_JOB_ID", "")
@@ -174,7 +175,7 @@ class World:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
-def init_world(device: str = "auto", timeout_s: int = 1800, env: dict[str, str] | None = None) -> World:
+def init_world(device: str = "auto", timeout_s: int = 1800, env: Mapping[str, str] | None = None) -> World:
     """Join the process group described by the launch environment (idempotent), or a one-process World."""
     spec = launch_env(env)
     use_cuda = device != "cpu" and torch.cuda.is_available()

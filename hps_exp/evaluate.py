@@ -61,12 +61,13 @@ def evaluate_generations(examples: list[Example], generations: list[str], reward
     score, signature = corpus_bleu(generations, refs)
     metrics: dict = {"bleu_corpus": score, "bleu_signature": signature, "reward": None, "harmful_rate": None}
     rewards = reward_model.score_batch(prompts, generations) if reward_model is not None else [None] * len(prompts)
-    harmful = [None] * len(prompts)
+    harmful: Sequence[bool | None] = [None] * len(prompts)
     if reward_model is not None:
         metrics["reward"] = sum(rewards) / len(rewards)
         if hasattr(reward_model, "is_harmful"):
-            harmful = [bool(reward_model.is_harmful(p, g)) for p, g in zip(prompts, generations)]
-            metrics["harmful_rate"] = sum(harmful) / len(harmful)
+            flags = [bool(reward_model.is_harmful(p, g)) for p, g in zip(prompts, generations)]
+            metrics["harmful_rate"] = sum(flags) / len(flags)
+            harmful = flags
     samples = [{"prompt": p, "generation": g, "reference": r, "reward": rw, "harmful": h}
                for p, g, r, rw, h in zip(prompts, generations, refs, rewards, harmful)]
     return metrics, samples

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -205,7 +205,7 @@ class VLLMGenerator:
         self.engine_args, self.on_cpu = args, on_cpu
         self.top_k = top_k
         self._llm = None
-        self._vllm = None
+        self._vllm: Any = None   # the vllm module, imported on the first call (vllm is not type-checked)
         self._requests = 0
         self.stats = {"generated": 0, "gen_tokens": 0, "gen_s": 0.0}
 
@@ -319,7 +319,8 @@ def hf_default_top_k(model_dir: str) -> int:
         config = GenerationConfig()
     top_k = config.top_k
     if top_k is None:
-        top_k = getattr(GenerationConfig, "_get_default_generation_params", dict)().get("top_k")
+        defaults: Callable[[], dict[str, Any]] = getattr(GenerationConfig, "_get_default_generation_params", dict)
+        top_k = defaults().get("top_k")
     return int(top_k or 0)
 
 

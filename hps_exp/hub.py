@@ -4,7 +4,7 @@ then needs to read it (hps_exp.models loads it). The errors are models.ModelErro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,7 @@ def check_gguf_support(package: str | None) -> None:
 def source_and_kwargs(name_or_path: str, trust_remote_code: bool) -> tuple[str, dict]:
     """What from_pretrained reads (a dir or hub id) and the kwargs both the tokenizer and the model take."""
     source, gguf_file, package = resolve_gguf(name_or_path)
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    kwargs: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
     if gguf_file is not None:
         check_gguf_support(package)
         kwargs["gguf_file"] = gguf_file

@@ -122,7 +122,7 @@ class RunLogger:
         self._wandb_last = -1          # last step sent to W&B (it rejects decreasing steps)
         self._warned_rewind = False
         self.requested_mode = wandb_mode(cfg.mode)
-        self.run = None
+        self.run: Any = None   # a wandb Run (wandb is not type-checked), None while W&B is off
         self.mode = "disabled"
         if self.requested_mode != "disabled":
             self._start_wandb(cfg, config, name, group, Path(run_dir))

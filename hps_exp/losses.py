@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,8 @@ def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor | None, lengths: Te
     """The policy's implicit reward of each response: beta (log pi - log pi_ref) ("ratio") or beta / |y| log pi
     ("simpo"), elementwise on tensors of any shape (padding: the caller masks; a 0 length is read as 1)."""
     if reward == "simpo":
+        if lengths is None:
+            raise ValueError("reward 'simpo' needs the responses' lengths (lengths is None)")
         return beta * policy_logps / lengths.clamp(min=1).to(policy_logps.dtype)
     return beta * (policy_logps - ref_logps)
 
@@ -218,7 +220,8 @@ class PreferenceLoss:
             method = name if self.framework == "dpo" else f"{fw}-{name}"
         else:
             method = fw if pm == "DPO" else f"{fw}-{pm}"
-        row = {"method": method, "framework": self.framework, "preference_model": pm, "reward_type": self.reward}
+        row: dict[str, Any] = {"method": method, "framework": self.framework, "preference_model": pm,
+                               "reward_type": self.reward}
         if self.margin:
             row["target_margin"] = self.margin
         return row

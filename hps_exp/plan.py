@@ -204,7 +204,7 @@ def reply_stop(node, key: str) -> tuple[str, ...]:
 
 def eval_stop(cfg: DictConfig) -> tuple[str, ...]:
     """Every evaluation set's stop strings, in order, once: one generation setting for all sets."""
-    stops = []
+    stops: list[str] = []
     for name in cfg.eval.datasets or [cfg.dataset.name]:
         own = name == cfg.dataset.name and not cfg.eval.dataset_args.get(name)
         stops += reply_stop(cfg.dataset, "dataset") if own else reply_stop(_dataset_node(cfg, name),
@@ -306,6 +306,7 @@ def _eval_reward_model(cfg: DictConfig, annotator: RewardModelSpec | None) -> Re
     if half not in ("half_a", "half_b"):
         raise ConfigError("eval.reward_model=trained trains the evaluation reward model on the half of the prompts "
                           "the annotator did not see: set reward_model=train reward_model.subset=half_a (or half_b)")
+    assert annotator is not None   # half is None without an annotator
     return dataclasses.replace(annotator, knobs={**annotator.knobs,
                                                  "subset": "half_b" if half == "half_a" else "half_a"})
 

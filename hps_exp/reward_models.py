@@ -330,8 +330,9 @@ def train_reward_model(train: list[Example], *, optim: OptimConfig, runtime: Run
     rm = TrainedRewardModel(model, tok, max_prompt_length=max_prompt_length, max_length=max_length, device=device,
                             autocast=autocast, batch_size=max(64, 2 * batch_size),
                             encoding="concat" if backbone else "split")
-    texts_p, texts_r = [], []
-    index = []  # (preferred row, dispreferred row) into the encoded list
+    texts_p: list[str] = []
+    texts_r: list[str] = []
+    index: list[tuple[int, int]] = []  # (preferred row, dispreferred row) into the encoded list
     for ex in train:
         prs = preference_pairs(ex, pairs)
         if not prs:
@@ -377,7 +378,9 @@ def pair_accuracy(rm, examples: list[Example], pairs: str = "chosen_rejected") -
 
     Default: each example's dataset pair (chosen, rejected). Works with any object with `score_batch`.
     """
-    prompts, responses, idx = [], [], []
+    prompts: list[str] = []
+    responses: list[str] = []
+    idx: list[tuple[int, int]] = []
     for ex in examples:
         base = len(responses)
         prompts += [ex.prompt] * ex.n

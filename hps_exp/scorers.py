@@ -68,7 +68,8 @@ class Scorers:
     def evaluator(self, annotator: Scorer | None, trained: Scorer | None) -> Scorer | None:
         """The evaluation reward model: the annotator, the one trained on the other half (eval.reward_model=trained)
         or eval.reward_model's node (default: the dataset's own scorer)."""
-        return {"annotation": annotator, "trained": trained}.get(self.eval_by, self.evaluation)
+        by: dict[str | None, Scorer | None] = {"annotation": annotator, "trained": trained}
+        return by.get(self.eval_by, self.evaluation)
 
 
 def choose_scorers(cfg: DictConfig, device, load: bool = True) -> Scorers:

@@ -10,9 +10,9 @@ from hps_exp.distributed import DistributedError, World
 
 STRATEGIES = ("none", "ddp", "fsdp2")
 
-def decoder_block_classes(model: torch.nn.Module) -> tuple[type, ...]:
+def decoder_block_classes(model: torch.nn.Module) -> tuple[type[torch.nn.Module], ...]:
     """The model's transformer block classes, from HF's `_no_split_modules` (e.g. GPT2Block, LlamaDecoderLayer)."""
-    names = set()
+    names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
     classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})

@@ -114,7 +114,7 @@ def check_lr_moves_weights(model: torch.nn.Module, lr: float, stage: str) -> Non
 class _StopRequests:
     """SIGTERM/SIGINT set a flag that the loop reads after each optimiser step (a second SIGINT stops at once)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -363,6 +363,7 @@ class Trainer:
         if self.runtime.strategy == "fsdp2" and self.world.distributed:
             sd = self.full_state_dict()
             if self.world.is_main:
+                assert sd is not None   # full_state_dict returns it on the main rank
                 save_fn(models.unsharded_copy(self.model, sd), tok, Path(directory), keep_live=False, **save_kwargs)
                 del sd
         elif self.world.is_main:

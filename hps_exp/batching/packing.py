@@ -36,9 +36,10 @@ class PackedRows:
     n_responses: int
 
     def to(self, device) -> "PackedRows":
-        moved = (t.to(device, non_blocking=True) for t in (self.input_ids, self.positions, self.segments,
-                                                           self.predictors, self.labels, self.owner))
-        return PackedRows(*moved, self.n_responses)
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+        return PackedRows(mv(self.input_ids), mv(self.positions), mv(self.segments), mv(self.predictors),
+                          mv(self.labels), mv(self.owner), self.n_responses)
 
 
 def pack_rows(prompts: list[list[int]], responses: list[list[int]], row_prompt: list[int], pad_id: int,
@@ -148,7 +149,9 @@ def packing_supported(model) -> bool:
             # eval mode: dropout would make the paths differ; autocast off: the check runs inside a step
             with eval_mode(model), torch.no_grad(), torch.autocast(device.type, enabled=False):
                 want = sequence_logps(model, collate([(prompt, r) for r in responses], 0).to(device))
-                got = packed_token_logps(model, pack_rows([prompt], responses, [0, 0, 0], 0).to(device))
+                packed = pack_rows([prompt], responses, [0, 0, 0], 0)
+                assert packed is not None   # None only for an empty prompt; this one has 3 tokens
+                got = packed_token_logps(model, packed.to(device))
             ok = got is not None and torch.allclose(got, want, rtol=tol, atol=tol)
         except Exception:  # noqa: BLE001 - any failure means "use the plain path", never a crash
             ok = False

@@ -63,6 +63,7 @@ def preference_logps(model, batch: PreferenceBatch, pack: bool = True) -> torch.
     mask = batch.mask.to(device)
     flat = None
     if _use_packed(model, batch, pack):
+        assert batch.packed is not None   # _use_packed checked it
         flat = packed_token_logps(model, batch.packed.to(device))
     if flat is None:
         flat = sequence_logps(model, batch.sequences.to(device))
@@ -77,6 +78,7 @@ def forwarded_tokens(model, batch: PreferenceBatch, pack: bool = True) -> int:
     """Real (non-padding) tokens `preference_logps` feeds the model for this batch: each prompt once on the packed
     path, once per response on the plain one. The unit of the per-token costs (pref_tokens_per_s)."""
     if _use_packed(model, batch, pack):
+        assert batch.packed is not None   # _use_packed checked it
         return int((batch.packed.segments >= 0).sum())
     return int(batch.sequences.attention_mask.sum())
 
@@ -106,8 +108,11 @@ def all_response_logps(model, encoded: list[Encoded], pad_id: int, batch_size: i
             flat = [k for j in group for k in range(starts[j], starts[j + 1])]
             packed = pack_rows([encoded[j].prompt for j in group], [pairs[k][1] for k in flat],
                                [g for g, j in enumerate(group) for _ in encoded[j].responses], pad_id)
+            assert packed is not None   # None only for an empty prompt; every prompt is non-empty (checked above)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                values[flat] = packed_token_logps(model, packed.to(device)).float().cpu()
+                got = packed_token_logps(model, packed.to(device))
+                assert got is not None   # packing_supported(model) checked that this model scores packed rows
+                values[flat] = got.float().cpu()
             group = []
     else:
         # sort by length so padding waste is small; restore order afterwards

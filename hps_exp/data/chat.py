@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Sequence
 
 from hps_exp.data.schema import Example
 
@@ -31,7 +32,7 @@ def turns(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
-def render(examples: list[Example], tok) -> list[Example]:
+def render(examples: Sequence[Example], tok) -> list[Example]:
     """The examples with prompts written by the tokenizer's chat template (generation prompt appended)."""
     out = []
     for ex in examples:

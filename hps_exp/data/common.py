@@ -344,7 +344,7 @@ def build_splits(
         p = launch_relative(os.path.expanduser(str(p)))
         return parse_rows(iter_file_rows(p), parse, on_bad_row=on_bad_row, label=p)
 
-    def load_hub(split: str) -> tuple[list[Example], int]:
+    def load_hub(hub_id: str, split: str) -> tuple[list[Example], int]:
         rows = iter_hub_rows(hub_id, split, data_dir)
         return parse_rows(rows, parse, on_bad_row=on_bad_row, label=f"{hub_id} [{split}]")
 
@@ -358,8 +358,8 @@ def build_splits(
             train, test = split_by_prompt(train, _check_fraction(test_fraction), seed, label=str(path))
             n_bad_test = 0
     elif hub_id:
-        train, n_bad_train = load_hub(train_split)
-        test, n_bad_test = load_hub(test_split)
+        train, n_bad_train = load_hub(hub_id, train_split)
+        test, n_bad_test = load_hub(hub_id, test_split)
     else:
         raise DataError("dataset.path is required (a .jsonl or .jsonl.gz file)")
 

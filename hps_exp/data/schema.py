@@ -83,16 +83,18 @@ class Example:
     @property
     def best(self) -> int:
         """Index of the preferred response: argmax score (first index on ties), else `chosen`."""
-        if self.scores is None:
+        scores = self.scores
+        if scores is None:
             return self.chosen
-        return max(range(self.n), key=lambda i: (self.scores[i], -i))
+        return max(range(self.n), key=lambda i: (scores[i], -i))
 
     @property
     def worst(self) -> int:
         """Index of the least preferred response: argmin score (LAST index on ties), else `rejected`."""
-        if self.scores is None:
+        scores = self.scores
+        if scores is None:
             return self.rejected
-        return max(range(self.n), key=lambda i: (-self.scores[i], i))
+        return max(range(self.n), key=lambda i: (-scores[i], i))
 
     # cached_property stores into the instance __dict__ without __setattr__, so it works on this frozen
     # (non-slots) dataclass; the value depends only on frozen fields, so it never goes stale.
@@ -100,10 +102,11 @@ class Example:
     def negatives(self) -> tuple[int, ...]:
         """Indices scored strictly below the best score, by decreasing score (ties by index).
         Without scores: every index but `chosen`, in index order. Empty when every score ties."""
-        if self.scores is None:
+        scores = self.scores
+        if scores is None:
             return tuple(i for i in range(self.n) if i != self.chosen)
-        top = max(self.scores)
-        return tuple(sorted((i for i in range(self.n) if self.scores[i] < top), key=lambda i: (-self.scores[i], i)))
+        top = max(scores)
+        return tuple(sorted((i for i in range(self.n) if scores[i] < top), key=lambda i: (-scores[i], i)))
 
     @property
     def num_negatives(self) -> int:

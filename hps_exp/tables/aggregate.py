@@ -68,8 +68,9 @@ def summarize_samples(samples: list[Sample], n_boot: int = stats.DEFAULT_N_BOOT,
         return None
     values = [s.value for s in samples]
     std = statistics.stdev(values) if len(values) >= 2 else None
-    if all(s.prompts for s in samples):
-        _, lo, hi = stats.bootstrap_ci([s.prompts for s in samples], level, n_boot)
+    prompts = [s.prompts for s in samples if s.prompts]
+    if len(prompts) == len(samples):   # every sample has per-prompt values
+        _, lo, hi = stats.bootstrap_ci(prompts, level, n_boot)
         per_prompt = True
     else:
         _, lo, hi = stats.bootstrap_ci_seeds(values, level, n_boot)

@@ -134,8 +134,9 @@ def per_prompt_of(run: Run, eval_set: str, stage: str, metric: str) -> list[floa
         values = pp.get(metric, pp.get(PER_PROMPT_ALIASES.get(metric, metric)))
     if not isinstance(values, list) or not values:
         return None
-    nums = [as_number(v) for v in values]
-    if any(v is None for v in nums):
+    maybe = [as_number(v) for v in values]
+    nums = [v for v in maybe if v is not None]
+    if len(nums) != len(maybe):
         return None
     scalar = metric_of(run, eval_set, stage, metric)
     if scalar is None or abs(statistics.fmean(nums) - scalar) > PER_PROMPT_RTOL * max(1.0, abs(scalar)):
@@ -196,6 +197,8 @@ def grids_of(runs: list[Run], sweep_dirs: list[Path], names: Iterable[str] | Non
     for d in dict.fromkeys(r for root in sweep_dirs for r in find_grid_records(root)):
         try:
             record = sweep_mod.read_grid_record(d)
+            if record is None:   # find_grid_records saw the file: removed since by another process
+                raise sweep_mod.SweepError(f"{d / sweep_mod.GRID_RECORD}: no longer exists")
         except sweep_mod.SweepError as e:
             notes.append(f"{e}: not used")
             continue

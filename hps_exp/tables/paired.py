@@ -45,10 +45,15 @@ def paired_comparison(t_runs: list[Run], b_runs: list[Run], eval_set: str, stage
         return None
     tp = [per_prompt_of(t_seed[s], eval_set, stage, metric) for s in common]
     bp = [per_prompt_of(b_seed[s], eval_set, stage, metric) for s in common]
-    if all(x is not None and y is not None and len(x) == len(y) for x, y in zip(tp, bp)):
-        return tp, bp, True
-    return ([[metric_of(t_seed[s], eval_set, stage, metric)] for s in common],
-            [[metric_of(b_seed[s], eval_set, stage, metric)] for s in common], False)
+    both = [(x, y) for x, y in zip(tp, bp) if x is not None and y is not None and len(x) == len(y)]
+    if len(both) == len(common):
+        return [x for x, _ in both], [y for _, y in both], True
+
+    def scalar(run: Run) -> float:
+        value = metric_of(run, eval_set, stage, metric)
+        assert value is not None   # `common` keeps only the seeds with the metric on both sides
+        return value
+    return [[scalar(t_seed[s])] for s in common], [[scalar(b_seed[s])] for s in common], False
 
 
 def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metrics: Iterable[str] = MARGINS,

@@ -23,7 +23,7 @@ CIRCULAR_NOTE = (f"{CIRCULAR_MARK} circular evaluation (metrics.json `circular_e
 RUNS_FIXED = ["job_dir", "status", "method", "seed", "circular_eval", "overrides", "command", "error"]
 
 
-def _md(text: str) -> str:
+def _md(text: object) -> str:
     """Text safe inside a Markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 

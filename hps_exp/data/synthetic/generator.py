@@ -172,7 +172,7 @@ def _split(split: str, n: int, harmful_fraction: float, n_responses: int, rng: r
     for topics, count in ((HARMFUL, n_harm), (BENIGN, n - n_harm)):
         order = list(topics)
         rng.shuffle(order)
-        queues = {t.key: [] for t in topics}
+        queues: dict[str, list[str]] = {t.key: [] for t in topics}
         for i in range(count):
             t = order[i % len(order)]
             if not queues[t.key]:  # refill (a prompt string repeats only once all were used)
