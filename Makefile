@@ -4,7 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 SWEEP      ?= main_small
 
-.PHONY: setup setup-smollm2 setup-vllm test-vllm bench-generation run test test-slow test-peer fuzz bench gpu-check sweep table clean lint
+.PHONY: setup setup-smollm2 setup-vllm test-vllm bench-generation run test test-slow test-peer fuzz bench gpu-check sweep table clean lint typecheck
 
 setup:  ## create .venv and install the pinned stack (torch 2.13.0; CPU build where one is on disk)
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -57,6 +57,9 @@ test:  ## the default test suite (what CI runs first): everything but slow / mul
 
 lint:  ## ruff (pyflakes, pycodestyle, import order, bugbear; settings in pyproject.toml)
 	$(VENV)/bin/ruff check hps_exp tests benchmarks
+
+typecheck:  ## mypy on hps_exp (settings in pyproject.toml)
+	$(VENV)/bin/mypy
 
 test-slow:  ## slow and multi-process tests (torchrun gloo DDP/FSDP2, DCP resume, long end-to-end runs)
 	$(PY) -m pytest -q -m slow $(ARGS)
