@@ -145,7 +145,9 @@ class RunLogger:
         silent = {} if os.environ.get("WANDB_SILENT") else {"silent": True}
         for mode in tries:
             try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, **silent), **kwargs)
+                # the mode is one of logger.mode's checked choices (wandb types it as a Literal)
+                init_args: dict[str, Any] = {**kwargs, "mode": mode}
+                self.run = wandb.init(settings=wandb.Settings(init_timeout=timeout, **silent), **init_args)
                 self.mode = mode
                 break
             except Exception as e:
