@@ -86,7 +86,7 @@ def test_a_killed_runs_checkpoint_resumes_only_that_run(tmp_path):
     killed = run_app(pl, cwd=REPO)
     assert killed.returncode != 0 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
     assert "was made by another run" in killed.stderr and "config.loss.name: 'dpo' -> 'pl'" in killed.stderr
-    assert "config.lr: 0.0002 -> 0.01" in killed.stderr and "trainer.resume=false" in killed.stderr
+    assert "config.optim.lr: 0.0002 -> 0.01" in killed.stderr and "trainer.resume=false" in killed.stderr
     assert "resumed from" not in killed.stdout and meta.read_bytes() == dpo_meta and not metrics.exists()
 
     recorded = json.dumps({"status": "interrupted", "error": "interrupted by SIGTERM", "stage": "train", "step": 3,
