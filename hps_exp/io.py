@@ -136,10 +136,11 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove(path: Path) -> None:
-    """Delete a directory tree or a file; nothing when it is absent."""
+def remove(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a directory tree or a file; nothing when it is absent. `ignore_errors`: a tree that cannot be
+    removed whole is left as it is (best-effort cleanup of what a finished stage no longer needs)."""
     if path.is_dir():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     elif path.exists():
         path.unlink()
 

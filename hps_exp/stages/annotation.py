@@ -11,9 +11,9 @@ from hydra.utils import get_object
 
 from hps_exp.data.schema import read_examples, write_examples
 from hps_exp.generation import build_generator
-from hps_exp.io import atomic_write_text
+from hps_exp.io import atomic_write_text, remove
 from hps_exp.reward_models import TrainedRewardModel, pair_accuracy
-from hps_exp.stages.env import Env, checkpoint_path, drop
+from hps_exp.stages.env import Env, checkpoint_path
 from hps_exp.stages.specs import AugmentResult, AugmentSpec, Examples, RewardModelSpec, Scorer, SFTResult
 
 # ---------------------------------------------------------------------------------------------- reward models
@@ -40,7 +40,7 @@ def trained_reward_model(spec: RewardModelSpec, train: Examples, heldout: Exampl
         atomic_write_text(out / "train.json", json.dumps({"pairs": rm.train_result["pairs"]}))
 
     def read(path: Path) -> Scorer:
-        drop(checkpoint_path(env, entry))
+        remove(checkpoint_path(env, entry), ignore_errors=True)
         rm = TrainedRewardModel.load(path, device=env.device, autocast=env.autocast)
         report = {**json.loads((path / "train.json").read_text()),
                   "heldout_pair_accuracy": pair_accuracy(rm, list(heldout.items)),

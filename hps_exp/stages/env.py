@@ -2,7 +2,6 @@
 settings) and the cached-stage protocol, written once (`Env.cached_stage`)."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -74,13 +73,6 @@ class Env:
 
 def encode(tok, examples, max_prompt_length: int, max_length: int) -> list[Encoded]:
     return batching.encode_examples(tok, list(examples), max_prompt_length, max_length)
-
-
-def drop(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
 
 
 def checkpoint_path(env: Env, entry: Entry) -> Path:

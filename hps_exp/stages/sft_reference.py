@@ -11,7 +11,8 @@ import torch
 from hps_exp import batching, models
 from hps_exp.batching import SequenceBatch
 from hps_exp.cache import Entry, readable
-from hps_exp.stages.env import Env, checkpoint_path, drop, encode, fsdp2_world, is_main, shard, weights_from_rank0
+from hps_exp.io import remove
+from hps_exp.stages.env import Env, checkpoint_path, encode, fsdp2_world, is_main, shard, weights_from_rank0
 from hps_exp.stages.specs import Examples, ReferenceSpec, RefLogps, SFTResult, SFTSpec
 from hps_exp.trainer import Trainer
 
@@ -43,7 +44,7 @@ def sft(spec: SFTSpec, train: Examples, env: Env) -> SFTResult:
 
     def read(path: Path) -> SFTResult:
         if is_main(env):
-            drop(checkpoint_path(env, entry))
+            remove(checkpoint_path(env, entry), ignore_errors=True)
         return SFTResult(path / "model", entry.key, time.perf_counter() - started + trained_s[0], **load)
 
     started, trained_s = time.perf_counter(), [0.0]
