@@ -787,3 +787,57 @@ def test_bleu_column_names_the_protocols_bleu(tmp_path, protocols):
     else:
         assert bleu_headers == ["hh · BLEU (corpus) ↑", "hh · BLEU (sentence) ↑"]
         assert {n.split(":")[0] for n in main.notes if n.startswith("BLEU")} == {"BLEU (corpus)", "BLEU (sentence)"}
+
+
+@pytest.mark.parametrize("protocol", ["default", "paper"])
+def test_metrics_written_before_bleu_was_renamed_still_read(tmp_path, protocol):
+    """A metrics.json from before BLEU was named by its form says "bleu": under the paper protocol (which also
+    writes bleu_char) it is the sentence form, under the default the corpus form, per-prompt lists included."""
+    m = completed("DPO-HPS", 0, 1.0, 3.0)
+    if protocol == "paper":
+        paper_protocol(m)
+        for ev in m["eval"].values():
+            for stage in ("sft", "aligned"):
+                ev[stage]["bleu_char"] = 1.0
+            ev["per_prompt"] = {"aligned": {"bleu": [ev["aligned"]["bleu_sentence"]] * 2, "bleu_char": [1.0, 1.0]}}
+    key = "bleu_sentence" if protocol == "paper" else "bleu_corpus"
+    for ev in m["eval"].values():
+        for stage in ("sft", "aligned"):
+            ev[stage]["bleu"] = ev[stage].pop(key)
+    write_job(tmp_path / "old" / "0", m, ["seed=0"])
+    run = tables.collect_runs([tmp_path / "old"])[0]
+    assert run.eval["hh"]["aligned"][key] == pytest.approx(13.0) and "bleu" not in run.eval["hh"]["aligned"]
+    if protocol == "paper":
+        assert run.eval["hh"]["per_prompt"]["aligned"]["bleu_sentence"] == pytest.approx([13.0, 13.0])
+    main = tables.main_table([run], n_boot=50)
+    assert main.cell("DPO-HPS", ("hh", key)).mean == pytest.approx(13.0)
+
+
+def write_samples(job_dir, rows):
+    (job_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_examples_show_every_methods_first_sample_on_the_same_prompts(tmp_path):
+    """examples.md: the first N prompts of the evaluation order that every method has, each method's first sample
+    (not its best-rewarded) from its lowest seed, the reference above; ChatML and HH prompts shown as turns."""
+    root = tmp_path / "sweep"
+    chatml = ("<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhi | there<|im_end|>\n"
+              "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nhow?<|im_end|>\n<|im_start|>assistant\n")
+    hh, other = "\n\nHuman: where?\n\nAssistant:", "\n\nHuman: only BT saw me\n\nAssistant:"
+    def row(prompt, tag):
+        return {"prompt": prompt, "generations": [f"{tag} first\nline", f"{tag} best"], "rewards": [0.25, 9.0],
+                "reference": "ref", "reference_reward": 0.5}
+    for num, (method, seed) in enumerate([("DPO-BT", 1), ("DPO-BT", 0), ("DPO-HPS", 0)]):
+        job = root / str(num)
+        write_job(job, completed(method, seed, 1.0, 1.0), [f"seed={seed}"])
+        prompts = [chatml, other, hh] if method == "DPO-BT" else [chatml, hh]
+        write_samples(job, [row(p, f"{method}/s{seed}") for p in prompts])
+    assert tables.main([str(root), "--n-boot", "20", "--examples", "5"]) == 0
+    md = (root / "examples.md").read_text()
+    assert md.count("## Prompt") == 2 and "only BT saw me" not in md  # the prompt HPS lacks is skipped
+    assert "be nice" not in md and "> **User:** hi \\| there" in md and "> **Assistant:** hello" in md
+    assert "> **User:** where?" in md
+    assert "| DPO-BT | 0 | 0.25 | DPO-BT/s0 first line |" in md and "/s1" not in md and " best |" not in md
+    assert md.index("| DPO-BT |") < md.index("| DPO-HPS |") and "| dataset's reference | – | 0.50 | ref |" in md
+    assert tables.main([str(root), "--n-boot", "20", "--examples", "0", "--out", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none" / "examples.md").exists()

@@ -1,5 +1,6 @@
 """`python -m hps_exp.tables SWEEP_DIR [SWEEP_DIR ...]`: collect, aggregate, test, render and plot; write
-table.md, table.csv, runs.csv and the PNGs (each atomically) into --out (default: the first SWEEP_DIR)."""
+table.md, table.csv, runs.csv, examples.md (when the jobs kept their samples) and the PNGs (each atomically) into
+--out (default: the first SWEEP_DIR)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from hps_exp import stats
 from hps_exp.io import atomic_write_text
 from hps_exp.tables.aggregate import ABLATION_KEYS, MARGINS, ablation_table, main_table, timing_table
 from hps_exp.tables.collect import Grid, Run, collect_runs, grids_of, missing_jobs
+from hps_exp.tables.examples import examples_markdown
 from hps_exp.tables.paired import paired_tests
 from hps_exp.tables.plots import make_plots
 from hps_exp.tables.render import (
@@ -41,6 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep", action="append", default=None, metavar="NAME",
                    help="sweep yaml(s) whose grid lists the never-started jobs (default: the grid recorded at "
                         "launch in the sweep dir's sweep_grid.json, else the yaml of run.sweep or of the dir name)")
+    p.add_argument("--examples", type=int, default=3, metavar="N",
+                   help="example generations: the first N held-out prompts, every method's first sample "
+                        "(examples.md; 0: none)")
     p.add_argument("--n-boot", type=int, default=stats.DEFAULT_N_BOOT, help="bootstrap replicates per cell")
     return p.parse_args(argv)
 
@@ -109,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     both = (args.metric_margin, *(m for m in MARGINS if m != args.metric_margin))  # the figure shows both margins
     plots = make_plots(report.main, report.ablations, out, args.metric_margin,
                        main_table(runs, args.stage, both, args.n_boot))
+    examples = examples_markdown(runs, args.examples) if args.examples > 0 else None
+    if examples:
+        atomic_write_text(out / "examples.md", examples)
     print(markdown)
     print(f"[tables] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'runs.csv'}"
-          + "".join(f", {p}" for p in plots), file=sys.stderr)
+          + (f", {out / 'examples.md'}" if examples else "") + "".join(f", {p}" for p in plots), file=sys.stderr)
     return 0

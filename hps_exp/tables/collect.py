@@ -20,6 +20,9 @@ MAX_DEPTH = 3
 PER_PROMPT_RTOL = 1e-6
 # Per-prompt lists stored under another name than their scalar (metrics.json: per_prompt.aligned.win).
 PER_PROMPT_ALIASES = {"win_rate": "win", "harmful_rate": "harmful"}
+# metrics.json written before BLEU was named by its form (commit 3a82406) says "bleu" for both: the paper
+# protocol's (it also writes bleu_char) is the sentence form, the default protocol's the corpus form.
+LEGACY_BLEU = "bleu"
 
 
 # ------------------------------------------------------------------------------------------ job dirs
@@ -82,6 +85,21 @@ def read_overrides(job_dir: Path) -> list[str]:
     return [text.strip()] if text.strip() else []
 
 
+def _rename_legacy_bleu(ev: dict) -> None:
+    """In place: eval.<set>.<stage>.bleu and eval.<set>.per_prompt.<stage>.bleu of an older metrics.json under
+    the name this code reads (bleu_sentence where the stage also has bleu_char, else bleu_corpus)."""
+    for stages in ev.values():
+        if not isinstance(stages, dict):
+            continue
+        blocks = [v for k, v in stages.items() if k != "per_prompt"]
+        if isinstance(stages.get("per_prompt"), dict):
+            blocks += list(stages["per_prompt"].values())
+        for block in blocks:
+            if isinstance(block, dict) and LEGACY_BLEU in block \
+                    and "bleu_corpus" not in block and "bleu_sentence" not in block:
+                block["bleu_sentence" if "bleu_char" in block else "bleu_corpus"] = block.pop(LEGACY_BLEU)
+
+
 def load_run(job_dir: Path) -> Run:
     overrides = read_overrides(job_dir)
     path = job_dir / "metrics.json"
@@ -99,6 +117,8 @@ def load_run(job_dir: Path) -> Run:
     if status == "completed" and not (isinstance(run, dict) and run.get("method") and isinstance(ev, dict)):
         return Run(job_dir, "unreadable", error="metrics.json says completed but lacks run.method or eval",
                    overrides=overrides)
+    if isinstance(ev, dict):
+        _rename_legacy_bleu(ev)
     extra = {k: data[k] for k in ("reward_model", "augment") if isinstance(data.get(k), dict)}
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
                data.get("error"), overrides, timing if isinstance(timing, dict) else {},
