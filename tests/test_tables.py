@@ -468,6 +468,12 @@ def test_timing_table(paired_sweep):
     assert cell.mean == pytest.approx(30.0 + 2.0) and cell.n == 5 and not cell.per_prompt  # 30 + mean seed
     assert (cell.lo, cell.hi) != (cell.mean, cell.mean)
     assert timing.cell("IPO-BT", ("timing", "pref_step_s")).mean == pytest.approx(0.1)
+    runs = tables.collect_runs([paired_sweep])
+    for r in runs:  # newer runs also record their throughput: a column of its own, higher is better
+        r.timing["pref_tokens_per_s"] = 100.0 + (r.run.get("seed") or 0)
+    timing = tables.timing_table(runs, n_boot=200)
+    assert timing.headers[2] == "Preference tokens/s ↑" and timing.headers[-1] == "Whole job (s) ↓"
+    assert timing.cell("DPO-HPS", ("timing", "pref_tokens_per_s")).mean == pytest.approx(102.0)
 
 
 def test_never_started_jobs_are_listed(tmp_path):

@@ -28,7 +28,8 @@ METRIC_LABELS = {"bleu_corpus": "BLEU (corpus)", "bleu_sentence": "BLEU (sentenc
                  "reward_margin": "Reward margin", "reward_margin_hardest": "Reward margin (hardest)",
                  "win_rate": "Win rate vs SFT", "harmful_rate": "Harmful rate"}
 TIMING_LABELS = {"pref_s": "Preference stage (s)", "pref_step_s": "Per preference step (s)",
-                 "total_s": "Whole job (s)"}
+                 "pref_tokens_per_s": "Preference tokens/s", "total_s": "Whole job (s)"}
+TIMING_HIGHER_BETTER = {"pref_tokens_per_s"}  # throughput; every other cost column is seconds
 # Recorded conditions of a job's timing (metrics.json timing), shown as ranges beside the cost: how many torch
 # threads it used, and the machine's 1-minute load average at its start and end (absent in older runs).
 SPAN_LABELS = {"threads": "Threads", "load": "Load avg (1 min) at start/end"}
@@ -340,13 +341,15 @@ def main_table(runs: list[Run], stage: str = "aligned", margin: str | tuple[str,
 
 
 def timing_table(runs: list[Run], n_boot: int = stats.DEFAULT_N_BOOT) -> Table | None:
-    """The paper's cost table: preference-stage time and time per preference step per row (over seeds)."""
+    """The paper's cost table: preference-stage time, time per preference step and the preference stage's
+    tokens/s (real tokens of the policy passes per second, where metrics.json records them) per row (over seeds)."""
     done = [r for r in runs if r.ok]
     keys = [k for k in TIMING_LABELS if any(as_number(r.timing.get(k)) is not None for r in done)]
     if not keys:
         return None
     columns = [("timing", k) for k in keys]
-    table = Table("Training cost (wall-clock seconds)", [], columns, [f"{TIMING_LABELS[k]} ↓" for k in keys],
+    table = Table("Training cost (wall clock)", [], columns,
+                  [f"{TIMING_LABELS[k]} {'↑' if k in TIMING_HIGHER_BETTER else '↓'}" for k in keys],
                   {}, {}, ranked=False, mark_circular=False)
     for row in build_rows(done):
         table.add_row(row)
