@@ -765,6 +765,20 @@ def test_paired_baseline_has_the_treatments_reward_type(paired_sweep):
     results = {(r.metric, r.treatment): r for r in tables.paired_tests(runs, "HPS") if r.eval_set == "hh"}
     assert results[("reward_margin", "DPO-HPS")].baseline == "DPO-BT"
 
+
+def test_paired_baseline_has_the_treatments_beta(paired_sweep):
+    """A margin is β·Δlog-ratio: a baseline at another β (the authors' released recipe runs β = 0.25) reports its
+    log-ratios on another scale, so the HPS row is tested against the best baseline at its own β."""
+    for num in range(1, 30, 6):   # DPO-PL, the best DPO baseline, at 2.5x the beta
+        path = paired_sweep / str(num) / "metrics.json"
+        m = json.loads(path.read_text())
+        m["run"].update(beta=0.25)
+        path.write_text(json.dumps(m))
+    runs = tables.collect_runs([paired_sweep])
+    results = {(r.metric, r.treatment): r for r in tables.paired_tests(runs, "HPS") if r.eval_set == "hh"}
+    assert results[("reward_margin", "DPO-HPS")].baseline == "DPO-BT"
+
+
 def paper_protocol(metrics):
     """The same run under eval.protocol=paper: its headline BLEU is the mean sentence BLEU."""
     for ev in metrics["eval"].values():

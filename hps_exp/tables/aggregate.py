@@ -21,7 +21,7 @@ ROW_ORDER = {"framework": ("dpo", "ipo", "exo", "sppo", "nca"),
 GROUP_KEYS = ("train_dataset", "sampler", "n_responses", "gamma", "beta")
 ABLATION_KEYS = ("n_responses", "gamma", "beta")
 # Rows of the paired test are compared only when these agree (same data, same n).
-COMPARABLE_KEYS = ("train_dataset", "n_responses")
+COMPARABLE_KEYS = ("train_dataset", "n_responses", "beta")  # a margin is β·Δlog-ratio: β sets its scale
 KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", "beta": "β"}
 METRIC_LABELS = {"bleu_corpus": "BLEU (corpus)", "bleu_sentence": "BLEU (sentence)", "bleu_char": "BLEU (char)",
                  "reward": "Reward", "reward_top1": "Reward top-1",
@@ -152,8 +152,9 @@ class Row:
         return row_label(self.preference_model, self.settings)
 
     def comparable(self) -> tuple:
-        """What must match for two rows' margins to be compared: the data, n, and the implicit reward (a SimPO
-        margin, β/|y|·log π, is not a log-ratio margin)."""
+        """What must match for two rows' margins to be compared: the data, n, β (the margin's unit: the authors'
+        released recipe at β = 0.25 reports 2.5× the margin of the same log-ratios at β = 0.1) and the implicit
+        reward (a SimPO margin, β/|y|·log π, is not a log-ratio margin)."""
         reward = _reward_of(self.runs[0]) if self.runs else "ratio"
         return (*(hashable(self._common(k)) for k in COMPARABLE_KEYS), reward)
 
