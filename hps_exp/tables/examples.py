@@ -4,17 +4,17 @@ best-rewarded one) with the reward the evaluation reward model gave it, under th
 seed per method: the lowest it has. Read from the job dirs' samples.jsonl (written by every evaluated job)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from hps_exp.data.chat import turns as transcript_turns
+from hps_exp.data.schema import read_jsonl
 from hps_exp.tables.aggregate import build_rows, value_key
 from hps_exp.tables.collect import Run
 
 SAMPLES_FILE = "samples.jsonl"
 MAX_TURN_CHARS = 400      # a long dialogue turn is cut: the reply is what the example shows
 _CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S)
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def read_samples(job_dir: Path) -> list[dict]:
@@ -22,13 +22,7 @@ def read_samples(job_dir: Path) -> list[dict]:
     path = job_dir / SAMPLES_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path) if isinstance(row.get("prompt"), str)]
 
 
 def dialogue_turns(prompt: str) -> list[tuple[str, str]]:
@@ -36,14 +30,10 @@ def dialogue_turns(prompt: str) -> list[tuple[str, str]]:
     the HH-RLHF transcript format; the whole prompt as one user turn otherwise. The open assistant turn the
     prompt ends with is not a turn."""
     if "<|im_start|>" in prompt:
-        turns = [(role, text.strip()) for role, text in _CHATML_TURN.findall(prompt) if role != "system"]
+        found = [(role, text.strip()) for role, text in _CHATML_TURN.findall(prompt) if role != "system"]
     else:
-        parts = _HH_TURN.split(prompt)
-        turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
-        turns = [("user" if who == "Human" else "assistant", text) for who, text in turns]
-        if not turns and prompt.strip():
-            turns = [("user", prompt.strip())]
-    return [(who, text) for who, text in turns if text]
+        found = [(m["role"], m["content"]) for m in transcript_turns(prompt)]
+    return [(who, text) for who, text in found if text]
 
 
 def _cut(text: str, limit: int = MAX_TURN_CHARS) -> str:
