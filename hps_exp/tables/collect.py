@@ -23,6 +23,9 @@ PER_PROMPT_ALIASES = {"win_rate": "win", "harmful_rate": "harmful"}
 # metrics.json written before BLEU was named by its form (commit 3a82406) says "bleu" for both: the paper
 # protocol's (it also writes bleu_char) is the sentence form, the default protocol's the corpus form.
 LEGACY_BLEU = "bleu"
+# Evaluation sets measured after the run by another command, in files beside metrics.json: {"eval": {set: ...}}
+# (python -m hps_exp.ranked_margins). Read like the run's own sets; a name the run already has is not replaced.
+POSTHOC_EVALS = ("ranked_margins.json",)
 
 
 # ------------------------------------------------------------------------------------------ job dirs
@@ -100,6 +103,19 @@ def _rename_legacy_bleu(ev: dict) -> None:
                 block["bleu_sentence" if "bleu_char" in block else "bleu_corpus"] = block.pop(LEGACY_BLEU)
 
 
+def _posthoc_eval(path: Path) -> dict:
+    """The "eval" block of a post-hoc evaluation file; {} when there is none. An unreadable one is said, not
+    skipped silently."""
+    if not path.is_file():
+        return {}
+    try:
+        ev = json.loads(path.read_text(encoding="utf-8")).get("eval")
+    except (OSError, ValueError, AttributeError) as e:
+        print(f"[tables] warning: {path}: unreadable ({type(e).__name__}), its evaluation sets left out")
+        return {}
+    return ev if isinstance(ev, dict) else {}
+
+
 def load_run(job_dir: Path) -> Run:
     overrides = read_overrides(job_dir)
     path = job_dir / "metrics.json"
@@ -119,6 +135,9 @@ def load_run(job_dir: Path) -> Run:
                    overrides=overrides)
     if isinstance(ev, dict):
         _rename_legacy_bleu(ev)
+        for name in POSTHOC_EVALS:
+            for eval_set, block in _posthoc_eval(job_dir / name).items():
+                ev.setdefault(eval_set, block)
     extra = {k: data[k] for k in ("reward_model", "augment") if isinstance(data.get(k), dict)}
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
                data.get("error"), overrides, timing if isinstance(timing, dict) else {},
