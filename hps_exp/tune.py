@@ -5,7 +5,12 @@ A tuning sweep runs every method over a small grid (e.g. loss.beta x trainer.lr)
 the chosen validation metric over seeds for every (method, grid point), and prints the table and, per method, the
 overrides with the best mean: the arms to paste into the final sweep (which runs with `eval.split=test`).
 
-    python -m hps_exp.tune outputs/sweeps/smollm2_hh_tune --keys loss.beta trainer.lr [--metric reward]
+    python -m hps_exp.tune outputs/sweeps/smollm2_hh_tune --keys loss.beta trainer.lr [--metric reward] \
+        [--write-sweep smollm2_hh sweeps/smollm2_hh_tuned.yaml]
+
+`--write-sweep BASE OUT` writes the final sweep: BASE's file with each arm's chosen values appended to its
+overrides (an arm is matched to its tuning jobs by their dir, `<jobs dir>/<arm>/<k>`); every arm of BASE must
+have been tuned, so that every method gets the same tuning budget.
 
 Jobs evaluated on anything but the validation split are refused: a choice made on test prompts would leak.
 """
@@ -17,6 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from hps_exp.io import atomic_write_text
 from hps_exp.tables import Run, collect_runs, metric_of
 
 VALIDATION = "validation"
@@ -70,23 +76,66 @@ def render(chosen: dict[str, dict], keys: list[str], metric: str) -> str:
     return "\n".join(lines)
 
 
+def tuned_sweep(base_name: str, runs: list[Run], chosen: dict[str, dict], keys: list[str], command: str) -> str:
+    """The text of the final sweep file: `base_name`'s with each arm's chosen values (TuneError: an arm of the
+    base without tuning jobs, or whose jobs are of several methods)."""
+    import yaml
+
+    from hps_exp import sweep as sweep_mod
+
+    base = sweep_mod.load(base_name)
+    methods: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        if r.ok:
+            methods[r.job_dir.parent.name].add(r.method)
+    arms = {}
+    for arm, overrides in base.arms.items():
+        found = methods.get(arm, set()) & set(chosen)
+        if len(found) != 1:
+            what = "jobs of several methods: " + ", ".join(sorted(found)) if found else "no tuning jobs"
+            raise TuneError(f"arm {arm!r} of {base.path.name} has {what} (tuning jobs are matched by their dir "
+                            f"<jobs dir>/<arm>/<k>; tuned arms: {', '.join(sorted(methods)) or 'none'})")
+        best = chosen[found.pop()]["best"]
+        arms[arm] = sweep_mod.merge(overrides, [f"{k}={v}" for k, v in zip(keys, best) if v])
+    data = {"description": f"{base.description} Tuned: each arm's {', '.join(keys)} chosen on the validation prompts "
+                           f"({base.path.name} + the tuning sweep's choice).",
+            "requires": base.requires, "arms": arms, **({"grid": {k: ",".join(v) for k, v in base.grid.items()}}
+                                                       if base.grid else {}),
+            "fixed": base.fixed, **({"compare": base.compare} if base.compare else {})}
+    header = (f"# GENERATED from sweeps/{base.path.name} by the tuning step; edit that file and regenerate:\n"
+              f"#   {command}\n# Every arm's overrides are its own in {base.path.name} plus the values chosen for it "
+              f"on the validation prompts\n# (python -m hps_exp.tune prints the whole grid). Comments on the fixed "
+              f"settings: {base.path.name}.\n")
+    return header + yaml.safe_dump(data, sort_keys=False, width=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dirs", nargs="+", help="tuning sweep dirs (jobs run with eval.split=validation)")
     ap.add_argument("--keys", nargs="+", required=True, help="the tuned overrides, e.g. loss.beta trainer.lr")
     ap.add_argument("--metric", default="reward", help="the validation metric to maximise, as metrics.json names "
                     "it (e.g. reward, reward_margin, bleu_corpus, bleu_sentence; default: %(default)s)")
+    ap.add_argument("--write-sweep", nargs=2, metavar=("BASE", "OUT"),
+                    help="write OUT: the sweep BASE (a name in sweeps/ or a path) with each arm's chosen values")
     args = ap.parse_args(argv)
     missing = [d for d in args.sweep_dirs if not Path(d).is_dir()]
     if missing:
         print(f"[tune] no such sweep dir: {missing[0]}", file=sys.stderr)
         return 2
+    runs = collect_runs(args.sweep_dirs)
     try:
-        chosen = choose(collect_runs(args.sweep_dirs), args.keys, args.metric)
+        chosen = choose(runs, args.keys, args.metric)
+        text = None
+        if args.write_sweep:
+            command = "python -m hps_exp.tune " + " ".join(sys.argv[1:] if argv is None else argv)
+            text = tuned_sweep(args.write_sweep[0], runs, chosen, args.keys, command)
     except TuneError as e:
         print(f"[tune] {e}", file=sys.stderr)
         return 2
     print(render(chosen, args.keys, args.metric))
+    if text is not None:
+        atomic_write_text(Path(args.write_sweep[1]), text)
+        print(f"[tune] wrote {args.write_sweep[1]}")
     return 0
 
 

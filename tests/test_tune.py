@@ -40,3 +40,51 @@ def test_jobs_evaluated_on_test_prompts_are_refused(tmp_path):
 def test_a_metric_no_job_reports_names_those_they_do(tmp_path):
     with pytest.raises(tune.TuneError, match=r"validation\.aligned\.bleu\b.*reward$"):
         tune.choose(collect_runs([make_sweep(tmp_path / "s")]), ["loss.beta"], "bleu")
+
+
+BASE = """# the final sweep (test prompts)
+description: two arms
+requires: [dataset.path]
+arms:
+  BT: [loss=bt]
+  HPS: [loss=hps, loss.beta=0.3]
+fixed:
+  - trainer.epochs=1
+  - eval.split=test
+"""
+
+
+def make_arm_sweep(root):
+    """make_sweep's jobs laid out as the sweep runner does: <jobs dir>/<arm>/<k>."""
+    flat = make_sweep(root / "flat")
+    for job in sorted(flat.iterdir()):
+        arm = {"DPO-BT": "BT", "DPO-HPS": "HPS"}[collect_runs([job])[0].method]
+        (root / arm).mkdir(exist_ok=True)
+        job.rename(root / arm / job.name)
+    flat.rmdir()
+    return root
+
+
+def test_the_final_sweep_is_the_base_with_each_arms_chosen_values(tmp_path):
+    from hps_exp import sweep
+
+    (tmp_path / "base.yaml").write_text(BASE)
+    make_arm_sweep(tmp_path / "tune")
+    out = tmp_path / "tuned.yaml"
+    assert tune.main([str(tmp_path / "tune"), "--keys", "loss.beta", "trainer.lr",
+                      "--write-sweep", str(tmp_path / "base.yaml"), str(out)]) == 0
+    tuned, base = sweep.load(str(out)), sweep.load(str(tmp_path / "base.yaml"))
+    assert tuned.fixed == base.fixed and tuned.requires == base.requires
+    # the chosen beta replaces the arm's own (in its place); lr is appended
+    assert tuned.arms == {"BT": ["loss=bt", "loss.beta=0.5", "trainer.lr=1e-5"],
+                          "HPS": ["loss=hps", "loss.beta=0.1", "trainer.lr=5e-5"]}
+    assert out.read_text().startswith("# GENERATED from sweeps/base.yaml")
+
+
+def test_an_arm_without_tuning_jobs_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(BASE)
+    make_arm_sweep(tmp_path / "tune")
+    assert tune.main([str(tmp_path / "tune/BT"), "--keys", "loss.beta", "trainer.lr",
+                      "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")]) == 2
+    assert "arm 'HPS' of base.yaml has no tuning jobs" in capsys.readouterr().err
+    assert not (tmp_path / "tuned.yaml").exists()
