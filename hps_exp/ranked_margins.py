@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=None, help="default: the runs' cache_dir")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--force", action="store_true", help="recompute runs that already have these ranked margins")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,19 +186,32 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed, "stop": list(cfg.get("dataset.stop") or []), "lengths": list(lengths),
             "batch_size": args.batch_size}
     inputs = {"sft": first.stage_key("sft"), "judge": first.stage_key("eval_reward_model")}
-    results: dict[Path, dict] = {job.dir: {} for job in jobs}
-    for s in eval_sets_of(first):
-        ranked, ref = _ranked_set(s, spec, inputs, numeric, cache_dir, tok, sft, judge_dir, device, autocast)
-        for job in jobs:
-            results[job.dir][s.name + SUFFIX] = _margins(job, ranked, ref, lengths, args.batch_size, device,
-                                                         autocast, load)
-    for job in jobs:
-        out = {"eval": results[job.dir], "code": code_fingerprint(), "command": " ".join(sys.argv),
-               "ranked": {**spec, **inputs, "scored_by": "the evaluation reward model (eval_reward_model)"}}
-        atomic_write_text(job.dir / OUTPUT, json.dumps(out))
+    record = {**spec, **inputs, "scored_by": "the evaluation reward model (eval_reward_model)"}
+    command = "python -m hps_exp.ranked_margins " + " ".join(sys.argv[1:] if argv is None else argv)
+    todo = [job for job in jobs if args.force or not _done(job, record)]
+    if len(todo) < len(jobs):
+        print(f"[ranked] {len(jobs) - len(todo)} run(s) already have these ranked margins (--force recomputes)")
+    if not todo:
+        return
+    sets = [(s.name + SUFFIX, *_ranked_set(s, spec, inputs, numeric, cache_dir, tok, sft, judge_dir, device, autocast))
+            for s in eval_sets_of(first)]
+    for job in todo:   # each run's file as soon as it is measured: an interrupted invocation keeps what it did
+        ev = {name: _margins(job, ranked, ref, lengths, args.batch_size, device, autocast, load)
+              for name, ranked, ref in sets}
+        atomic_write_text(job.dir / OUTPUT, json.dumps({"eval": ev, "ranked": record, "code": code_fingerprint(),
+                                                        "command": command}))
         print(f"[ranked] {job.dir}: " + ", ".join(
             f"{name}: margin {v['aligned']['reward_margin']:.4f}, hardest {v['aligned']['reward_margin_hardest']:.4f}"
-            for name, v in results[job.dir].items()))
+            for name, v in ev.items()))
+
+
+def _done(job: Job, record: dict) -> bool:
+    """The run already has margins on the same ranked set, measured by this code."""
+    try:
+        old = json.loads((job.dir / OUTPUT).read_text())
+    except (OSError, ValueError):
+        return False
+    return old.get("ranked") == record and old.get("code") == code_fingerprint()
 
 
 def _ranked_set(s: EvalSet, spec: dict, inputs: dict, numeric: dict, cache_dir: Path, tok, sft, judge_dir: Path,

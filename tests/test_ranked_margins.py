@@ -82,12 +82,18 @@ def test_margins_are_each_runs_implicit_reward_against_the_evaluation_reward_mod
     assert hardest_is_not_the_mean   # the point of ranking: the two margins differ
 
 
-def test_a_rerun_reuses_the_ranked_set_and_writes_the_same_numbers(sweep, capsys):
-    before = json.loads((sweep / "sweep" / "0" / "ranked_margins.json").read_text())["eval"]
-    ranked_margins.main([str(sweep / "sweep" / "0"), "--n", "3", "--max-new-tokens", "8",
-                         "--cache-dir", str(sweep / "cache")])
-    assert "(cached " in capsys.readouterr().out
-    assert json.loads((sweep / "sweep" / "0" / "ranked_margins.json").read_text())["eval"] == before
+def test_a_rerun_skips_measured_runs_and_force_gives_the_same_numbers(sweep, capsys):
+    job = sweep / "sweep" / "0"
+    before = json.loads((job / "ranked_margins.json").read_text())
+    argv = [str(job), "--n", "3", "--max-new-tokens", "8", "--cache-dir", str(sweep / "cache")]
+    ranked_margins.main(argv)
+    assert "1 run(s) already have these ranked margins" in capsys.readouterr().out
+    ranked_margins.main([*argv, "--force"])
+    assert "(cached " in capsys.readouterr().out   # the ranked set is reused
+    after = json.loads((job / "ranked_margins.json").read_text())
+    assert after["eval"] == before["eval"] and after["command"].endswith("--force")
+    ranked_margins.main([*argv[:2], "4", *argv[3:]])   # another n: another ranked set, measured anew
+    assert "already have" not in capsys.readouterr().out
 
 
 def test_the_tables_show_both_ranked_margins_and_test_them(sweep):
