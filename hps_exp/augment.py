@@ -5,8 +5,10 @@ placeholder=..., ...)` returns, for each input prompt, an Example whose response
 when keep_original) + n samples from the generator (a hps_exp.generation.Generator over the SFT policy, usually),
 every one scored with `reward_model.score_batch` (the originals are re-scored too, so all scores of a prompt are on
 one scale); `harmful` comes from `reward_model.is_harmful` when the reward model has one (else None, also for the
-originals); chosen = best (argmax score, first on ties), rejected = worst (LAST index of the lowest score, as
-sampler=best_worst picks it).
+originals); chosen/rejected stay the DATASET's pair when the originals are kept (sampler=pair is DPO on the
+dataset's own pair, whatever the annotator says), else they are the best (argmax score, first on ties) and the worst
+(LAST index of the lowest score, as sampler=best_worst picks it). Before 2026-12-05 they were always best/worst,
+which made loss=dpo on augmented data BT under another name.
 
 Decisions (all counted in `stats`):
 - Sampling: a hps_exp.generation.Generator (`augment.backend`: hf = HF `generate` with do_sample, the KV cache,
@@ -51,7 +53,9 @@ def _norm(text: str) -> str:
 
 
 def _build(ex: Example, responses: list[str], scores: list[float], harmful: list[bool] | None,
-           stats: dict) -> Example | None:
+           stats: dict, pair: tuple[int | None, int | None] = (None, None)) -> Example | None:
+    """The scored example, or None (counted) when it has no preference. `pair`: where the dataset's chosen and
+    rejected responses ended up among `responses` (None: not kept)."""
     if len(responses) < 2:
         stats["dropped_too_few"] += 1
         return None
@@ -61,7 +65,10 @@ def _build(ex: Example, responses: list[str], scores: list[float], harmful: list
         return None
     scored = Example(prompt=ex.prompt, responses=tuple(responses), scores=tuple(float(s) for s in scores),
                      harmful=None if harmful is None else tuple(bool(h) for h in harmful), source=ex.source)
-    return dataclasses.replace(scored, chosen=scored.best, rejected=scored.worst)
+    chosen, rejected = pair
+    if chosen is None or rejected is None or chosen == rejected:
+        chosen, rejected = scored.best, scored.worst
+    return dataclasses.replace(scored, chosen=chosen, rejected=rejected)
 
 
 def augment(examples: list[Example], *, generator, reward_model, n: int, temperature: float, top_p: float,
@@ -111,9 +118,10 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
 
     # responses per prompt: originals first (they win a duplicate), then its n samples
     cands: list[list[str]] = []
+    pairs: list[tuple[int | None, int | None]] = []   # the dataset's (chosen, rejected) among the kept responses
     for ex, texts in zip(examples, samples):
         kept: list[str] = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         pool = list(ex.responses) if keep_original else []
         for t in texts:   # already cut at eos / stop by the generator
             if not t.strip():
@@ -125,8 +133,11 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
             if dedup and key in seen:
                 st["duplicates"] += 1
                 continue
-            seen.add(key)
+            seen[key] = len(kept)
             kept.append(t)
+        # an original dropped as a duplicate of an earlier original is found under that one's index
+        pairs.append((seen.get(_norm(ex.responses[ex.chosen])), seen.get(_norm(ex.responses[ex.rejected])))
+                     if keep_original and dedup else (ex.chosen, ex.rejected) if keep_original else (None, None))
         cands.append(kept)
 
     t1 = time.perf_counter()
@@ -136,9 +147,9 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
     harm = [bool(reward_model.is_harmful(p, r)) for p, r in zip(flat_p, flat_r)] if has_harm else None
     st["score_s"] = time.perf_counter() - t1
     result, pos = [], 0
-    for ex, c in zip(examples, cands):
+    for ex, c, pair in zip(examples, cands, pairs):
         sl = slice(pos, pos + len(c))
-        built = _build(ex, c, scores[sl], None if harm is None else harm[sl], st)
+        built = _build(ex, c, scores[sl], None if harm is None else harm[sl], st, pair)
         pos += len(c)
         if built is not None:
             result.append(built)

@@ -1,6 +1,7 @@
 """augment(): n sampled responses per prompt, scored by a reward model, chosen = best, rejected = worst."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +53,38 @@ def test_n_samples_plus_originals_scored_by_the_reward_model(augmented, data):
         assert ex.n == 2 + N - 0                                    # random samples: no duplicates here
         assert list(ex.scores) == scorer.score_batch([ex.prompt] * ex.n, list(ex.responses))
         assert list(ex.harmful) == [scorer.is_harmful(ex.prompt, r) for r in ex.responses]
-        assert ex.chosen == max(range(ex.n), key=lambda i: (ex.scores[i], -i)) == ex.best
-        assert ex.scores[ex.rejected] == min(ex.scores) and ex.scores[ex.chosen] > ex.scores[ex.rejected]
+        assert ex.best == max(range(ex.n), key=lambda i: (ex.scores[i], -i))
+        # the dataset's own pair stays the pair (sampler=pair is DPO on it), whatever the new scores say
+        assert (ex.chosen, ex.rejected) == (orig.chosen, orig.rejected)
     assert stats["generated"] == N * len(data.train) and stats["responses"] == (2 + N) * len(data.train)
     # the dataset's best answer beats the random model's samples
-    assert all(ex.chosen == orig.best for ex, orig in zip(out, data.train))
+    assert all(ex.best == orig.best for ex, orig in zip(out, data.train))
+
+
+def test_sampler_pair_is_the_datasets_pair_and_best_worst_the_annotators():
+    """DPO (sampler=pair) and BT (sampler=best_worst) train on different pairs of the same augmented prompt."""
+    from hps_exp.samplers import BestWorstSampler, PairSampler
+
+    class Gen:
+        def generate(self, prompts, n, **kw):
+            return [["great answer", "bad", "bad"] for _ in prompts]   # one duplicate among the samples
+
+    class Judge:   # scores by length: the sample "great answer" beats the dataset's chosen reply
+        def score_batch(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    ex = Example(prompt="q", responses=("ok", "no"), chosen=0, rejected=1)
+    dup = Example(prompt="q", responses=("same", " same "), chosen=1, rejected=0)   # the pair dedups to one text
+    out = augment([ex, dup], generator=Gen(), reward_model=Judge(), n=3, temperature=1.0, top_p=1.0,
+                  max_new_tokens=4, seed=0, placeholder="<eos>", progress=False)
+    assert out[0].responses == ("ok", "no", "great answer", "bad")
+    rng = np.random.default_rng(0)
+    assert PairSampler().select(out[0], rng, 0.0).indices == (0, 1)            # the dataset's pair
+    assert BestWorstSampler().select(out[0], rng, 0.0).indices == (2, 1)       # the judge's best, worst (last)
+    assert (out[1].chosen, out[1].rejected) == (out[1].best, out[1].worst)     # no pair left: best / worst
+    fresh = augment([ex], generator=Gen(), reward_model=Judge(), n=3, temperature=1.0, top_p=1.0, max_new_tokens=4,
+                    seed=0, placeholder="<eos>", progress=False, keep_original=False)
+    assert (fresh[0].chosen, fresh[0].rejected) == (fresh[0].best, fresh[0].worst)
 
 
 def test_throughput_numbers_are_reported(augmented, data, model, tok, capsys):

@@ -140,9 +140,16 @@ def test_every_job_composes_and_builds(compose, name):
             loss, sampler = loss_and_sampler(cfg)  # resolves sampler=auto in cfg
             if cfg.dataset.name == "synthetic":
                 max_n = cfg.dataset.n_responses
-            elif name in REAL:   # the HH pair + the sampled responses
-                assert cfg.dataset.name == "hh_rlhf" and cfg.augment.name == "sample"
-                max_n = 2 + cfg.augment.n
+            elif name in REAL:   # the HH pair + the sampled responses (DPO: the dataset's pair, raw)
+                assert cfg.dataset.name == "hh_rlhf"
+                if cfg.augment.name == "none":
+                    assert cfg.loss.name == "dpo" and cfg.sampler.name == "pair"
+                    steps, max_n = cfg.trainer.max_steps, 2
+                else:
+                    assert cfg.augment.name == "sample" and cfg.trainer.max_steps is None
+                    steps, max_n = cfg.augment.max_prompts * cfg.trainer.epochs // cfg.trainer.batch_size, \
+                        2 + cfg.augment.n
+                assert steps == 32   # the same preference steps for every arm
             else:  # paper scale: ranked files with n scored responses per prompt
                 assert cfg.dataset.name == "ranked_jsonl" and name in PAPER
                 max_n = 16
