@@ -526,6 +526,13 @@ def test_series_colours_never_collide():
     assert by_label["F0-HPS"] == by_label["F1-HPS"]  # same preference model, same colour in every framework
 
 
+def test_the_released_recipe_is_its_own_series_not_dpo():
+    """Its preference model is DPO (plain DPO on hard-sampled pairs): the figure had labelled its bar "DPO"."""
+    runs = [tables.Run(Path(f"/x/{m}"), "completed", {"method": m, "framework": "dpo", "preference_model": pm})
+            for m, pm in (("DPO", "DPO"), ("DPO-HPS(released)", "DPO"), ("DPO-BT", "BT"))]
+    assert sorted(row.series for row in tables.build_rows(runs)) == ["BT", "DPO", "HPS(released)"]
+
+
 def test_main_plot_panels(paired_sweep, tmp_path):
     """Issue 16: both margins in the default figure, one panel row per (framework, eval set), value labels
     above every error bar of their panel."""

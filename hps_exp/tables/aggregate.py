@@ -148,8 +148,11 @@ class Row:
 
     @property
     def series(self) -> str:
-        """What the plots colour by: the preference model plus the settings that split the row."""
-        return row_label(self.preference_model, self.settings)
+        """What the plots colour by: the method without its framework (the preference model, or what names the
+        method beyond it, e.g. "HPS(released)", whose preference model is DPO) plus the settings that split the row."""
+        prefix = f"{self.framework.upper()}-"
+        name = self.method[len(prefix):] if self.framework and self.method.startswith(prefix) else None
+        return row_label(name or self.preference_model, self.settings)
 
     def comparable(self) -> tuple:
         """What must match for two rows' margins to be compared: the data, n, β (the margin's unit: the authors'

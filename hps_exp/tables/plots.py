@@ -85,6 +85,17 @@ def plot_main(plt: ModuleType, main: Table, margins: Iterable[str], path: Path) 
                 ax.bar([k], [cell.mean], 0.8, yerr=_err([cell]), capsize=2, color=colour, hatch=hatch,
                        edgecolor="white" if not hatch else "black", linewidth=0.5, label=s)
                 bars.append((k, cell))
+            ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+            if i == 0:
+                ax.set_title(main.metric_labels.get(m) or METRIC_LABELS.get(m, m), fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{fw.upper() or '–'} · {e}", fontsize=9, fontweight="bold")
+            if not bars:   # a set measured for its margins alone (ranked_margins): say so, draw nothing
+                ax.text(0.5, 0.5, "not measured\non this set", transform=ax.transAxes, ha="center", va="center",
+                        fontsize=8, color="0.4")
+                ax.set_yticks([])
+                continue
             sft = [main.cell(r, (e, m)) for r in main.rows if r in main.reference_rows]
             values = [v for _, c in bars for v in (c.lo, c.hi, c.mean)] + [0.0]
             if sft and sft[0] is not None and m not in margins:
@@ -99,12 +110,6 @@ def plot_main(plt: ModuleType, main: Table, margins: Iterable[str], path: Path) 
             for k, c in bars:  # x in data, y in axes coordinates: inside the strip, above every error bar
                 ax.annotate(f"{c.mean:.2f}", (k, 0.985), xycoords=ax.get_xaxis_transform(), ha="center",
                             va="top", fontsize=6.5, rotation=90 if vertical else 0)
-            ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=7)
-            ax.tick_params(axis="y", labelsize=7)
-            if i == 0:
-                ax.set_title(main.metric_labels.get(m) or METRIC_LABELS.get(m, m), fontsize=9)
-            if j == 0:
-                ax.set_ylabel(f"{fw.upper() or '–'} · {e}", fontsize=9, fontweight="bold")
     handles, labels = [], []
     for ax in axes.flat:  # the union of legends, once
         for h, lab in zip(*ax.get_legend_handles_labels()):
