@@ -88,15 +88,23 @@ def tuned_sweep(base_name: str, runs: list[Run], chosen: dict[str, dict], keys: 
     for r in runs:
         if r.ok:
             methods[r.job_dir.parent.name].add(r.method)
-    arms = {}
+    arms, grids = {}, {}
     for arm, overrides in base.arms.items():
         found = methods.get(arm, set()) & set(chosen)
         if len(found) != 1:
             what = "jobs of several methods: " + ", ".join(sorted(found)) if found else "no tuning jobs"
             raise TuneError(f"arm {arm!r} of {base.path.name} has {what} (tuning jobs are matched by their dir "
                             f"<jobs dir>/<arm>/<k>; tuned arms: {', '.join(sorted(methods)) or 'none'})")
-        best = chosen[found.pop()]["best"]
+        method = found.pop()
+        grids[arm] = set(chosen[method]["means"])
+        best = chosen[method]["best"]
         arms[arm] = sweep_mod.merge(overrides, [f"{k}={v}" for k, v in zip(keys, best) if v])
+    every = set().union(*grids.values())
+    for arm, points in grids.items():   # the same tuning budget for every method, or no final sweep
+        if points != every:
+            missing = ", ".join("/".join(v or "(default)" for v in p) for p in sorted(every - points))
+            raise TuneError(f"arm {arm!r} has no completed tuning job at {missing} ({', '.join(keys)}), which other "
+                            f"arms have: finish (or rerun) its tuning jobs first")
     data = {"description": f"{base.description} Tuned: each arm's {', '.join(keys)} chosen on the validation prompts "
                            f"({base.path.name} + the tuning sweep's choice).",
             "requires": base.requires, "arms": arms, **({"grid": {k: ",".join(v) for k, v in base.grid.items()}}

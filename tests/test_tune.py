@@ -69,14 +69,18 @@ def test_the_final_sweep_is_the_base_with_each_arms_chosen_values(tmp_path):
     from hps_exp import sweep
 
     (tmp_path / "base.yaml").write_text(BASE)
-    make_arm_sweep(tmp_path / "tune")
+    rewards = {("BT", "DPO-BT"): {"0.1": 1.0, "0.5": 2.0}, ("HPS", "DPO-HPS"): {"0.1": 3.0, "0.5": 1.0}}
+    for (arm, method), by_beta in rewards.items():   # every arm on the same grid: beta x lr 1e-5, 5e-5
+        for k, (beta, lr) in enumerate((b, lr) for b in by_beta for lr in ("1e-5", "5e-5")):
+            write_job(tmp_path / "tune" / arm / str(k), job(method, 0, beta, lr, by_beta[beta] + (lr == "5e-5")),
+                      [f"loss.beta={beta}", f"trainer.lr={lr}"])
     out = tmp_path / "tuned.yaml"
     assert tune.main([str(tmp_path / "tune"), "--keys", "loss.beta", "trainer.lr",
                       "--write-sweep", str(tmp_path / "base.yaml"), str(out)]) == 0
     tuned, base = sweep.load(str(out)), sweep.load(str(tmp_path / "base.yaml"))
     assert tuned.fixed == base.fixed and tuned.requires == base.requires
     # the chosen beta replaces the arm's own (in its place); lr is appended
-    assert tuned.arms == {"BT": ["loss=bt", "loss.beta=0.5", "trainer.lr=1e-5"],
+    assert tuned.arms == {"BT": ["loss=bt", "loss.beta=0.5", "trainer.lr=5e-5"],
                           "HPS": ["loss=hps", "loss.beta=0.1", "trainer.lr=5e-5"]}
     assert out.read_text().startswith("# GENERATED from sweeps/base.yaml")
 
@@ -88,3 +92,12 @@ def test_an_arm_without_tuning_jobs_is_refused_naming_it(tmp_path, capsys):
                       "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")]) == 2
     assert "arm 'HPS' of base.yaml has no tuning jobs" in capsys.readouterr().err
     assert not (tmp_path / "tuned.yaml").exists()
+
+
+def test_an_arm_missing_a_grid_point_is_refused(tmp_path, capsys):
+    """DPO-HPS was tuned at lr 1e-5 and 5e-5 with beta 0.1; DPO-BT at beta 0.1 and 0.5 with lr 1e-5: unequal."""
+    (tmp_path / "base.yaml").write_text(BASE)
+    make_arm_sweep(tmp_path / "tune")
+    assert tune.main([str(tmp_path / "tune"), "--keys", "loss.beta", "trainer.lr",
+                      "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")]) == 2
+    assert "has no completed tuning job at" in capsys.readouterr().err
