@@ -141,6 +141,24 @@ def verify(directory: Path, entry: Entry) -> str | None:
 _verified: dict[tuple[str, int], bool] = {}
 
 
+def published(cache_dir: Path, name: str, key: str) -> Path:
+    """The published entry `name-key` when only its key is known (a finished run names it), checked as a hit is:
+    its inputs.json hashes to the key and every file has the size and hash recorded at publish. CacheError names
+    what is wrong."""
+    path = Path(cache_dir) / f"{name}-{key}"
+    if not path.is_dir():
+        raise CacheError(f"{path}: not found")
+    try:
+        record = json.loads((path / "inputs.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}/inputs.json: unreadable ({type(e).__name__})") from None
+    problem = "its inputs.json does not hash to its key" if content_key(record) != key \
+        else _intact(path, Entry(name, key, record))
+    if problem:
+        raise CacheError(f"{path}: {problem}")
+    return path
+
+
 def _intact(final: Path, entry: Entry) -> str | None:
     """verify() once per entry and process (a run reads an entry more than once)."""
     key = (str(final), (final / MANIFEST).stat().st_mtime_ns if (final / MANIFEST).exists() else 0)

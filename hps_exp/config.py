@@ -201,6 +201,19 @@ BUILT_MODEL_RANGES = {"model.n_layer": (1, INF, True), "model.n_head": (1, INF, 
 LABEL_KEYS = ("name",)
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The app's config for these overrides, as `python -m hps_exp <overrides>` composes it (for the commands
+    that read a config outside Hydra's main: hps_exp.memory, hps_exp.ranked_margins)."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def register() -> None:
     ConfigStore.instance().store(name="hps_exp_schema", node=Config)
     ConfigStore.instance().store(name="hps_exp_lora", node=LoraConfig)   # reward_model=train's lora node

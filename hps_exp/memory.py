@@ -333,16 +333,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from hps_exp import config as config_module
+    from hps_exp.config import compose
 
     overrides, extra = split_overrides(sys.argv[1:] if argv is None else argv)
-    config_module.register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     text = report(model_config(cfg.model), setting_from(cfg, extra), dict(cfg.model.lora))
     print(text)
     return text

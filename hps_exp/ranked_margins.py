@@ -29,7 +29,7 @@ import torch
 
 from hps_exp import batching, evaluate, models
 from hps_exp.augment import augment
-from hps_exp.cache import Entry, cached, code_fingerprint, content_key, stage_entry, verify
+from hps_exp.cache import CacheError, cached, code_fingerprint, published, stage_entry
 from hps_exp.data.schema import Example, read_examples, read_jsonl, write_examples
 from hps_exp.generation import build_generator
 from hps_exp.io import atomic_write_text
@@ -102,16 +102,10 @@ def find_jobs(paths: list[str]) -> list[Job]:
 def eval_sets_of(job: Job) -> list[EvalSet]:
     """The run's evaluation sets rebuilt from its overrides with this code's loaders, checked against what it
     evaluated (its number of margin prompts and its generations' prompts): a loader that changed since is caught."""
-    from hydra import compose, initialize_config_dir
-
-    from hps_exp import config as config_module
     from hps_exp import plan
+    from hps_exp.config import compose
 
-    config_module.register()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(job.identity["overrides"]))
-    sets = plan.load_data(cfg)[2]
+    sets = plan.load_data(compose(job.identity["overrides"]))[2]
     samples = _sample_prompts(job.dir)
     for s in sets:
         ev = job.metrics["eval"].get(s.name)
@@ -137,20 +131,11 @@ def _sample_prompts(job_dir: Path) -> dict[str, list[str]]:
 
 
 def verified_entry(cache_dir: Path, name: str, key: str) -> Path:
-    """The runs' cache entry `name-key`, checked as a cache hit is (its record hashes to its key, every file has
-    the size and hash recorded at publish): a corrupt or swapped entry fails here, naming what is wrong."""
-    path = Entry(name, key, {}).path(cache_dir)
-    if not path.is_dir():
-        raise SystemExit(f"{path}: not found (the runs' {name} cache entry; --cache-dir?)")
+    """The runs' cache entry, verified (hps_exp.cache.published); a missing or corrupt one ends the command."""
     try:
-        record = json.loads((path / "inputs.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}/inputs.json: unreadable ({e})") from None
-    problem = ("its inputs.json does not hash to its key" if content_key(record) != key
-               else verify(path, Entry(name, key, record)))
-    if problem:
-        raise SystemExit(f"{path}: {problem}")
-    return path
+        return published(cache_dir, name, key)
+    except CacheError as e:
+        raise SystemExit(f"{e} (the runs' {name} cache entry; --cache-dir?)") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,8 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     load = dict(dtype=cfg["model.dtype"], attn_implementation=cfg["model.attn_implementation"])
     lengths = (int(cfg["model.max_prompt_length"]), int(cfg["model.max_length"]))
     numeric = {"device": device.type, "autocast": str(autocast)}
-    tok, sft = models.load_saved(sft_dir, **load)
-    sft.to(device)
     spec = {"n": args.n, "temperature": args.temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "stop": list(cfg.get("dataset.stop") or []), "lengths": list(lengths),
             "batch_size": args.batch_size}
@@ -193,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[ranked] {len(jobs) - len(todo)} run(s) already have these ranked margins (--force recomputes)")
     if not todo:
         return
-    sets = [(s.name + SUFFIX, *_ranked_set(s, spec, inputs, numeric, cache_dir, tok, sft, judge_dir, device, autocast))
+    sets = [(s.name + SUFFIX, *_ranked_set(s, spec, inputs, numeric, cache_dir, sft_dir, load, judge_dir, device,
+                                           autocast))
             for s in eval_sets_of(first)]
     for job in todo:   # each run's file as soon as it is measured: an interrupted invocation keeps what it did
         ev = {name: _margins(job, ranked, ref, lengths, args.batch_size, device, autocast, load)
@@ -214,12 +198,14 @@ def _done(job: Job, record: dict) -> bool:
     return old.get("ranked") == record and old.get("code") == code_fingerprint()
 
 
-def _ranked_set(s: EvalSet, spec: dict, inputs: dict, numeric: dict, cache_dir: Path, tok, sft, judge_dir: Path,
-                device, autocast) -> tuple[list[Example], list[torch.Tensor]]:
+def _ranked_set(s: EvalSet, spec: dict, inputs: dict, numeric: dict, cache_dir: Path, sft_dir: Path, load: dict,
+                judge_dir: Path, device, autocast) -> tuple[list[Example], list[torch.Tensor]]:
     """The eval set with n sampled replies per prompt, all scored by the judge, and their reference log-probs."""
     entry = stage_entry("ranked_eval", spec, {**inputs, "examples": s.examples.key}, numeric)
 
     def build(out: Path) -> None:
+        tok, sft = models.load_saved(sft_dir, **load)
+        sft.to(device)
         judge = TrainedRewardModel.load(judge_dir, device=device, autocast=autocast)
         generator = build_generator("hf", model=sft, tok=tok, device=device, max_prompt_length=spec["lengths"][0],
                                     batch_size=spec["batch_size"], autocast=autocast)
@@ -250,14 +236,15 @@ def _margins(job: Job, examples: list, ref: list, lengths: tuple[int, int], batc
     policy.to(device)
     enc = encode(tok, examples, *lengths)
     pol = batching.all_response_logps(policy, enc, tok.pad_token_id, batch_size, device, autocast)
-    rewards = [implicit_rewards(p, r, torch.tensor([float(len(x)) for x in e.responses]),
-                                reward=run.get("reward_type", "ratio"), beta=float(run["beta"]))
-               for p, r, e in zip(pol, ref, enc)]
-    means, per_prompt = evaluate.reward_margins(examples, rewards, [torch.zeros_like(r) for r in rewards], beta=1.0)
-    sft_means, sft_pp = evaluate.reward_margins(examples, [torch.zeros_like(r) for r in rewards],
-                                                [torch.zeros_like(r) for r in rewards], beta=1.0)
-    if run.get("reward_type", "ratio") != "ratio":
-        sft_means, sft_pp = {}, {}   # a reference-free reward: the SFT policy's margins are its own, not measured
+    reward = run.get("reward_type", "ratio")
+    rewards = [implicit_rewards(p, r, torch.tensor([float(len(x)) for x in e.responses]), reward=reward,
+                                beta=float(run["beta"])) for p, r, e in zip(pol, ref, enc)]
+    # r is passed as the policy's log-probs against a zero reference at beta 1 (exact)
+    zeros = [torch.zeros_like(r) for r in rewards]
+    means, per_prompt = evaluate.reward_margins(examples, rewards, zeros, beta=1.0)
+    # the SFT policy is the reference: its ratio rewards, and margins, are 0; under a reference-free reward its
+    # margins are its own, not measured here
+    sft_means, sft_pp = evaluate.reward_margins(examples, zeros, zeros, beta=1.0) if reward == "ratio" else ({}, {})
     return {"sft": sft_means, "aligned": means, "per_prompt": {"sft": sft_pp, "aligned": per_prompt}}
 
 

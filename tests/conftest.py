@@ -19,14 +19,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def compose():
     """compose(overrides) -> the app's config, as Hydra builds it for `python -m hps_exp <overrides>`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     from hps_exp import config
 
-    config.register()
-
-    def _compose(overrides=()):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
-    return _compose
+    return lambda overrides=(): config.compose(list(overrides))
