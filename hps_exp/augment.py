@@ -122,6 +122,7 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
     for ex, texts in zip(examples, samples):
         kept: list[str] = []
         seen: dict[str, int] = {}
+        where: list[int] = []   # each pool response's index among the kept (a duplicate: its first copy's)
         pool = list(ex.responses) if keep_original else []
         for t in texts:   # already cut at eos / stop by the generator
             if not t.strip():
@@ -132,12 +133,13 @@ def augment(examples: list[Example], *, generator, reward_model, n: int, tempera
             key = _norm(t)
             if dedup and key in seen:
                 st["duplicates"] += 1
+                where.append(seen[key])
                 continue
             seen[key] = len(kept)
+            where.append(len(kept))
             kept.append(t)
-        # an original dropped as a duplicate of an earlier original is found under that one's index
-        pairs.append((seen.get(_norm(ex.responses[ex.chosen])), seen.get(_norm(ex.responses[ex.rejected])))
-                     if keep_original and dedup else (ex.chosen, ex.rejected) if keep_original else (None, None))
+        # the originals open the pool, so the dataset's pair sits at where[chosen], where[rejected]
+        pairs.append((where[ex.chosen], where[ex.rejected]) if keep_original else (None, None))
         cands.append(kept)
 
     t1 = time.perf_counter()

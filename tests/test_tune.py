@@ -85,19 +85,21 @@ def test_the_final_sweep_is_the_base_with_each_arms_chosen_values(tmp_path):
     assert out.read_text().startswith("# GENERATED from sweeps/base.yaml")
 
 
-def test_an_arm_without_tuning_jobs_is_refused_naming_it(tmp_path, capsys):
+def write_sweep_from(tmp_path, tuning_dir: str) -> int:
+    """tune --write-sweep over make_arm_sweep's jobs (under tmp_path/tune) read from `tuning_dir`."""
     (tmp_path / "base.yaml").write_text(BASE)
     make_arm_sweep(tmp_path / "tune")
-    assert tune.main([str(tmp_path / "tune/BT"), "--keys", "loss.beta", "trainer.lr",
-                      "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")]) == 2
+    return tune.main([str(tmp_path / tuning_dir), "--keys", "loss.beta", "trainer.lr",
+                      "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")])
+
+
+def test_an_arm_without_tuning_jobs_is_refused_naming_it(tmp_path, capsys):
+    assert write_sweep_from(tmp_path, "tune/BT") == 2
     assert "arm 'HPS' of base.yaml has no tuning jobs" in capsys.readouterr().err
     assert not (tmp_path / "tuned.yaml").exists()
 
 
 def test_an_arm_missing_a_grid_point_is_refused(tmp_path, capsys):
     """DPO-HPS was tuned at lr 1e-5 and 5e-5 with beta 0.1; DPO-BT at beta 0.1 and 0.5 with lr 1e-5: unequal."""
-    (tmp_path / "base.yaml").write_text(BASE)
-    make_arm_sweep(tmp_path / "tune")
-    assert tune.main([str(tmp_path / "tune"), "--keys", "loss.beta", "trainer.lr",
-                      "--write-sweep", str(tmp_path / "base.yaml"), str(tmp_path / "tuned.yaml")]) == 2
+    assert write_sweep_from(tmp_path, "tune") == 2
     assert "has no completed tuning job at" in capsys.readouterr().err

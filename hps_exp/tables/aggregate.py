@@ -306,12 +306,12 @@ def main_columns(done: list[Run], stage: str, margin: str | tuple[str, ...]) -> 
     eval_sets = sorted({e for r in done for e in r.eval})
     columns: list[tuple[str, str]] = []
     for e in eval_sets:
-        present = {m for m in OPTIONAL_METRICS
-                   if any(metric_of(r, e, s, m) is not None for r in done for s in (stage, "sft"))}
         if not any(metric_of(r, e, s, "reward") is not None for r in done for s in (stage, "sft")):
             # a set measured for its margins alone (python -m hps_exp.ranked_margins): both of them
             columns += [(e, m) for m in dict.fromkeys([*margins, *MARGINS])]
             continue
+        present = {m for m in OPTIONAL_METRICS
+                   if any(metric_of(r, e, s, m) is not None for r in done for s in (stage, "sft"))}
         bleus = [m for m in HEADLINE_BLEU if m in present] or [next(iter(HEADLINE_BLEU))]  # an empty column else
         metrics = bleus + [m for m in ("bleu_char",) if m in present] + ["reward"] \
             + [m for m in ("reward_top1",) if m in present] + margins \
