@@ -313,7 +313,7 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
             return {}
         write_jsonl(run_dir / "samples.jsonl", out.pop("samples"))
         out["timing"].update(timing, load_end=load_average(), total_s=time.perf_counter() - started)
-        result = {"status": "completed", **out, "identity": identity}
+        result = {"status": "completed", **out, "stages": env.used, "identity": identity}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
         assert logger is not None   # made on the main process, and only the main process gets here
         logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()

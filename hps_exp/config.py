@@ -201,9 +201,9 @@ BUILT_MODEL_RANGES = {"model.n_layer": (1, INF, True), "model.n_head": (1, INF, 
 LABEL_KEYS = ("name",)
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """The app's config for these overrides, as `python -m hps_exp <overrides>` composes it (for the commands
-    that read a config outside Hydra's main: hps_exp.memory, hps_exp.ranked_margins)."""
+    that read a config outside Hydra's main: hps_exp.memory, hps_exp.ranked_margins; and the tests)."""
     from pathlib import Path
 
     from hydra import compose as hydra_compose
@@ -211,7 +211,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
     register()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def register() -> None:

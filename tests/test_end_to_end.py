@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -34,6 +35,7 @@ def test_short_run_writes_results_and_reuses_the_cache(tmp_path):
     assert (run_dir / "config_resolved.yaml").exists() and (run_dir / ".hydra" / "config.yaml").exists()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all("generation" in s for s in samples)
+    _assert_stages_name_their_cache_dirs(metrics, {"sft", "reference", "preference", "eval"})
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/rewards/margins" in row for row in logged) and any("sft/loss" in row for row in logged)
 
@@ -86,6 +88,20 @@ def test_real_hh_pipeline_sft_rm_augment_hps_eval(tmp_path):
     assert isinstance(ev["aligned"]["reward"], float) and isinstance(ev["aligned"]["bleu_corpus"], float)
     assert ev["aligned"]["harmful_rate"] is None  # no safety labels for generations on HH
     assert "[augment]" in p.stdout and "held-out pair accuracy" in p.stdout
+    # downstream of augmentation the keys used are not the planned ones (those stand in for unknown content)
+    _assert_stages_name_their_cache_dirs(m, {"sft", "reward_model", "augment", "reference", "preference", "eval"})
+
+
+def _assert_stages_name_their_cache_dirs(metrics: dict, expected: set) -> None:
+    """metrics.json "stages": each stage the run used, and where its cached output is (what a reader opens)."""
+    used = metrics["stages"]
+    assert expected <= {s["stage"] for s in used}
+    for s in used:
+        if s["status"] == "run":   # uncached: its output is in the run dir
+            assert s["dir"] is None and s["stage"] in ("preference", "eval")
+        else:
+            assert s["status"] in ("hit", "built") and (Path(s["dir"]) / "manifest.json").exists(), s
+            assert Path(s["dir"]).name == f"{s['stage']}-{s['key']}", s
 
 
 @pytest.mark.parametrize("override,message", [

@@ -26,14 +26,10 @@ NAMED = (ConfigError, DataError, ModelError)
 
 
 def _keys():
-    from hydra import compose, initialize_config_dir
-
-    config.register()
     keys = set()
     for group in GROUPS:
         for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+            cfg = config.compose([f"{group}={option}"])
             for k, _ in _leaves(OmegaConf.to_container(cfg[group], resolve=False), f"{group}."):
                 if not k.endswith("._target_"):
                     keys.add((option, k))
@@ -57,13 +53,6 @@ VALUES = st.one_of(
 )
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @settings(max_examples=EXAMPLES, deadline=timedelta(seconds=20), derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(picks=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
@@ -79,7 +68,7 @@ def test_bad_overrides_end_in_a_named_error(picks):
     overrides = [f"{g}={o}" for g, o in groups.items()] + overrides
     named = [k.rsplit(".", 1)[-1] for k in overrides]
     try:
-        cfg = _compose(overrides)
+        cfg = config.compose(overrides)
     except (ConfigCompositionException, HydraException, OmegaConfBaseException) as e:
         text = f"{e} {e.__cause__}"
         assert any(n.split("=")[0] in text for n in named), text   # Hydra / OmegaConf name the key

@@ -16,7 +16,7 @@ from test_end_to_end import run_app
 from test_rundir import TINY
 from test_stages import _Crash, _CrashingLogger
 
-from hps_exp import app, rundir, stages
+from hps_exp import app, config, rundir, stages
 from hps_exp.config import OptimConfig, RuntimeConfig
 from hps_exp.data.schema import DataError, Example
 
@@ -127,17 +127,12 @@ def test_sigterm_while_loading_exits_143_and_leaves_the_run_dir_as_it_was(tmp_pa
 
 def test_a_base_exception_is_recorded_and_does_not_stop_a_multirun(tmp_path, monkeypatch):
     """Hydra's job runner catches Exception only: a BaseException would end a multirun's loop."""
-    from conftest import CONF
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     class CheckpointLike(BaseException):   # torch's CheckpointException is a BaseException
         pass
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[f"hydra.runtime.output_dir={tmp_path}"],
-                            return_hydra_config=True)
+    cfg = config.compose([f"hydra.runtime.output_dir={tmp_path}"], return_hydra_config=True)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)   # as it was, after the test
     HydraConfig.instance().set_config(cfg)
 

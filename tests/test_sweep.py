@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hps_exp import config
 from hps_exp import sweep as sw
 from hps_exp.plan import loss_and_sampler
 from hps_exp.samplers import check_compatible
@@ -354,10 +355,10 @@ def test_wandb_sweeps_run_the_same_jobs_and_compose(compose, name):
     hydra_jobs = {frozenset(j) for arm_jobs in sw.jobs(s).values() for j in arm_jobs}
     wandb_jobs = set()
     for stem in sw.wandb_sweeps(s):
-        config = yaml.safe_load((sw.WANDB_DIR / f"{stem}.yaml").read_text(encoding="utf-8"))
-        assert config["method"] == "grid" and config["program"] == "hps_exp"
-        assert config["command"] == ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
-        for params in sw.wandb_jobs(config):
+        spec = yaml.safe_load((sw.WANDB_DIR / f"{stem}.yaml").read_text(encoding="utf-8"))
+        assert spec["method"] == "grid" and spec["program"] == "hps_exp"
+        assert spec["command"] == ["${env}", "${interpreter}", "-m", "hps_exp", "${args_no_hyphens}"]
+        for params in sw.wandb_jobs(spec):
             compose(params)  # every parameter is a config key (or group) that exists
             wandb_jobs.add(frozenset(params))
     assert wandb_jobs == hydra_jobs
@@ -416,13 +417,8 @@ def test_main_paper_evaluates_each_policy_on_both_sets():
 # ------------------------------------------------------------------------------ cluster launcher, parallel arms
 
 def test_slurm_launcher_config_composes():
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", return_hydra_config=True,
-                            overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2",
-                                       "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu"])
+    cfg = config.compose(["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8",
+                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     # one process per GPU: tasks follow gpus_per_node unless set; world = nodes x tasks_per_node

@@ -37,6 +37,10 @@ class Env:
     world: Any = None
     dry_run: bool = False       # compute every stage's key, build nothing (`python -m hps_exp dry_run=true`)
     planned: list = field(default_factory=list)   # (stage, key, cached already?) in call order, when dry_run
+    # What a real run used, in call order: {stage, key, status (hit | built | run: uncached), cache dir}. The planned
+    # keys downstream of augmentation stand in for its unknown content; these are the keys the run actually used
+    # (metrics.json "stages": where to find each stage's output).
+    used: list = field(default_factory=list)
 
     def numeric(self) -> dict:
         """The numeric settings that change a stage's output: the device type and what it computes in (bf16 autocast
@@ -61,13 +65,17 @@ class Env:
         if self.dry_run:
             self.plan(entry)
             return stub()
-        path, _ = cached(self.cache_dir, entry, build, self.world, all_ranks=all_ranks)
+        path, hit = cached(self.cache_dir, entry, build, self.world, all_ranks=all_ranks)
+        self.used.append({"stage": entry.name, "key": entry.key, "status": "hit" if hit else "built",
+                          "dir": str(path)})
         return load(path)
 
     def planned_only(self, entry: Entry) -> bool:
         """An uncached stage (preference, the policy's evaluation): True in a dry run, which records its key."""
         if self.dry_run:
             self.plan(entry, cached=False)
+        else:
+            self.used.append({"stage": entry.name, "key": entry.key, "status": "run", "dir": None})
         return self.dry_run
 
 
