@@ -332,8 +332,8 @@ def test_wandb_files_are_generated_from_the_grids():
     """sweeps/wandb/ holds exactly what `--write-wandb` makes of the small grids (so they cannot drift)."""
     expected = {}
     for name in SMALL:
-        for stem, config in sw.wandb_sweeps(sw.load(name)).items():
-            expected[f"{stem}.yaml"] = sw.render_wandb(config)
+        for stem, spec in sw.wandb_sweeps(sw.load(name)).items():
+            expected[f"{stem}.yaml"] = sw.render_wandb(spec)
     on_disk = {p.name: p.read_text(encoding="utf-8") for p in sw.WANDB_DIR.glob("*.yaml")}
     assert set(on_disk) == set(expected), "run: python -m hps_exp.sweep NAME --write-wandb"
     for fname, text in expected.items():
