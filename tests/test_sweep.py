@@ -36,9 +36,11 @@ EXPECTED = {
                      "SimPO-BT": 5, "SimPO-HPS": 5, "SimPO-HPS-lr2e-4": 5},
     "smollm2_hh_tune": {"DPO": 4, "BT": 4, "PL": 4, "HPS": 4, "HPS-full": 4, "HPS-released": 4},
     "smollm2_hh": {"DPO": 1, "BT": 1, "PL": 1, "HPS": 1, "HPS-full": 1, "HPS-released": 1},
+    "smollm2_hh_tuned": {"DPO": 1, "BT": 1, "PL": 1, "HPS": 1, "HPS-full": 1, "HPS-released": 1},
 }
 # The real-model grids (SmolLM2 on the HH-RLHF file): one shared pipeline, seeds by trainer.seed.
-REAL = {"smollm2_hh_tune": {0}, "smollm2_hh": {0}}   # smollm2_hh: one seed per launch (trainer.seed=0|1|2)
+# smollm2_hh(_tuned): one seed per launch (trainer.seed=0|1|2)
+REAL = {"smollm2_hh_tune": {0}, "smollm2_hh": {0}, "smollm2_hh_tuned": {0}}
 PAPER = {"main_paper", "n_ablation_paper"}
 SMALL_SEEDS, PAPER_SEEDS = {0, 1, 2, 3, 4}, {0, 1, 2}
 # Grids that compare preference models name the treatment of the tables' paired test.
@@ -171,6 +173,17 @@ def test_every_job_composes_and_builds(compose, name):
     assert (s.compare.get("treatment") == "HPS") == (name in COMPARED)
     if name in COMPARED:
         assert s.compare["baselines"] == ["BT", "PL"]  # HPS-full is a variant of the treatment, not a baseline
+
+
+def test_the_tuned_sweep_is_the_base_plus_each_arms_tuned_values():
+    """sweeps/smollm2_hh_tuned.yaml is generated (hps_exp.tune --write-sweep): the base file's settings and arms, each
+    arm with only its tuned loss.beta and trainer.lr added; an edit of the base without regenerating fails here."""
+    base, tuned = sw.load("smollm2_hh"), sw.load("smollm2_hh_tuned")
+    assert tuned.fixed == base.fixed and list(tuned.arms) == list(base.arms)
+    for arm, overrides in base.arms.items():
+        added = tuned.arms[arm][len(overrides):]
+        assert tuned.arms[arm][:len(overrides)] == overrides
+        assert [sw.key_of(o) for o in added] == ["loss.beta", "trainer.lr"], arm
 
 
 def test_main_small_is_the_full_product(compose):
