@@ -250,6 +250,31 @@ def test_ablation_over_gamma_keeps_beta_apart(tmp_path):
     assert abl.cell("DPO-HPS (β=0.1)", ("hh", "linear(0->1)")).mean == pytest.approx(10.0)
 
 
+def _with_config(metrics, **config):
+    return {**metrics, "identity": {"config": {"seed": 0, "loss.beta": metrics["run"]["beta"], **config}}}
+
+
+def test_runs_with_other_hyperparameters_are_never_averaged_into_one_row(tmp_path):
+    """A tuning grid: lr is no run setting, but the run's config (identity.config) says it differs; the seed and
+    the thread count (no result changes with it) do not split a row."""
+    root = tmp_path / "grid"
+    for i, (lr, seed, threads, margin) in enumerate([(1e-4, 0, 1, 1.0), (4e-4, 0, 1, 3.0), (4e-4, 1, 2, 5.0)]):
+        config = {"trainer.lr": lr, "trainer.seed": seed, "trainer.num_threads": threads}
+        write_job(root / str(i), _with_config(completed("DPO-HPS", seed, margin, 1.0), **config))
+    main = tables.main_table(tables.collect_runs([root]))
+    assert [r for r in main.rows if r not in main.reference_rows] == ["DPO-HPS (lr=0.0001)", "DPO-HPS (lr=0.0004)"]
+    assert main.n["DPO-HPS (lr=0.0004)"] == 2
+    assert main.cell("DPO-HPS (lr=0.0004)", ("hh", "reward_margin")).mean == pytest.approx(4.0)
+
+
+def test_an_ablations_own_key_does_not_split_its_rows_under_its_config_name(tmp_path):
+    root = tmp_path / "grid"
+    for i, beta in enumerate((0.1, 0.5)):
+        write_job(root / str(i), _with_config(completed("DPO-HPS", 0, beta * 10, 1.0, beta=beta)))
+    abl = tables.ablation_table(tables.collect_runs([root]), "beta")
+    assert abl.rows == ["DPO-HPS"] and [v for e, v in abl.columns if e == "hh"] == [0.1, 0.5]
+
+
 def test_ablation_section_and_plots(n_sweep, capsys):
     pytest.importorskip("matplotlib")
     assert tables.main([str(n_sweep)]) == 0

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from hps_exp import stats
+from hps_exp.config import RuntimeConfig
 from hps_exp.tables.collect import Run, as_number, metric_of, per_prompt_of
 
 # The paper's table order: frameworks (run.framework), then preference models within a framework
@@ -22,7 +23,15 @@ GROUP_KEYS = ("train_dataset", "sampler", "n_responses", "gamma", "beta")
 ABLATION_KEYS = ("n_responses", "gamma", "beta")
 # Rows of the paired test are compared only when these agree (same data, same n).
 COMPARABLE_KEYS = ("train_dataset", "n_responses", "beta")  # a margin is β·Δlog-ratio: β sets its scale
-KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", "beta": "β"}
+KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", "beta": "β", "trainer.lr": "lr"}
+# Config keys (metrics.json identity.config) that never split a row: the seeds (a row is their mean) and the
+# settings that change no result (threads, checkpointing, logging, where things are written). Any other key that
+# varies among a row's runs splits it, so runs with different hyperparameters (e.g. a tuning grid's trainer.lr) are
+# never averaged together.
+NOT_SETTINGS = frozenset({"seed", "trainer.seed", "trainer.num_threads", "dry_run", "cache_dir", "run_name", "sweep",
+                          "label", "model.gradient_checkpointing",
+                          *(f"trainer.{f.name}" for f in fields(RuntimeConfig))})
+NOT_SETTING_PREFIXES = ("logger.", "hydra.")
 METRIC_LABELS = {"bleu_corpus": "BLEU (corpus)", "bleu_sentence": "BLEU (sentence)", "bleu_char": "BLEU (char)",
                  "reward": "Reward", "reward_top1": "Reward top-1",
                  "reward_margin": "Reward margin", "reward_margin_hardest": "Reward margin (hardest)",
@@ -165,14 +174,39 @@ class Row:
 def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
     """A row is a method, split by the settings that vary within it (e.g. "DPO-HPS (γ=0.5)") so different
     hyperparameters are never averaged together; rows sorted by ROW_ORDER, then method, then settings."""
-    excluded = set(exclude)
+    excluded = list(exclude)
     vary = {m: [k for k in ks if k not in excluded] for m, ks in varying_keys(runs).items()}
-    groups: dict[tuple, list[Run]] = defaultdict(list)
+    coarse: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
-        settings = tuple((k, hashable(r.run.get(k))) for k in vary[r.method])
-        groups[(r.method, settings)].append(r)
+        coarse[(r.method, tuple((k, hashable(r.run.get(k))) for k in vary[r.method]))].append(r)
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for (method, settings), members in coarse.items():
+        split = config_splits(members, excluded)
+        for r in members:
+            groups[(method, settings + tuple((k, hashable(r.config.get(k))) for k in split))].append(r)
     ordered = sorted(groups, key=lambda g: (row_order_of(groups[g][0]), g[0], [value_key(v) for _, v in g[1]]))
     return [Row(row_label(m, s), m, s, groups[(m, s)]) for m, s in ordered]
+
+
+def config_splits(runs: list[Run], excluded: Iterable[str] = ()) -> list[str]:
+    """The config keys that vary among these runs (one method, the same run settings) and change a result: not the
+    seeds nor a runtime knob (NOT_SETTINGS), nor one that follows from an excluded run setting (an ablation's key:
+    loss.beta when the table's columns are β)."""
+    excluded = list(excluded)
+    keys = sorted({k for r in runs for k in r.config})
+    split = []
+    for k in keys:
+        if k in NOT_SETTINGS or k.startswith(NOT_SETTING_PREFIXES) or k.endswith("._target_"):
+            continue
+        if len({hashable(r.config.get(k)) for r in runs}) < 2:
+            continue
+        by_excluded: dict[tuple, set] = defaultdict(set)
+        for r in runs:
+            by_excluded[tuple(hashable(r.run.get(e)) for e in excluded)].add(hashable(r.config.get(k)))
+        if excluded and all(len(v) == 1 for v in by_excluded.values()):
+            continue   # the ablation's own key, under its config name
+        split.append(k)
+    return split
 
 
 def row_label(method: str, settings: tuple) -> str:

@@ -43,6 +43,7 @@ class Run:
     circular: bool = False  # metrics.json circular_eval: scored by the annotation reward model itself
     extra: dict = field(default_factory=dict)  # metrics.json's other blocks (reward_model, augment) for runs.csv
     warnings: list = field(default_factory=list)  # metrics.json warnings: divergence, skipped non-finite steps
+    config: dict = field(default_factory=dict)  # metrics.json identity.config: every setting, flat (splits rows)
 
     @property
     def ok(self) -> bool:
@@ -142,7 +143,14 @@ def load_run(job_dir: Path) -> Run:
     return Run(job_dir, status, run if isinstance(run, dict) else {}, ev if isinstance(ev, dict) else {},
                data.get("error"), overrides, timing if isinstance(timing, dict) else {},
                data.get("circular_eval") is True, extra,
-               [str(w) for w in data.get("warnings") or []] if isinstance(data.get("warnings"), list) else [])
+               [str(w) for w in data.get("warnings") or []] if isinstance(data.get("warnings"), list) else [],
+               _config_of(data))
+
+
+def _config_of(data: dict) -> dict:
+    identity = data.get("identity")
+    config = identity.get("config") if isinstance(identity, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:
