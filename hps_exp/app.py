@@ -29,7 +29,7 @@ from hps_exp.cache import CacheError
 from hps_exp.checkpoint import CheckpointDamaged, CheckpointMismatch
 from hps_exp.config import ConfigError
 from hps_exp.data.schema import DataError
-from hps_exp.io import atomic_write_text
+from hps_exp.io import atomic_write_text, remove
 from hps_exp.logger import RunLogger
 from hps_exp.trainer import NonFiniteError, TrainingInterrupted
 
@@ -315,6 +315,8 @@ def _work(cfg, r: Prepared, env_args: dict, run_dir: Path, world, identity: dict
         out["timing"].update(timing, load_end=load_average(), total_s=time.perf_counter() - started)
         result = {"status": "completed", **out, "stages": env.used, "identity": identity}
         atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
+        if not cfg.trainer.keep_checkpoints:   # completed: reused from now on, never resumed
+            remove(run_dir / "checkpoints", ignore_errors=True)
         assert logger is not None   # made on the main process, and only the main process gets here
         logger.summary({f"eval/{name}/{stage}/{k}": v for name, res in out["eval"].items()
                         for stage in ("sft", "aligned") for k, v in res[stage].items()

@@ -36,6 +36,7 @@ def test_short_run_writes_results_and_reuses_the_cache(tmp_path):
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all("generation" in s for s in samples)
     _assert_stages_name_their_cache_dirs(metrics, {"sft", "reference", "preference", "eval"})
+    assert (run_dir / "policy").is_dir() and not (run_dir / "checkpoints").exists()   # a completed run: no resume
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/rewards/margins" in row for row in logged) and any("sft/loss" in row for row in logged)
 

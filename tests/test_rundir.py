@@ -41,8 +41,9 @@ def test_rerun_reuses_a_completed_run_and_refuses_other_settings(tmp_path):
 
 
 def test_rerunning_a_multirun_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path):
+    # trainer.keep_checkpoints: a completed run's checkpoint is removed; kept, it stands for a kill after it
     args = ["-m", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}",
-            f"cache_dir={tmp_path}/cache"]
+            f"cache_dir={tmp_path}/cache", "trainer.keep_checkpoints=true"]
     first = run_app(args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     job0, job1 = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
@@ -75,7 +76,8 @@ def test_a_killed_runs_checkpoint_resumes_only_that_run(tmp_path):
     (its record says interrupted: refused before any work), never a DPO checkpoint resumed as DPO-PL;
     trainer.resume=false starts afresh there."""
     run = tmp_path / "run"
-    args = TINY + ["trainer.save_every=1", "trainer.max_steps=3", f"hydra.run.dir={run}", f"cache_dir={tmp_path}/cache"]
+    args = TINY + ["trainer.save_every=1", "trainer.max_steps=3", f"hydra.run.dir={run}", f"cache_dir={tmp_path}/cache",
+                   "trainer.keep_checkpoints=true"]
     first = run_app(args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics, meta = run / "metrics.json", run / "checkpoints" / "preference" / "meta.json"
