@@ -202,6 +202,8 @@ BUILT_MODEL_RANGES = {"model.n_layer": (1, INF, True), "model.n_head": (1, INF, 
 
 # Keys in a group's yaml that name the option rather than configure the object.
 LABEL_KEYS = ("name",)
+# Top-level keys that do not change an experiment's result (excluded from its config_key; never split a table row).
+NOT_EXPERIMENT = ("cache_dir", "logger", "run_name", "sweep", "label")
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:

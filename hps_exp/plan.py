@@ -14,7 +14,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hps_exp import hub, models
 from hps_exp.cache import content_key
-from hps_exp.config import INF, ConfigError, OptimConfig, RuntimeConfig, build, check_node, check_range, part
+from hps_exp.config import (
+    INF,
+    NOT_EXPERIMENT,
+    ConfigError,
+    OptimConfig,
+    RuntimeConfig,
+    build,
+    check_node,
+    check_range,
+    part,
+)
 from hps_exp.data import chat
 from hps_exp.data.schema import Splits
 from hps_exp.samplers import check_compatible
@@ -32,8 +42,6 @@ from hps_exp.stages import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# Top-level keys that do not change an experiment's result (excluded from its config_key).
-NOT_EXPERIMENT = ("cache_dir", "logger", "run_name", "sweep", "label")
 # Dataset keys that are not the loader's: its scorer, and the strings that end a reply in its format.
 NOT_LOADER = ("reward_model", "stop")
 

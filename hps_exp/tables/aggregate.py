@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from hps_exp import stats
-from hps_exp.config import RuntimeConfig
+from hps_exp.config import NOT_EXPERIMENT, RuntimeConfig
 from hps_exp.tables.collect import Run, as_number, metric_of, per_prompt_of
 
 # The paper's table order: frameworks (run.framework), then preference models within a framework
@@ -28,10 +28,8 @@ KEY_LABELS = {"train_dataset": "train", "n_responses": "n_resp", "gamma": "γ", 
 # settings that change no result (threads, checkpointing, logging, where things are written). Any other key that
 # varies among a row's runs splits it, so runs with different hyperparameters (e.g. a tuning grid's trainer.lr) are
 # never averaged together.
-NOT_SETTINGS = frozenset({"seed", "trainer.seed", "trainer.num_threads", "dry_run", "cache_dir", "run_name", "sweep",
-                          "label", "model.gradient_checkpointing",
+NOT_SETTINGS = frozenset({"seed", "trainer.seed", "trainer.num_threads", "model.gradient_checkpointing",
                           *(f"trainer.{f.name}" for f in fields(RuntimeConfig))})
-NOT_SETTING_PREFIXES = ("logger.", "hydra.")
 METRIC_LABELS = {"bleu_corpus": "BLEU (corpus)", "bleu_sentence": "BLEU (sentence)", "bleu_char": "BLEU (char)",
                  "reward": "Reward", "reward_top1": "Reward top-1",
                  "reward_margin": "Reward margin", "reward_margin_hardest": "Reward margin (hardest)",
@@ -174,7 +172,7 @@ class Row:
 def build_rows(runs: list[Run], exclude: Iterable[str] = ()) -> list[Row]:
     """A row is a method, split by the settings that vary within it (e.g. "DPO-HPS (γ=0.5)") so different
     hyperparameters are never averaged together; rows sorted by ROW_ORDER, then method, then settings."""
-    excluded = list(exclude)
+    excluded = set(exclude)
     vary = {m: [k for k in ks if k not in excluded] for m, ks in varying_keys(runs).items()}
     coarse: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
@@ -196,7 +194,7 @@ def config_splits(runs: list[Run], excluded: Iterable[str] = ()) -> list[str]:
     keys = sorted({k for r in runs for k in r.config})
     split = []
     for k in keys:
-        if k in NOT_SETTINGS or k.startswith(NOT_SETTING_PREFIXES) or k.endswith("._target_"):
+        if k in NOT_SETTINGS or k.split(".")[0] in NOT_EXPERIMENT or k.endswith("._target_"):
             continue
         if len({hashable(r.config.get(k)) for r in runs}) < 2:
             continue
