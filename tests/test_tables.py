@@ -627,6 +627,25 @@ def test_sft_reference_rows_split_by_the_number_of_responses(tmp_path):
     assert sft == {"SFT (reference, n_resp=2)": 2.0, "SFT (reference, n_resp=8)": 8.0}
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_sft_rows_of_one_sft_evaluation_are_one_row(tmp_path, shared):
+    """A dataset-pair arm (n = 2) beside augmented arms (n = 6) re-reports the same SFT evaluation (the same
+    sft_eval stage key per seed): one SFT row, not two identical ones. Different keys (another SFT policy) split."""
+    from hps_exp import tables
+
+    root = tmp_path / "mixed"
+    for num, (method, n, seed) in enumerate((m, n, s) for m, n in (("DPO-DPO", 2), ("DPO-HPS", 6)) for s in (0, 1)):
+        m = completed(method, seed, 1.0, 1.0, n_responses=n)
+        m["eval"]["hh"]["sft"] = {**m["eval"]["hh"]["sft"], "bleu_corpus": 5.0 if shared else float(n)}
+        m["identity"] = {"stages": [["sft", f"s{seed}"], ["sft_eval", f"e{seed}" if shared else f"e{seed}n{n}"]]}
+        write_job(root / str(num), m, [f"method={method}", f"seed={seed}"])
+    table = tables.main_table(tables.collect_runs([root]))
+    sft = {label: (table.cell(label, ("hh", "bleu_corpus")).mean, table.n[label])
+           for label in table.rows if label.startswith("SFT")}
+    assert sft == ({"SFT (reference)": (5.0, 2)} if shared else
+                   {"SFT (reference, n_resp=2)": (2.0, 2), "SFT (reference, n_resp=6)": (6.0, 2)})
+
+
 def _launch_record(jobs_dir, name, extra):
     """What `python -m hps_exp.sweep NAME extra...` records when it starts (hps_exp.sweep.run)."""
     from hps_exp import sweep as sw

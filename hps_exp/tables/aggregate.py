@@ -293,23 +293,31 @@ def _by_seed(runs: list[Run]) -> dict[Any, list[Run]]:
 
 def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
               circular: dict[str, list[Run]] | None = None) -> tuple[dict, dict]:
-    """SFT metrics, one row per SFT policy: per train set and number of responses (both change the SFT data), and
+    """SFT metrics, one row per SFT policy: per train set and number of responses (both can change the SFT data), and
     per reward type (a reference-free run's SFT margins are the SFT policy's own β/|y|·log π, not 0: never averaged
-    with the log-ratio margins). Every method's run re-reports the same SFT policy of its seed, so one sample per
-    seed: the mean of the runs' scalars, with the first run's per-prompt values."""
+    with the log-ratio margins). Groups whose runs re-report the same SFT evaluations (their sft_eval stage keys,
+    one per seed, are the same) are one row: an arm trained on the dataset pair (n = 2) beside augmented arms
+    (n = 6) shares their SFT policy. Every method's run re-reports the same SFT policy of its seed, so one sample
+    per seed: the mean of the runs' scalars, with the first run's per-prompt values."""
     by_train: dict[Any, list[Run]] = defaultdict(list)
     for r in done:
         by_train[(hashable(r.run.get("train_dataset")), hashable(r.run.get("n_responses")), _reward_of(r))].append(r)
-    trains = {t for t, _, _ in by_train}
-    ns = {n_resp for _, n_resp, _ in by_train}
-    rewards = {rw for _, _, rw in by_train}
+    merged: dict[Any, tuple[list[tuple], list[Run]]] = {}
+    for group in sorted(by_train, key=lambda k: (value_key(k[0]), value_key(k[1]), value_key(k[2]))):
+        keys = {r.sft_eval_key for r in by_train[group]}
+        same_eval = ("sft_eval", group[2], frozenset(keys)) if None not in keys else ("group", group)
+        members, runs = merged.setdefault(same_eval, ([], []))
+        members.append(group)
+        runs += by_train[group]
+    shown = [tuple(",".join(fmt_value(v) for v in dict.fromkeys(m[i] for m in members)) for i in range(3))
+             for members, _ in merged.values()]
+    varies = [len({s[i] for s in shown}) > 1 for i in range(3)]
     cells, n = {}, {}
-    for train in sorted(by_train, key=lambda k: (value_key(k[0]), value_key(k[1]), value_key(k[2]))):
-        parts = ([f"train={fmt_value(train[0])}"] if len(trains) > 1 else []) + \
-                ([f"{KEY_LABELS['n_responses']}={fmt_value(train[1])}"] if len(ns) > 1 else []) + \
-                ([f"reward={train[2]}"] if len(rewards) > 1 else [])
+    for values, (_, runs) in zip(shown, merged.values()):
+        parts = [f"{name}={v}" for name, v, vary in
+                 zip(("train", KEY_LABELS["n_responses"], "reward"), values, varies) if vary]
         label = SFT_LABEL if not parts else f"SFT (reference, {', '.join(parts)})"
-        by_seed = _by_seed(by_train[train])
+        by_seed = _by_seed(runs)
         for col in columns:
             samples = []
             for rs in by_seed.values():
@@ -322,7 +330,7 @@ def _sft_rows(done: list[Run], columns: list[tuple[str, str]], n_boot: int,
         if any(key[0] == label for key in cells):
             n[label] = len(by_seed)
             if circular is not None:
-                circular[label] = by_train[train]
+                circular[label] = runs
     return cells, n
 
 

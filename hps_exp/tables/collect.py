@@ -44,6 +44,7 @@ class Run:
     extra: dict = field(default_factory=dict)  # metrics.json's other blocks (reward_model, augment) for runs.csv
     warnings: list = field(default_factory=list)  # metrics.json warnings: divergence, skipped non-finite steps
     config: dict = field(default_factory=dict)  # metrics.json identity.config: every setting, flat (splits rows)
+    sft_eval_key: str | None = None  # identity.stages' sft_eval key: runs sharing it re-report one SFT evaluation
 
     @property
     def ok(self) -> bool:
@@ -144,13 +145,21 @@ def load_run(job_dir: Path) -> Run:
                data.get("error"), overrides, timing if isinstance(timing, dict) else {},
                data.get("circular_eval") is True, extra,
                [str(w) for w in data.get("warnings") or []] if isinstance(data.get("warnings"), list) else [],
-               _config_of(data))
+               _config_of(data), _stage_key_of(data, "sft_eval"))
 
 
 def _config_of(data: dict) -> dict:
     identity = data.get("identity")
     config = identity.get("config") if isinstance(identity, dict) else None
     return config if isinstance(config, dict) else {}
+
+
+def _stage_key_of(data: dict, stage: str) -> str | None:
+    identity = data.get("identity")
+    stages = identity.get("stages") if isinstance(identity, dict) else None
+    keys = [e[1] for e in stages or [] if isinstance(e, list) and len(e) == 2 and e[0] == stage] \
+        if isinstance(stages, list) else []
+    return str(keys[0]) if len(keys) == 1 else None
 
 
 def collect_runs(sweep_dirs: Iterable[str | os.PathLike]) -> list[Run]:
