@@ -31,7 +31,12 @@ def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, d
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     # FQNs without DDP/FSDP wrapper prefixes and (for FSDP2) sharded DTensors: reshardable on load.
-    return get_state_dict(module, opt)
+    model_sd, optim_sd = get_state_dict(module, opt)
+    # Frozen parameters (a LoRA run's base weights, tied aliases included: torch's ignore_frozen_params keeps a tied
+    # lm_head) are left out: the resumed run rebuilds them from the same base, which its stage key names. They were
+    # ~90 % of a SmolLM2 LoRA checkpoint. A wrapper's name ends with the plain FQN (module.x, _orig_mod.x).
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if not any(n == k or n.endswith("." + k) for n in frozen)}, optim_sd
 
 
 def _old(path: Path) -> Path:
@@ -130,7 +135,7 @@ def load_checkpoint(path: Path, module: torch.nn.Module, opt: torch.optim.Optimi
     """Load a checkpoint into `module`/`opt` (any world size or strategy); returns its step. The RNG states are
     restored too (the CUDA one only when both the checkpoint and `device` are CUDA)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     device = device or torch.device("cpu")
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -141,6 +146,9 @@ def load_checkpoint(path: Path, module: torch.nn.Module, opt: torch.optim.Optimi
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # not strict: the frozen parameters are not in the checkpoint and stay as built. A trainable one missing from
+    # the checkpoint already failed in dcp.load ("Missing key in checkpoint state_dict").
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     set_rng_state(state, device)
     return int(state["step"])

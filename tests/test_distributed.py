@@ -388,26 +388,32 @@ def test_lora_under_fsdp2_matches_one_process_and_trains_only_adapters(tmp_path)
 
 
 @pytest.mark.slow
-def test_dcp_resume_after_kill_at_two_and_one_process(tmp_path, one_process):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dcp_resume_after_kill_at_two_and_one_process(tmp_path, one_process, lora):
+    """LoRA: the checkpoint holds the adapters only (the frozen base is rebuilt), sharded or not."""
     import shutil
 
     uninterrupted = tmp_path / "full"
-    assert _run(uninterrupted, "none", "ranking", 1, max_steps=6).returncode == 0
+    assert _run(uninterrupted, "none", "ranking", 1, max_steps=6, lora=lora).returncode == 0
     ckpt = tmp_path / "ckpt"
     # fsdp2 on 2 ranks; an epoch is 4 micro-batches = 2 steps (grad_accum 2), so steps 2 (epoch end) and
     # 3 (save_every) save; hard-killed inside step 4 (its first micro-batch is call 7).
     killed = _run(tmp_path / "killed", "fsdp2", "ranking", 2, max_steps=6, save_every=3, die_at_call=7,
-                  ckpt=str(ckpt))
+                  ckpt=str(ckpt), lora=lora)
     assert killed.returncode != 0
     assert ckpt.is_dir() and not list(tmp_path.glob(".ckpt.tmp*"))
+    import torch.distributed.checkpoint as dcp
+
+    weights = [k for k in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights) == lora, weights[:5]
     ckpt1 = tmp_path / "ckpt_copy"
     shutil.copytree(ckpt, ckpt1)
-    resumed2 = _run(tmp_path / "resumed2", "fsdp2", "ranking", 2, max_steps=6, ckpt=str(ckpt))
+    resumed2 = _run(tmp_path / "resumed2", "fsdp2", "ranking", 2, max_steps=6, ckpt=str(ckpt), lora=lora)
     assert resumed2.returncode == 0 and "resumed from" in resumed2.stdout and "at step 3/6" in resumed2.stdout, \
         resumed2.stdout
     _assert_close(_params(tmp_path / "resumed2"), _params(uninterrupted))
     # The same sharded checkpoint resumed by ONE process (strategy none): DCP reshards on load.
-    resumed1 = _run(tmp_path / "resumed1", "none", "ranking", 1, max_steps=6, ckpt=str(ckpt1))
+    resumed1 = _run(tmp_path / "resumed1", "none", "ranking", 1, max_steps=6, ckpt=str(ckpt1), lora=lora)
     assert resumed1.returncode == 0 and "at step 3/6" in resumed1.stdout, resumed1.stdout
     _assert_close(_params(tmp_path / "resumed1"), _params(uninterrupted))
 

@@ -48,7 +48,7 @@ def test_training_reduces_loss_and_counts_steps():
     assert step(model, (X, Y))[0].item() < 0.2 * before
 
 
-def _crash_after_checkpoint(tmp_path, sleep=0.0, **run_identity):
+def _crash_after_checkpoint(tmp_path, sleep=0.0, model=fresh, **run_identity):
     """Trains 8-step epochs with save_every=5 and dies in the 6th step: the step-5 checkpoint is left in tmp_path/ckpt.
     `run_identity` (key=, record=) goes to the Trainer as given."""
     import time
@@ -68,7 +68,7 @@ def _crash_after_checkpoint(tmp_path, sleep=0.0, **run_identity):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
-        Trainer(fresh(), *loop(cfg(save_every=5)), device=torch.device("cpu"), autocast=None, checkpoint=ckpt,
+        Trainer(model(), *loop(cfg(save_every=5)), device=torch.device("cpu"), autocast=None, checkpoint=ckpt,
                 **run_identity).fit(make_epoch, 8, crashing_step)
     return ckpt
 
@@ -85,6 +85,48 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     assert out["steps"] == 12
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+class Adapted(torch.nn.Module):
+    """A frozen base (a LoRA run's pretrained weights) plus a trainable adapter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.base, self.adapter = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1, bias=False)
+        self.base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.adapter(x)
+
+
+def test_a_checkpoint_holds_the_trainable_weights_only_and_resumes_exactly(tmp_path):
+    """A LoRA checkpoint left the frozen base weights out (they were ~90 % of a SmolLM2 one): the resumed run rebuilds
+    them as built and ends where the uninterrupted run ends; a checkpoint lacking a trainable weight is refused."""
+    import torch.distributed.checkpoint as dcp
+
+    from hps_exp.checkpoint import save_checkpoint
+    from hps_exp.distributed import World
+
+    full = Adapted()
+    Trainer(full, *loop(cfg()), device=CPU, autocast=None).fit(make_epoch, 8, step)
+    ckpt = _crash_after_checkpoint(tmp_path, model=Adapted)
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert "model.adapter.weight" in saved and not any(k.startswith("model.base") for k in saved)
+    resumed = Adapted()
+    Trainer(resumed, *loop(cfg()), device=CPU, autocast=None, checkpoint=ckpt).fit(make_epoch, 8, step)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+    frozen_adapter = Adapted()   # trained with the adapter frozen too: its checkpoint has no adapter weight
+    frozen_adapter.adapter.requires_grad_(False)
+    frozen_adapter.base.requires_grad_(True)
+    opt = torch.optim.AdamW(p for p in frozen_adapter.parameters() if p.requires_grad)
+    save_checkpoint(tmp_path / "other", frozen_adapter, opt, 1, World(device=CPU))
+    probe = Adapted()
+    with pytest.raises(BaseException) as refused:   # torch's CheckpointException is a BaseException
+        load_checkpoint(tmp_path / "other", probe, torch.optim.AdamW(p for p in probe.parameters() if p.requires_grad))
+    assert "Missing key in checkpoint state_dict: model.adapter.weight" in str(refused.value)
 
 
 def test_lr_schedules():
