@@ -690,6 +690,22 @@ def test_never_started_compares_against_the_recorded_grid(tmp_path, capsys):
     assert len(notes) == 1 and "no grid recorded at launch" in notes[0] and "main_dpo_small.yaml" in notes[0]
 
 
+def test_one_sweep_launched_per_seed_dir_is_named_once(tmp_path):
+    """The SmolLM2 loop launches one sweep per seed into its own dir: the tables name that grid once, with the
+    number of dirs, not once per dir."""
+    dirs = [tmp_path / f"seed{s}" for s in (0, 1)]
+    for s, jobs_dir in enumerate(dirs):
+        launched = _launch_record(jobs_dir, "main_dpo_small", [f"seed={s}", "dataset.n_train=64"])
+        for arm in launched:
+            m = completed(arm, s, 1.0, 1.0)
+            m["run"]["sweep"] = "main_dpo_small"
+            write_job(jobs_dir / arm / "0", m, launched[arm][0])
+    out = tmp_path / "out"
+    assert tables.main([*map(str, dirs), "--out", str(out), "--n-boot", "50"]) == 0
+    assert "every job of the grid (main_dpo_small, recorded at launch in 2 sweep dirs) has a job dir" in \
+        (out / "table.md").read_text()
+
+
 def test_a_corrupt_grid_record_is_named_not_used(tmp_path):
     jobs_dir = tmp_path / "jobs"
     write_job(jobs_dir / "A" / "0", completed("DPO-BT", 0, 1.0, 1.0))

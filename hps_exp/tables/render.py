@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def render_paired(results: list[PairedResult], treatment: str | None, decimals: 
 def render_never_started(missing: list[NeverStarted], grids: list[Grid], notes: list[str]) -> str:
     parts = [f"- {n}" for n in notes]
     if not missing:
-        described = ", ".join(f"{g.name}, {'recorded at launch' if g.recorded else 'from its yaml'}" for g in grids)
+        # one sweep launched once per seed dir records one grid per dir: say it once, with the count
+        kinds = Counter(f"{g.name}, {'recorded at launch' if g.recorded else 'from its yaml'}" for g in grids)
+        described = "; ".join(k if n == 1 else f"{k} in {n} sweep dirs" for k, n in kinds.items())
         parts.append(f"None: every job of the grid ({described}) has a job dir." if grids else "No grid to check.")
         return "\n".join(parts)
     parts += ["| Sweep | Arm | Job | Overrides |", "|:---|:---|---:|:---|"]
