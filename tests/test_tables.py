@@ -457,6 +457,25 @@ def test_paired_test_against_the_best_baseline(paired_sweep):
     assert pl["IPO-PL"].diff == pytest.approx(-1.0)  # IPO-BT and IPO-HPS tie at 1 above IPO-PL
 
 
+def test_a_named_recipe_is_no_baseline(paired_sweep):
+    """The authors' released recipe (label=DPO-HPS(released)) trains the DPO loss on hard-sampled pairs, so its
+    preference model is "DPO": with --baselines DPO,BT,PL it must not become HPS's "best baseline"."""
+    for k, seed in enumerate(range(5)):
+        src = json.loads((paired_sweep / str(6 * seed + 1) / "metrics.json").read_text())   # a DPO-PL job
+        assert src["run"]["method"] == "DPO-PL"
+        src["run"].update(method="DPO-HPS(released)", preference_model="DPO")
+        src["eval"]["hh"]["per_prompt"]["aligned"]["reward_margin"] = [
+            v + 5.0 for v in src["eval"]["hh"]["per_prompt"]["aligned"]["reward_margin"]]
+        src["eval"]["hh"]["aligned"]["reward_margin"] += 5.0
+        src["identity"] = {"config": {"label": "DPO-HPS(released)"}}
+        write_job(paired_sweep / f"released{k}", src)
+    runs = tables.collect_runs([paired_sweep])
+    assert "DPO-HPS(released)" in {r.label for r in tables.build_rows([r for r in runs if r.ok])}
+    dpo = [r for r in tables.paired_tests(runs, "HPS", baselines=["DPO", "BT", "PL"])
+           if r.eval_set == "hh" and r.metric == "reward_margin" and r.treatment == "DPO-HPS"]
+    assert [r.baseline for r in dpo] == ["DPO-PL"]
+
+
 def test_treatment_from_sweep_yaml_or_flag(paired_sweep, tmp_path):
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml_text({"arms": {"A": ["trainer.lr=0.1"]},

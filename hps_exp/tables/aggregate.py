@@ -154,6 +154,12 @@ class Row:
         return str(self._common("preference_model") or self.method)
 
     @property
+    def labelled(self) -> bool:
+        """A recipe the user named (`label=`, e.g. the authors' released recipe DPO-HPS(released), whose loss is
+        pairwise DPO on hard-sampled pairs): its preference model says what its loss compares, not what it is."""
+        return bool(self.runs and self.runs[0].config.get("label"))
+
+    @property
     def series(self) -> str:
         """What the plots colour by: the method without its framework (the preference model, or what names the
         method beyond it, e.g. "HPS(released)", whose preference model is DPO) plus the settings that split the row."""

@@ -60,7 +60,7 @@ def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metric
                  baselines: Iterable[str] | None = None) -> list[PairedResult]:
     """For each eval set and margin metric: each row whose preference model is `treatment` against the row of
     the same framework (and same train set and n) with the best mean among the baseline preference models
-    (`baselines`; default: every other preference model)."""
+    (`baselines`; default: every other preference model), named recipes (`label=`) excepted."""
     allowed = set(baselines) if baselines else None
     done = [r for r in runs if r.ok]
     rows = build_rows(done)
@@ -73,8 +73,9 @@ def paired_tests(runs: list[Run], treatment: str, stage: str = "aligned", metric
             for t in rows:
                 if t.preference_model != treatment or t.label not in means:
                     continue
+                # a named recipe (label=) is no baseline: the released HPS recipe's loss is DPO's
                 candidates = [b for b in rows if b.framework == t.framework and b.preference_model != treatment
-                              and (allowed is None or b.preference_model in allowed)
+                              and not b.labelled and (allowed is None or b.preference_model in allowed)
                               and b.comparable() == t.comparable() and b.label in means]
                 if not candidates:
                     continue
