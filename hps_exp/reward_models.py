@@ -311,8 +311,8 @@ def train_reward_model(train: list[Example], *, optim: OptimConfig, runtime: Run
     so the same inputs give the same model. Logs `<stage>/loss`, `<stage>/accuracy`, `<stage>/margin`.
 
     `optim`: every key is honoured (lr: reward_model.lr; grad_accum, warmup_ratio, schedule, weight_decay,
-    max_grad_norm: trainer.*'s in a run). `runtime` (default: RuntimeConfig()): log_every, save_every, resume (from
-    `checkpoint`) and on_nonfinite are honoured; the net is trained by one process, so strategy must be none.
+    max_grad_norm, on_nonfinite: trainer.*'s in a run). `runtime` (default: RuntimeConfig()): log_every, save_every
+    and resume (from `checkpoint`) are honoured; the net is trained by one process, so strategy must be none.
     """
     train = prompt_half(train, subset, seed)
     device = torch.device(device)

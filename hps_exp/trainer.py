@@ -168,8 +168,8 @@ class Trainer:
 
     def fit(self, make_epoch: EpochFn, micro_batches_per_epoch: int, step_fn: StepFn) -> dict[str, float]:
         optim, run, world = self.optim, self.runtime, self.world
-        if run.on_nonfinite not in ("error", "skip"):
-            raise ValueError(f"trainer.on_nonfinite={run.on_nonfinite!r} is not allowed; choose error or skip")
+        if optim.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"trainer.on_nonfinite={optim.on_nonfinite!r} is not allowed; choose error or skip")
         steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / optim.grad_accum))
         self.total_steps = steps_per_epoch * self.epochs
         if self.max_steps is not None:
@@ -308,7 +308,7 @@ class Trainer:
         out["lr"] = sched.get_last_lr()[0]
         if any_bad_loss or not math.isfinite(out["grad_norm"]):
             what = "loss" if any_bad_loss else "gradient"
-            if self.runtime.on_nonfinite == "error":
+            if self.optim.on_nonfinite == "error":
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"[{self.stage}] step {self.step + 1}: non-finite {what} (loss={out['loss']}, "
                                      f"grad_norm={out['grad_norm']}); batch rows: {_sources(group)} "
