@@ -41,8 +41,14 @@ def _trained(optim: OptimConfig) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+# on_nonfinite changes the weights only when a step is non-finite, where the default (error) stops the run instead:
+# test_trainer's skip tests train through such steps.
+ONLY_ON_NONFINITE = {"on_nonfinite"}
+
+
 def test_every_optimiser_field_changes_the_trained_weights():
-    assert set(CHANGED) == {f.name for f in dataclasses.fields(OptimConfig)}   # a new field needs a value here
+    # a new field needs a value here
+    assert set(CHANGED) | ONLY_ON_NONFINITE == {f.name for f in dataclasses.fields(OptimConfig)}
     base = _trained(BASE)
     for name, value in CHANGED.items():
         assert not torch.equal(_trained(dataclasses.replace(BASE, **{name: value})), base), name
