@@ -22,34 +22,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hps_exp.tables import collect_runs  # noqa: E402
 
 
-def sft_eval_dir(job_dir: Path, cache_dir: Path) -> Path | None:
-    """The cached evaluation of the run's SFT policy: metrics.json `stages` names its dir; older runs name its key
-    (identity.stages) in `cache_dir`."""
-    data = json.loads((job_dir / "metrics.json").read_text())
-    for entry in data.get("stages") or []:
-        if entry.get("stage") == "sft_eval" and entry.get("dir"):
-            return Path(entry["dir"])
-    keys = [k for s, k in (data.get("identity") or {}).get("stages", []) if s == "sft_eval"]
-    return cache_dir / f"sft_eval-{keys[0]}" if keys else None
+def words_and_rewards(rows) -> list[tuple[int, float]]:
+    return [(len(g.split()), float(r)) for row in rows for g, r in zip(row["generations"], row["rewards"])]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dirs", nargs="+")
-    ap.add_argument("--cache-dir", default="outputs/cache", help="where the sft_eval stages are cached")
+    ap.add_argument("--cache-dir", default=None, help="where the sft_eval stages are cached (default: the runs')")
     args = ap.parse_args(argv)
     pairs: dict[str, list[tuple[int, float]]] = defaultdict(list)
     sft_seen: set[Path] = set()
     for run in (r for r in collect_runs(args.sweep_dirs) if r.ok):
-        for line in (run.job_dir / "samples.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            pairs[run.method] += [(len(g.split()), float(r)) for g, r in zip(row["generations"], row["rewards"])]
-        sft = sft_eval_dir(run.job_dir, Path(args.cache_dir))
-        if sft is None or not (sft / "eval.json").is_file() or sft in sft_seen:
+        lines = (run.job_dir / "samples.jsonl").read_text().splitlines()
+        pairs[run.method] += words_and_rewards(json.loads(line) for line in lines)
+        cache_dir = Path(args.cache_dir or run.config.get("cache_dir") or "outputs/cache")
+        sft = cache_dir / f"sft_eval-{run.sft_eval_key}"   # the tables' reading of identity.stages
+        if run.sft_eval_key is None or not (sft / "eval.json").is_file() or sft in sft_seen:
             continue
         sft_seen.add(sft)
-        for row in json.loads((sft / "eval.json").read_text())["samples"]:
-            pairs["SFT (reference)"] += [(len(g.split()), float(r)) for g, r in zip(row["generations"], row["rewards"])]
+        pairs["SFT (reference)"] += words_and_rewards(json.loads((sft / "eval.json").read_text())["samples"])
     print(f"{'method':<22} {'samples':>7} {'words':>6} {'corr(words, reward)':>20} {'reward':>7}")
     for method, v in sorted(pairs.items(), key=lambda kv: (not kv[0].startswith("SFT"), kv[0])):
         words, rewards = [w for w, _ in v], [r for _, r in v]
